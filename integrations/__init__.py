@@ -1,0 +1,1 @@
+"""Adapters from icmem's public API to other frameworks (LangChain first)."""

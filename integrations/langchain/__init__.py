@@ -1,0 +1,1 @@
+"""LangChain-native classes over icmem's public API."""
