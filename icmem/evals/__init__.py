@@ -1,0 +1,1 @@
+"""Evaluations: long-context perplexity and passkey, ICAE reconstruction."""
