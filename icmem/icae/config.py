@@ -1,0 +1,120 @@
+"""Configuration of an In-Context Autoencoder.
+
+The config is everything needed to rebuild an untrained ICAE on top of a base model; a
+checkpoint stores it beside the trained tensors, so it must round-trip through JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from icmem.icae.errors import ICAEConfigError
+
+DTYPES = ("float32", "bfloat16")
+SHORT_SPAN_POLICIES = ("proportional", "fixed")
+
+
+@dataclass(frozen=True)
+class ICAEConfig:
+    """How an ICAE is built: base model, memory size, LoRA adapter and special tokens.
+
+    Short spans: with ``short_span_policy="proportional"`` a span of ``n`` tokens gets
+    ``min(k, max(min_memory_tokens, ceil(n / ratio)))`` slots, where
+    ``ratio = span_tokens / num_memory_tokens`` (4 with the defaults). A 40-token tail then
+    costs 10 slots instead of the 128 that the original ICAE spends on it, which would expand
+    rather than compress it. The slots of a short span are the hidden states at the *first*
+    ``k'`` memory tokens; because attention is causal, they are exactly what the full-length
+    encoder would produce at those positions, so one set of memory embeddings serves every
+    length. ``"fixed"`` always spends ``k`` slots, as the paper does.
+    """
+
+    base_model: str = "smollm2-135m-instruct"
+    base_revision: str | None = None
+    num_memory_tokens: int = 128
+    span_tokens: int = 512
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    special_tokens: tuple[str, ...] = ("ae", "lm", "ft")
+    dtype: str = "float32"
+    short_span_policy: str = "proportional"
+    min_memory_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        # JSON has no tuples; accept lists and store tuples so configs compare equal.
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
+        if not self.base_model:
+            raise ICAEConfigError("base_model is empty; name a model icmem.load_model accepts")
+        for name in ("num_memory_tokens", "span_tokens", "lora_rank", "min_memory_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ICAEConfigError(f"{name}={value!r}; it must be a positive integer")
+        if self.num_memory_tokens > self.span_tokens:
+            raise ICAEConfigError(
+                f"num_memory_tokens={self.num_memory_tokens} exceeds span_tokens="
+                f"{self.span_tokens}: slots would expand the text; lower k or raise the span"
+            )
+        if self.min_memory_tokens > self.num_memory_tokens:
+            raise ICAEConfigError(
+                f"min_memory_tokens={self.min_memory_tokens} exceeds num_memory_tokens="
+                f"{self.num_memory_tokens}; the floor must be at most k"
+            )
+        if self.lora_alpha <= 0:
+            raise ICAEConfigError(f"lora_alpha={self.lora_alpha}; it must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ICAEConfigError(f"lora_dropout={self.lora_dropout}; use a value in [0, 1)")
+        if not self.lora_targets:
+            raise ICAEConfigError("lora_targets is empty; name modules such as 'q_proj'")
+        required = {"ae", "lm", "ft"}
+        if not required <= set(self.special_tokens):
+            raise ICAEConfigError(
+                f"special_tokens={self.special_tokens} lacks {sorted(required)}; "
+                "the autoencoding, continuation and instruction tasks each need one"
+            )
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ICAEConfigError(f"special_tokens={self.special_tokens} has duplicates")
+        if self.dtype not in DTYPES:
+            raise ICAEConfigError(f"dtype={self.dtype!r}; use one of {DTYPES}")
+        if self.short_span_policy not in SHORT_SPAN_POLICIES:
+            raise ICAEConfigError(
+                f"short_span_policy={self.short_span_policy!r}; use one of {SHORT_SPAN_POLICIES}"
+            )
+
+    @property
+    def compression_ratio(self) -> float:
+        """Tokens per slot for a full span."""
+        return self.span_tokens / self.num_memory_tokens
+
+    def slots_for(self, token_count: int) -> int:
+        """How many memory slots a span of ``token_count`` tokens gets (see the class doc)."""
+        if token_count < 1:
+            raise ICAEConfigError(f"a span needs at least one token, got {token_count}")
+        if token_count > self.span_tokens:
+            raise ICAEConfigError(
+                f"a span of {token_count} tokens is longer than span_tokens={self.span_tokens}; "
+                "split the text into spans first"
+            )
+        if self.short_span_policy == "fixed":
+            return self.num_memory_tokens
+        proportional = math.ceil(token_count / self.compression_ratio)
+        return min(self.num_memory_tokens, max(self.min_memory_tokens, proportional))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        data["special_tokens"] = list(self.special_tokens)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ICAEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ICAEConfigError(
+                f"unknown ICAE config keys {unknown}; this icmem understands {sorted(known)}"
+            )
+        return cls(**data)

@@ -1,0 +1,538 @@
+"""The In-Context Autoencoder (Ge et al., ICLR 2024) around one causal LM.
+
+Encoder: the LM with a LoRA adapter reads ``[span tokens][k memory tokens]``; under causal
+attention the memory tokens see the whole span, and the last layer's (normed) hidden states at
+their positions are the span's memory slots.
+
+Decoder: the same LM with the adapter switched off and every weight frozen reads
+``[slots of span 1]..[slots of span n][special][prompt]`` as input embeddings. The special
+embeddings ``[AE]`` (reconstruct), ``[LM]`` (continue) and ``[FT]`` (answer an instruction) and
+the memory-token embeddings are separate parameters rather than new vocabulary, so the base
+model and its tokenizer stay untouched and every trained tensor lives in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from icmem.icae.config import ICAEConfig
+from icmem.icae.errors import BaseModelMismatchError, ICAEConfigError
+from icmem.icae.slots import MemorySlots
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    ModelSource: TypeAlias = (
+        "str | os.PathLike[str] | tuple[PreTrainedModel, PreTrainedTokenizerBase]"
+    )
+
+Task = Literal["ae", "lm", "ft"]
+_IGNORE = -100
+
+
+@dataclass(frozen=True)
+class ICAEExample:
+    """One training example. The decoder reads ``[slots(context)][task][prompt][target]``.
+
+    ``ae``: the target is the context itself (an empty ``target_ids`` means exactly that).
+    ``lm``: the target is the text that follows the context. ``ft``: ``prompt_ids`` is the
+    instruction laid out by ``ICAE.format_prompt`` and the target is the answer; the loss is on
+    the target only, in every task.
+    """
+
+    context_ids: list[int]
+    task: Task
+    target_ids: list[int]
+    prompt_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.context_ids:
+            raise ICAEConfigError("an ICAEExample needs a non-empty context_ids to compress")
+        if not self.target_ids and self.task != "ae":
+            raise ICAEConfigError(
+                f"a {self.task!r} example needs target_ids; only 'ae' may leave them empty "
+                "(meaning: reconstruct the context)"
+            )
+        if self.prompt_ids and self.task != "ft":
+            raise ICAEConfigError(
+                f"prompt_ids are only read by 'ft' examples, not {self.task!r}; "
+                "put the text in target_ids or use task='ft'"
+            )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ICAEConfigError(f"temperature={self.temperature}; use 0 (greedy) or more")
+        if self.top_k < 0:
+            raise ICAEConfigError(f"top_k={self.top_k}; use 0 (off) or a positive count")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ICAEConfigError(f"top_p={self.top_p}; use a value in (0, 1]")
+
+
+class ICAE(nn.Module):
+    """An In-Context Autoencoder over one base causal LM.
+
+    Build an untrained one with ``from_base`` and a trained one with ``from_pretrained``. The
+    base model passed in is wrapped in place (LoRA layers are injected into it) and frozen.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: ICAEConfig,
+        fingerprint: str,
+    ) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        model.requires_grad_(False)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(model, lora)
+        table = model.get_input_embeddings().weight.detach().float()  # (V, d)
+        self.hidden_size = table.shape[1]
+        # New embeddings start as draws from the per-dimension mean and spread of the real token
+        # embeddings: the frozen layers then see inputs at the scale they were trained on (zeros
+        # or unit Gaussians are far off it), and random draws keep the k memory tokens distinct
+        # so each slot can specialise. A fixed seed makes from_base reproducible.
+        generator = torch.Generator().manual_seed(0)
+        mean, std = table.mean(0), table.std(0)
+
+        def draw(rows: int) -> nn.Parameter:
+            noise = torch.randn(rows, self.hidden_size, generator=generator)
+            return nn.Parameter((mean + std * noise).to(table.device))
+
+        self.memory_embeddings = draw(config.num_memory_tokens)  # (k, d)
+        self.special_embeddings = draw(len(config.special_tokens))  # (n_special, d)
+        self._stop_ids = _stop_token_ids(model, tokenizer)
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_base(cls, source: ModelSource = "smollm2-135m-instruct", **config: Any) -> ICAE:
+        """An untrained ICAE on ``source``: any name or path ``icmem.load_model`` accepts, or an
+        already loaded ``(model, tokenizer)`` pair (whose ``base_model`` name defaults to the
+        model's ``name_or_path``). Keyword arguments override ``ICAEConfig`` fields."""
+        from icmem.icae.checkpoint import load_base_model
+
+        if isinstance(source, tuple):
+            name = config.pop("base_model", None) or source[0].config.name_or_path or "custom"
+            icae_config = ICAEConfig(base_model=str(name), **config)
+        else:
+            icae_config = ICAEConfig(base_model=str(source), **config)
+        model, tokenizer, fingerprint = load_base_model(
+            source, icae_config.base_revision, icae_config.dtype
+        )
+        return cls(model, tokenizer, icae_config, fingerprint)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str] | None = None,
+        base_model: ModelSource | None = None,
+    ) -> ICAE:
+        """Load a checkpoint written by ``save_pretrained``; with no directory, the shipped
+        default. ``base_model`` overrides the base named in the checkpoint (it must have the
+        same fingerprint)."""
+        from icmem.icae.checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, directory, base_model)
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write only the trained tensors (LoRA, memory and special embeddings) and config."""
+        from icmem.icae.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights plus memory and special embeddings; the base model stays frozen."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory_embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    # ----------------------------------------------------------------- encoder
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        num_slots: int | None = None,
+    ) -> torch.Tensor:
+        """Compress a padded batch of spans into memory slots, differentiably.
+
+        ``input_ids`` and ``attention_mask`` are ``(B, T)`` with left or right padding (or any
+        mask; the real tokens of a row are taken in order). Each row is repacked as
+        ``[its tokens][memory tokens][padding]`` so that positions start at 0 and padding only
+        ever follows what it could leak into. Returns ``(B, m, d)`` where ``m = num_slots``
+        (default k): the first ``m`` memory tokens, exactly what a longer run would give at
+        those positions, since attention is causal.
+        """
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise ICAEConfigError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                f"{tuple(attention_mask.shape)} must both be (B, T)"
+            )
+        slots_wanted = self.config.num_memory_tokens if num_slots is None else num_slots
+        if not 1 <= slots_wanted <= self.config.num_memory_tokens:
+            raise ICAEConfigError(
+                f"num_slots={num_slots}; use 1..{self.config.num_memory_tokens} (k)"
+            )
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)  # (B,)
+        if int(lengths.min()) < 1:
+            raise ICAEConfigError("a row of the batch has no tokens; drop empty spans first")
+        if int(lengths.max()) > self.config.span_tokens:
+            raise ICAEConfigError(
+                f"a span has {int(lengths.max())} tokens, more than span_tokens="
+                f"{self.config.span_tokens}; split it with ICAE.split_spans"
+            )
+        token_embeds = self._embed(input_ids.to(self.device))  # (B, T, d)
+        memory = self.memory_embeddings[:slots_wanted].to(self.dtype)  # (m, d)
+        width = int(lengths.max()) + slots_wanted
+        rows, masks = [], []
+        for row_embeds, row_keep, n in zip(token_embeds, keep, lengths.tolist(), strict=True):
+            pad = row_embeds.new_zeros(width - n - slots_wanted, self.hidden_size)
+            rows.append(torch.cat([row_embeds[row_keep.to(self.device)], memory, pad]))
+            masks.append(torch.arange(width) < n + slots_wanted)
+        embeds = torch.stack(rows)  # (B, n_max + m, d)
+        mask = torch.stack(masks).long().to(self.device)  # (B, n_max + m)
+        backbone = _backbone(self.model.get_base_model())
+        hidden = backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        index = lengths.to(self.device)[:, None] + torch.arange(slots_wanted, device=self.device)
+        index = index[:, :, None].expand(-1, -1, self.hidden_size)  # (B, m, d)
+        return hidden.gather(1, index)  # (B, m, d)
+
+    def split_spans(self, token_ids: Sequence[int]) -> list[list[int]]:
+        """Cut a document into consecutive spans of at most ``span_tokens`` tokens."""
+        step = self.config.span_tokens
+        return [list(token_ids[i : i + step]) for i in range(0, len(token_ids), step)]
+
+    def compress(
+        self,
+        texts_or_token_ids: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        batch_size: int = 8,
+    ) -> list[MemorySlots]:
+        """Compress documents into one ``MemorySlots`` per span, in document then span order.
+
+        Accepts a text, a list of texts, a list of token ids, or a list of such lists. Spans are
+        batched longest first (less padding); a span's slots do not depend on its batch.
+        """
+        if batch_size < 1:
+            raise ICAEConfigError(f"batch_size={batch_size}; use 1 or more")
+        spans = [span for doc in self._documents(texts_or_token_ids) for span in doc]
+        order = sorted(range(len(spans)), key=lambda i: -len(spans[i]))
+        results: list[MemorySlots | None] = [None] * len(spans)
+        with self._inference():
+            for start in range(0, len(order), batch_size):
+                chosen = order[start : start + batch_size]
+                tensors = self._encode_spans([spans[i] for i in chosen])
+                for i, tensor in zip(chosen, tensors, strict=True):
+                    results[i] = MemorySlots(
+                        tensor=tensor.detach().cpu(),
+                        span_id=_span_id(spans[i]),
+                        token_count=len(spans[i]),
+                        fingerprint=self.fingerprint,
+                    )
+        return [slots for slots in results if slots is not None]
+
+    def _encode_spans(self, spans: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Encode spans in one batch; each gets ``config.slots_for(len)`` slots."""
+        counts = [self.config.slots_for(len(span)) for span in spans]
+        width = max(len(span) for span in spans)
+        ids = torch.zeros(len(spans), width, dtype=torch.long)
+        mask = torch.zeros(len(spans), width, dtype=torch.long)
+        for row, span in enumerate(spans):
+            ids[row, : len(span)] = torch.tensor(span, dtype=torch.long)
+            mask[row, : len(span)] = 1
+        slots = self.encode(ids, mask, num_slots=max(counts))  # (B, m, d)
+        return [row[:count] for row, count in zip(slots, counts, strict=True)]
+
+    def _documents(self, source: Any) -> list[list[list[int]]]:
+        """Normalise compress input to documents of spans of token ids."""
+        if isinstance(source, str) or (source and isinstance(source[0], int)):
+            source = [source]
+        documents = []
+        for index, doc in enumerate(source):
+            ids = self.tokenize(doc) if isinstance(doc, str) else [int(t) for t in doc]
+            if not ids:
+                raise ICAEConfigError(f"document {index} has no tokens; drop empty texts first")
+            documents.append(self.split_spans(ids))
+        if not documents:
+            raise ICAEConfigError("nothing to compress: pass a text or token ids")
+        return documents
+
+    # ----------------------------------------------------------------- prompts
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def format_prompt(self, text: str) -> list[int]:
+        """Token ids of an instruction as the decoder reads it after ``[FT]``: a user turn
+        plus the assistant header from the chat template when the model has one, else the text
+        as is. Training and inference both lay prompts out here."""
+        if getattr(self.tokenizer, "chat_template", None):
+            laid_out = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenize(laid_out)
+        return self.tokenize(text)
+
+    def _special(self, task: str) -> torch.Tensor:
+        """The ``(1, d)`` embedding of a task's special token."""
+        if task not in self.config.special_tokens:
+            raise ICAEConfigError(
+                f"unknown task {task!r}; this ICAE knows {list(self.config.special_tokens)}"
+            )
+        index = self.config.special_tokens.index(task)
+        return self.special_embeddings[index : index + 1].to(self.dtype)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def _embed_list(self, ids: Sequence[int]) -> torch.Tensor:
+        """``(n, d)`` embeddings of a list of token ids (``(0, d)`` for an empty list)."""
+        return self._embed(torch.tensor(list(ids), dtype=torch.long, device=self.device))
+
+    # ----------------------------------------------------------------- training
+
+    def training_loss(self, examples: Sequence[ICAEExample]) -> torch.Tensor:
+        """Mean token cross-entropy over every target token of the batch (teacher forcing).
+
+        Contexts longer than ``span_tokens`` are split and their spans compressed
+        independently, slots concatenated in order. Every target ends with the tokenizer's EOS
+        (added when missing) so the decoder learns where to stop.
+        """
+        if not examples:
+            raise ICAEConfigError("training_loss needs at least one example")
+        owners, spans = [], []
+        for index, example in enumerate(examples):
+            for span in self.split_spans(example.context_ids):
+                owners.append(index)
+                spans.append(span)
+        span_slots = self._encode_spans(spans)
+        rows, labels = [], []
+        for index, example in enumerate(examples):
+            memory = torch.cat([s for s, o in zip(span_slots, owners, strict=True) if o == index])
+            target = self._with_eos(example.target_ids or example.context_ids)
+            prefix = torch.cat(
+                [memory, self._special(example.task), self._embed_list(example.prompt_ids)]
+            )
+            rows.append(torch.cat([prefix, self._embed_list(target)]))
+            labels.append([_IGNORE] * prefix.shape[0] + target)
+        width = max(row.shape[0] for row in rows)
+        embeds = torch.stack(
+            [torch.cat([r, r.new_zeros(width - r.shape[0], self.hidden_size)]) for r in rows]
+        )  # (B, L, d)
+        mask = torch.tensor([[1] * r.shape[0] + [0] * (width - r.shape[0]) for r in rows])
+        label_ids = torch.tensor([lab + [_IGNORE] * (width - len(lab)) for lab in labels])
+        with self.model.disable_adapter():
+            base = self.model.get_base_model()
+            hidden = _backbone(base)(
+                inputs_embeds=embeds, attention_mask=mask.to(self.device)
+            ).last_hidden_state  # (B, L, d)
+        # Position t predicts token t + 1; the vocabulary head runs on target positions only.
+        targets = label_ids[:, 1:].to(self.device)  # (B, L - 1)
+        chosen = targets != _IGNORE
+        logits = base.get_output_embeddings()(hidden[:, :-1][chosen])  # (N, V)
+        return nn.functional.cross_entropy(logits.float(), targets[chosen])
+
+    def _with_eos(self, ids: Sequence[int]) -> list[int]:
+        ids = list(ids)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids
+
+    # ----------------------------------------------------------------- decoder
+
+    def generate(
+        self,
+        memory: Sequence[MemorySlots],
+        prompt: str,
+        *,
+        max_new_tokens: int = 256,
+        task: str = "ft",
+        stream: bool = False,
+        **sampling: Any,
+    ) -> str | Iterator[str]:
+        """Answer ``prompt`` from the concatenated slots of ``memory`` (in the order given).
+
+        ``task="ft"`` lays the prompt out with the chat template; ``"lm"`` continues the
+        memory with ``prompt`` as plain text; ``"ae"`` reconstructs it (prompt usually empty).
+        ``sampling`` takes ``Sampling`` fields (greedy by default). With ``stream=True`` this
+        returns an iterator of text pieces as they are decoded.
+        """
+        if max_new_tokens < 1:
+            raise ICAEConfigError(f"max_new_tokens={max_new_tokens}; use 1 or more")
+        settings = Sampling(**sampling)
+        prompt_ids = self.format_prompt(prompt) if task == "ft" else self.tokenize(prompt)
+        with torch.no_grad():
+            embeds = self.decoder_inputs(memory, task, prompt_ids)  # (n, d)
+        pieces = self._stream_text(self._generate_ids(embeds, max_new_tokens, settings))
+        return pieces if stream else "".join(pieces)
+
+    def reconstruct(
+        self, memory: Sequence[MemorySlots], *, max_new_tokens: int | None = None
+    ) -> str:
+        """Decode the text the slots stand for (the ``[AE]`` task), greedily."""
+        if max_new_tokens is None:
+            counts = [s.token_count or self.config.span_tokens for s in memory]
+            max_new_tokens = sum(counts) + 1  # + EOS
+        return self.generate(memory, "", max_new_tokens=max_new_tokens, task="ae")
+
+    def decoder_inputs(
+        self, memory: Sequence[MemorySlots], task: str, prompt_ids: Sequence[int]
+    ) -> torch.Tensor:
+        """The decoder's ``(n, d)`` input embeddings ``[slots...][special][prompt]``."""
+        if not memory:
+            raise ICAEConfigError("generate needs at least one MemorySlots; compress text first")
+        for slots in memory:
+            if slots.fingerprint != self.fingerprint:
+                raise BaseModelMismatchError(
+                    f"memory slots of span {slots.span_id!r} come from base model "
+                    f"{slots.fingerprint!r} but this ICAE runs {self.config.base_model!r} "
+                    f"({self.fingerprint!r}); re-compress the text with this model"
+                )
+            if slots.hidden_size != self.hidden_size:
+                raise ICAEConfigError(
+                    f"memory slots have width {slots.hidden_size}, the model {self.hidden_size}"
+                )
+        parts = [s.tensor.to(self.device, self.dtype) for s in memory]
+        parts += [self._special(task), self._embed_list(prompt_ids)]
+        return torch.cat(parts)
+
+    def decoder_logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, L, V)`` of the frozen decoder (adapter off) on embeddings."""
+        with self.model.disable_adapter():
+            return self.model(inputs_embeds=embeds, use_cache=False).logits
+
+    def _generate_ids(
+        self, embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling
+    ) -> Iterator[int]:
+        """Yield sampled token ids, stopping at EOS. The adapter is switched off around each
+        forward call, not across yields, so an interleaved ``compress`` still sees it on."""
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        with self._inference(), self.model.disable_adapter():
+            out = self.model(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        for _ in range(max_new_tokens):
+            token = _pick(out.logits[0, -1].float(), sampling, generator)
+            if token in self._stop_ids:
+                return
+            yield token
+            step = torch.tensor([[token]], device=self.device)
+            with self._inference(), self.model.disable_adapter():
+                out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+
+    def _stream_text(self, token_ids: Iterator[int]) -> Iterator[str]:
+        """Turn token ids into text pieces, holding back incomplete UTF-8 characters."""
+        ids: list[int] = []
+        emitted = ""
+        for token in token_ids:
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """No gradients and eval mode (no LoRA dropout), restoring the training flag after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+
+def _backbone(causal_lm: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (hidden states without the vocabulary head)."""
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Choose the next token from ``(V,)`` logits."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the first past p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def _stop_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _span_id(token_ids: Sequence[int]) -> str:
+    """A content id: identical spans get identical ids, whatever document they came from."""
+    digest = hashlib.sha256(",".join(map(str, token_ids)).encode())
+    return digest.hexdigest()[:16]
