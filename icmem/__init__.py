@@ -18,7 +18,7 @@ _LAZY = {
     "Span": "icmem.chunking",
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = ["Span", "__version__", "chunk", "chunk_file", "load_model"]
 
 if TYPE_CHECKING:
     from icmem.chunking import Span, chunk, chunk_file

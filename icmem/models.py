@@ -80,6 +80,20 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Return only the tokenizer of what `load_model` would load (for chunking without weights)."""
+    from transformers import AutoTokenizer
+
+    directory = _resolve(str(name_or_path), revision)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {directory!r}: {exc}") from exc
+
+
 def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
     """A short stable id of a base model's weights and tokenizer.
 
@@ -115,8 +129,9 @@ def _resolve(name: str, revision: str | None) -> str:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelLoadError(
-                f"{path} holds no Hugging Face model (no config.json). Pass a directory written "
-                f"by `save_pretrained`, an embedded name ({', '.join(EMBEDDED_MODELS)}), or a hub id."
+                f"{path} holds no Hugging Face model (no config.json). Pass a directory "
+                "written by `save_pretrained`, an embedded name "
+                f"({', '.join(EMBEDDED_MODELS)}), or a hub id."
             )
         return str(path)
     if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_models import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
