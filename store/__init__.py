@@ -1,4 +1,58 @@
 """The memory store: SQL rows are the truth, FAISS is a rebuildable retrieval view.
 
-Nothing here imports torch or model code: it stores arrays, bytes and rows.
+Nothing here imports torch or model code: it stores arrays, bytes and rows. Start with
+``MemoryStore.open(directory_or_url, dim=...)``; the records it takes and returns are in
+``icmem.store.records`` and every deliberate error derives from ``StoreError``.
 """
+
+from .errors import (
+    DimensionMismatchError,
+    ForeignSlotsError,
+    IndexFileError,
+    InvalidFilterError,
+    InvalidRecordError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    SchemaVersionError,
+    StoreError,
+    StoreFullError,
+    StoreWriteError,
+)
+from .index import IndexPolicy
+from .memory_store import DuplicateDocumentError, MemoryStore, UnknownSpanError
+from .records import (
+    AddedDocument,
+    DocumentRecord,
+    Namespace,
+    SearchHit,
+    SpanRecord,
+    SpanSlots,
+    StoreStats,
+    content_id_of,
+)
+
+__all__ = [
+    "AddedDocument",
+    "DimensionMismatchError",
+    "DocumentRecord",
+    "DuplicateDocumentError",
+    "ForeignSlotsError",
+    "IndexFileError",
+    "IndexPolicy",
+    "InvalidFilterError",
+    "InvalidRecordError",
+    "MemoryStore",
+    "Namespace",
+    "NotAStoreError",
+    "ReadOnlyStoreError",
+    "SchemaVersionError",
+    "SearchHit",
+    "SpanRecord",
+    "SpanSlots",
+    "StoreError",
+    "StoreFullError",
+    "StoreStats",
+    "StoreWriteError",
+    "UnknownSpanError",
+    "content_id_of",
+]

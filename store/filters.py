@@ -1,0 +1,164 @@
+"""Metadata filters: a small JSON query language compiled to bound SQL expressions.
+
+A filter is a mapping over a document's top-level metadata keys::
+
+    {"lang": "en"}                               equality (str, int, float, bool)
+    {"year": {"$gte": 2020, "$lt": 2024}}        $eq $ne $gt $gte $lt $lte $in $nin $exists
+    {"$or": [{"lang": "en"}, {"lang": "de"}]}    $and / $or over sub-filters
+
+Every key and value reaches the database as a bound parameter, never as SQL text. Comparisons are
+type-strict the way JSON is: ``{"n": 1}`` does not match ``"1"`` and ``{"flag": True}`` does not
+match ``1``. Range operators compare numbers only; ``$ne``/``$nin`` also match documents that lack
+the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, or_, true
+
+from .errors import InvalidFilterError
+from .schema import DocumentRow
+
+__all__ = ["compile_filter"]
+
+_RANGE = {"$gt", "$gte", "$lt", "$lte"}
+_OPERATORS = {"$eq", "$ne", "$in", "$nin", "$exists", *_RANGE}
+
+
+def compile_filter(filter_: Mapping[str, Any] | None, dialect: str) -> ColumnElement[bool]:
+    """Compile a metadata filter to a WHERE clause over ``DocumentRow`` for the given dialect."""
+    if filter_ is None:
+        return true()
+    if not isinstance(filter_, Mapping):
+        raise InvalidFilterError(
+            f"a metadata filter must be a mapping, got {type(filter_).__name__}"
+        )
+    json = _PostgresJson() if dialect == "postgresql" else _SqliteJson()
+    return _compile(filter_, json)
+
+
+def _compile(filter_: Mapping[str, Any], json: _SqliteJson) -> ColumnElement[bool]:
+    clauses = []
+    for key, condition in filter_.items():
+        if key in ("$and", "$or"):
+            if not isinstance(condition, list | tuple) or not condition:
+                raise InvalidFilterError(f"{key} takes a non-empty list of filters")
+            parts = [_compile(_as_mapping(sub), json) for sub in condition]
+            clauses.append(and_(*parts) if key == "$and" else or_(*parts))
+        elif key.startswith("$"):
+            raise InvalidFilterError(f"unknown filter operator {key!r} at the top level")
+        else:
+            _check_key(key)
+            clauses.append(_compile_key(key, condition, json))
+    return and_(true(), *clauses)
+
+
+def _compile_key(key: str, condition: Any, json: _SqliteJson) -> ColumnElement[bool]:
+    if not isinstance(condition, Mapping):
+        return json.equals(key, _scalar(key, condition))
+    if not condition:
+        raise InvalidFilterError(f"filter for {key!r} is an empty operator mapping")
+    clauses = []
+    for op, value in condition.items():
+        if op not in _OPERATORS:
+            raise InvalidFilterError(
+                f"unknown operator {op!r} for key {key!r}; use one of "
+                f"{', '.join(sorted(_OPERATORS))}"
+            )
+        if op == "$eq":
+            clauses.append(json.equals(key, _scalar(key, value)))
+        elif op == "$ne":
+            clauses.append(or_(json.missing(key), not_(json.equals(key, _scalar(key, value)))))
+        elif op in ("$in", "$nin"):
+            if not isinstance(value, list | tuple) or not value:
+                raise InvalidFilterError(f"{op} for {key!r} takes a non-empty list of values")
+            matches = or_(*(json.equals(key, _scalar(key, v)) for v in value))
+            clauses.append(matches if op == "$in" else or_(json.missing(key), not_(matches)))
+        elif op == "$exists":
+            if not isinstance(value, bool):
+                raise InvalidFilterError(f"$exists for {key!r} takes True or False")
+            clauses.append(not_(json.missing(key)) if value else json.missing(key))
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidFilterError(f"{op} for {key!r} compares numbers only, got {value!r}")
+            number = json.number(key)
+            comparison = {
+                "$gt": number > value,
+                "$gte": number >= value,
+                "$lt": number < value,
+                "$lte": number <= value,
+            }[op]
+            clauses.append(func.coalesce(comparison, false()))
+    return and_(*clauses)
+
+
+def _as_mapping(sub: Any) -> Mapping[str, Any]:
+    if not isinstance(sub, Mapping):
+        raise InvalidFilterError(f"$and/$or items must be filters (mappings), got {sub!r}")
+    return sub
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str) or not key or '"' in key or "\\" in key:
+        raise InvalidFilterError(
+            f"metadata filter keys must be non-empty strings without quotes or backslashes, "
+            f"got {key!r}"
+        )
+
+
+def _scalar(key: str, value: Any) -> str | int | float | bool:
+    if isinstance(value, str | bool | int | float):
+        if isinstance(value, float) and value != value:
+            raise InvalidFilterError(f"cannot filter {key!r} on NaN")
+        return value
+    raise InvalidFilterError(
+        f"filter value for {key!r} must be a string, number or boolean, got {type(value).__name__}"
+    )
+
+
+class _SqliteJson:
+    """JSON1 functions; the path is a bound parameter, the key was checked to need no escaping."""
+
+    def __init__(self) -> None:
+        self.column: Any = DocumentRow.metadata_
+
+    def _path(self, key: str) -> Any:
+        return literal(f'$."{key}"')
+
+    def _type(self, key: str) -> Any:
+        return func.json_type(self.column, self._path(key))
+
+    def missing(self, key: str) -> ColumnElement[bool]:
+        return self._type(key).is_(None)
+
+    def equals(self, key: str, value: str | int | float | bool) -> ColumnElement[bool]:
+        if isinstance(value, bool):
+            return func.coalesce(self._type(key) == ("true" if value else "false"), false())
+        kinds = ("text",) if isinstance(value, str) else ("integer", "real")
+        extracted = func.json_extract(self.column, self._path(key))
+        return func.coalesce(and_(self._type(key).in_(kinds), extracted == value), false())
+
+    def number(self, key: str) -> Any:
+        return case(
+            (
+                self._type(key).in_(("integer", "real")),
+                func.json_extract(self.column, self._path(key)),
+            )
+        )
+
+
+class _PostgresJson(_SqliteJson):
+    """JSONB operators: containment for equality, a typeof guard before casting to a number."""
+
+    def missing(self, key: str) -> ColumnElement[bool]:
+        return not_(self.column.has_key(key))
+
+    def equals(self, key: str, value: str | int | float | bool) -> ColumnElement[bool]:
+        return self.column.contains({key: value})
+
+    def number(self, key: str) -> Any:
+        element = self.column[key]
+        return case((func.jsonb_typeof(element) == "number", element.as_float()))

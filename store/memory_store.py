@@ -1,0 +1,1055 @@
+"""MemoryStore: documents, spans, memory slots and embeddings in SQL, found again through FAISS.
+
+The rows are the truth and every write is one transaction: a document and all of its spans,
+slots and embeddings land together or not at all. Each namespace carries a generation counter that
+the same transaction increments; the FAISS index of a namespace records the generation it
+reflects, so any process (or a reopened store) can tell that its index is behind and catch up by
+comparing id sets, or rebuild it from ``icmem_embeddings`` when the index file is missing or
+corrupt. See ``store.records`` for the values passed in and out, ``store.index`` for when the index
+is exact and when it is IVF, and ``store.filters`` for the metadata filter language.
+
+SQLite runs in WAL mode with a busy timeout and ``BEGIN IMMEDIATE`` for writes: many reader
+processes and one writer at a time, none of them losing a write. On Postgres several writers may
+work at once; the namespace row lock orders their generations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select, update
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from icmem import __version__
+from icmem.codec import SlotCodecError, read_slot_header
+
+from .errors import (
+    DimensionMismatchError,
+    ForeignSlotsError,
+    IndexFileError,
+    InvalidRecordError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    SchemaVersionError,
+    StoreError,
+    StoreFullError,
+    StoreWriteError,
+)
+from .filters import compile_filter
+from .index import IndexFiles, IndexPolicy, NamespaceIndex
+from .records import (
+    AddedDocument,
+    DocumentRecord,
+    Namespace,
+    SearchHit,
+    SpanSlots,
+    StoreStats,
+    validate_namespace,
+)
+from .schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Base,
+    DocumentRow,
+    EmbeddingRow,
+    NamespaceRow,
+    SchemaVersionRow,
+    SettingRow,
+    SlotRow,
+    SpanRow,
+)
+
+__all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
+
+DATABASE_FILE = "store.sqlite"
+INDEX_DIR = "index"
+_IN_CHUNK = 900  # ids per IN (...) clause, below SQLite's default parameter limit
+_PG_INIT_LOCK = 0x1C3E30  # advisory lock key serialising schema creation across workers
+
+
+class DuplicateDocumentError(StoreError):
+    """``add`` was given a document id that already exists in the namespace."""
+
+
+class UnknownSpanError(StoreError, KeyError):
+    """Span ids were asked for that do not exist (deleted, or outside the given namespace)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class _PreparedDocument:
+    record: DocumentRecord
+    key: str
+    vectors: np.ndarray  # (n_spans, dim) float32
+    slot_headers: tuple[Any, ...]
+
+
+class MemoryStore:
+    """Documents with spans, memory slots and embeddings; searched per namespace.
+
+    Open with ``MemoryStore.open(...)``; use as a context manager (or call ``close()``) so the
+    index is saved. A store that was not closed is still correct: its index is caught up on open.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        dim: int,
+        index_dir: Path,
+        model_fingerprint: str | None,
+        read_only: bool,
+        policy: IndexPolicy,
+        database_path: Path | None,
+    ) -> None:
+        self._engine = engine
+        self.dim = dim
+        self.model_fingerprint = model_fingerprint
+        self.read_only = read_only
+        self.database_path = database_path
+        self._files = IndexFiles(index_dir, dim, policy)
+        self._policy = policy
+        self._shards: dict[int, NamespaceIndex] = {}
+        self._dirty: set[int] = set()
+        self._lock = threading.RLock()
+        self.index_repairs = 0  # index shards rebuilt or caught up from the rows, for tests/stats
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        path_or_url: str | os.PathLike[str],
+        *,
+        dim: int,
+        index_dir: str | os.PathLike[str] | None = None,
+        model_fingerprint: str | None = None,
+        read_only: bool = False,
+        index_policy: IndexPolicy | None = None,
+        busy_timeout_s: float = 30.0,
+    ) -> MemoryStore:
+        """Open (creating when needed) a store.
+
+        ``path_or_url`` is a directory (``store.sqlite`` plus ``index/`` inside it) or an
+        SQLAlchemy URL such as ``postgresql+psycopg://user@host/db``; for a URL, ``index_dir`` says
+        where this worker keeps its FAISS files. ``dim`` is the retrieval-embedding length and is
+        fixed when the store is created. ``model_fingerprint`` (``icmem.models.model_fingerprint``)
+        pins the base model whose slots the store accepts; when omitted the first slots added pin
+        it.
+        """
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+            raise InvalidRecordError(f"dim must be a positive int, got {dim!r}")
+        policy = index_policy or IndexPolicy()
+        text = os.fspath(path_or_url)
+        database_path = None
+        if "://" in text:
+            url = make_url(text)
+            if url.get_backend_name() == "sqlite":
+                raise NotAStoreError(
+                    "give a SQLite store as its directory, not a sqlite:// URL, so its index "
+                    "files have a home beside it"
+                )
+            if index_dir is None:
+                raise StoreError(
+                    f"a store at {url.render_as_string(hide_password=True)} needs index_dir=... "
+                    "(a local directory where this worker keeps the FAISS index files)"
+                )
+            engine = create_engine(url, pool_pre_ping=True)
+        else:
+            directory = Path(text)
+            database_path = _prepare_directory(directory, read_only)
+            engine = _sqlite_engine(database_path, read_only, busy_timeout_s)
+            index_dir = directory / INDEX_DIR if index_dir is None else index_dir
+        index_path = Path(index_dir)
+        if not read_only:
+            try:
+                index_path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                engine.dispose()
+                raise ReadOnlyStoreError(
+                    f"cannot create index directory {index_path}: {exc.strerror}; fix its "
+                    "permissions or open with read_only=True"
+                ) from exc
+        try:
+            settings = _initialise(engine, dim, model_fingerprint, read_only)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(
+            engine,
+            dim=dim,
+            index_dir=index_path,
+            model_fingerprint=settings.get("model_fingerprint"),
+            read_only=read_only,
+            policy=policy,
+            database_path=database_path,
+        )
+
+    def close(self) -> None:
+        """Save changed indexes and release connections; the store stays valid on disk."""
+        try:
+            if not self.read_only:
+                self.save_index()
+        finally:
+            self._engine.dispose()
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    # ------------------------------------------------------------------ writes
+
+    def add(
+        self, documents: Sequence[DocumentRecord], *, namespace: Sequence[str]
+    ) -> list[AddedDocument]:
+        """Add new documents with their spans in one transaction; an existing id is an error."""
+        return self._write_documents(documents, namespace, replace=False)
+
+    def upsert(
+        self, documents: Sequence[DocumentRecord], *, namespace: Sequence[str]
+    ) -> list[AddedDocument]:
+        """Add documents, replacing (all spans of) any document whose id already exists."""
+        return self._write_documents(documents, namespace, replace=True)
+
+    def delete(
+        self,
+        *,
+        namespace: Sequence[str],
+        document_ids: Iterable[str] | None = None,
+    ) -> int:
+        """Delete documents by id within a namespace, or (no ids) every document under a namespace
+        prefix such as ``(tenant,)``. Returns the number of documents deleted."""
+        ns = validate_namespace(namespace, allow_prefix=document_ids is None)
+        keys = None if document_ids is None else _document_keys(document_ids)
+        with self._write() as session:
+            removed: dict[int, tuple[list[int], int]] = {}  # namespace -> (span ids, old gen)
+            deleted_documents = 0
+            for row in self._select_namespaces(session, ns):
+                if keys is None:
+                    deleted_documents += session.scalar(
+                        select(func.count()).where(DocumentRow.namespace_id == row.id)
+                    )
+                    session.execute(delete(NamespaceRow).where(NamespaceRow.id == row.id))
+                    removed[row.id] = ([], row.generation)
+                    continue
+                doc_ids = list(
+                    session.scalars(
+                        select(DocumentRow.id).where(
+                            DocumentRow.namespace_id == row.id, DocumentRow.key.in_(keys)
+                        )
+                    )
+                )
+                if doc_ids:
+                    span_ids = self._span_ids_of_documents(session, doc_ids)
+                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(doc_ids)))
+                    removed[row.id] = (span_ids, self._bump_generation(session, row.id) - 1)
+                    deleted_documents += len(doc_ids)
+        with self._lock:
+            for ns_id, (span_ids, old_generation) in removed.items():
+                if keys is None:
+                    self._shards.pop(ns_id, None)
+                    self._dirty.discard(ns_id)
+                    self._files.remove(_shard_name(ns_id))
+                else:
+                    self._apply_delta(ns_id, remove=span_ids, old_generation=old_generation)
+        return deleted_documents
+
+    # ------------------------------------------------------------------ reads
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        *,
+        namespace: Sequence[str],
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[SearchHit]:
+        """The ``k`` spans with the highest inner product with ``vector``, best first.
+
+        ``namespace`` is a full (tenant, agent, thread) or a prefix of it; only spans under it are
+        ever considered, also when a metadata ``filter`` is given (see ``store.filters``).
+        """
+        query = self._check_vectors(np.asarray(vector).reshape(1, -1), "query vector")
+        if not isinstance(k, int) or k <= 0:
+            raise InvalidRecordError(f"k must be a positive int, got {k!r}")
+        ns = validate_namespace(namespace, allow_prefix=True)
+        where = compile_filter(filter, self.dialect)
+        with self._read() as session:
+            namespaces = self._select_namespaces(session, ns)
+            if not namespaces:
+                return []
+            ns_ids = [row.id for row in namespaces]
+            allowed = None
+            if filter:
+                allowed = np.fromiter(
+                    session.scalars(
+                        select(SpanRow.id)
+                        .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+                        .where(SpanRow.namespace_id.in_(ns_ids), where)
+                    ),
+                    dtype=np.int64,
+                )
+                if not len(allowed):
+                    return []
+            scored: list[tuple[float, int]] = []
+            with self._lock:
+                for row in namespaces:
+                    shard = self._fresh_shard(session, row.id, row.generation)
+                    scores, ids = shard.search(query, k, allowed)
+                    scored.extend(zip(scores.tolist(), ids.tolist(), strict=True))
+            scored.sort(key=lambda pair: (-pair[0], pair[1]))
+            top = scored[:k]
+            rows = self._hit_rows(session, [span_id for _, span_id in top], ns_ids)
+        names = {row.id: (row.tenant, row.agent, row.thread) for row in namespaces}
+        hits = []
+        for score, span_id in top:
+            row = rows.get(span_id)
+            if row is None:  # deleted by another process since the index was refreshed
+                continue
+            span, key, metadata, source = row
+            hits.append(
+                SearchHit(
+                    span_id=span_id,
+                    score=float(score),
+                    document_id=key,
+                    namespace=names[span.namespace_id],
+                    position=span.position,
+                    char_start=span.char_start,
+                    char_end=span.char_end,
+                    text=span.text,
+                    metadata=metadata or {},
+                    source=source,
+                )
+            )
+        return hits
+
+    def get_slots(
+        self, span_ids: Sequence[int], *, namespace: Sequence[str] | None = None
+    ) -> list[SpanSlots]:
+        """The encoded memory slots of the given spans, in the order asked, in one query.
+
+        Give ``namespace`` (or a prefix) to refuse spans that live elsewhere.
+        """
+        wanted = [int(i) for i in span_ids]
+        if not wanted:
+            return []
+        statement = (
+            select(SlotRow, SpanRow.position, DocumentRow.key)
+            .join(SpanRow, SlotRow.span_id == SpanRow.id)
+            .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+            .where(SlotRow.span_id.in_(sorted(set(wanted))))
+        )
+        if namespace is not None:
+            ns = validate_namespace(namespace, allow_prefix=True)
+            statement = statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
+            for column, part in zip(_namespace_columns(), ns, strict=False):
+                statement = statement.where(column == part)
+        with self._read() as session:
+            found = {
+                slot.span_id: (slot, pos, key) for slot, pos, key in session.execute(statement)
+            }
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise UnknownSpanError(
+                f"no memory slots for span ids {missing[:10]}: they were deleted, never had slots, "
+                "or belong to another namespace; search again for current span ids"
+            )
+        return [
+            SpanSlots(
+                span_id=i,
+                document_id=found[i][2],
+                position=found[i][1],
+                blob=bytes(found[i][0].blob),
+                codec=found[i][0].codec,
+                shape=(found[i][0].rows, found[i][0].cols),
+            )
+            for i in wanted
+        ]
+
+    def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
+        """Every namespace written to and not deleted, optionally under a prefix; sorted."""
+        ns = () if prefix is None else validate_namespace(prefix, allow_prefix=True)
+        with self._read() as session:
+            rows = self._select_namespaces(session, ns)
+        return sorted((row.tenant, row.agent, row.thread) for row in rows)
+
+    def stats(self, namespace: Sequence[str] | None = None) -> StoreStats:
+        """Counts and byte sizes, of the whole store or of one namespace prefix."""
+        ns = () if namespace is None else validate_namespace(namespace, allow_prefix=True)
+        with self._read() as session:
+            ns_ids = [row.id for row in self._select_namespaces(session, ns)]
+            documents = spans = slot_bytes = embedding_bytes = 0
+            for chunk in _chunks(ns_ids):
+                documents += session.scalar(
+                    select(func.count()).where(DocumentRow.namespace_id.in_(chunk))
+                )
+                spans += session.scalar(select(func.count()).where(SpanRow.namespace_id.in_(chunk)))
+                slot_bytes += session.scalar(
+                    select(func.coalesce(func.sum(func.length(SlotRow.blob)), 0))
+                    .join(SpanRow, SlotRow.span_id == SpanRow.id)
+                    .where(SpanRow.namespace_id.in_(chunk))
+                )
+                embedding_bytes += session.scalar(
+                    select(func.coalesce(func.sum(func.length(EmbeddingRow.vector)), 0)).where(
+                        EmbeddingRow.namespace_id.in_(chunk)
+                    )
+                )
+            database_bytes = self._database_bytes(session)
+        return StoreStats(
+            namespaces=len(ns_ids),
+            documents=int(documents),
+            spans=int(spans),
+            slot_bytes=int(slot_bytes),
+            embedding_bytes=int(embedding_bytes),
+            database_bytes=database_bytes,
+            index_bytes=self._files.nbytes(),
+        )
+
+    # ------------------------------------------------------------------ index upkeep
+
+    def save_index(self) -> None:
+        """Write every index changed since the last save; a crash before this only costs a
+        catch-up on the next open, never data."""
+        if self.read_only:
+            raise ReadOnlyStoreError("the store was opened read_only=True; its index is not saved")
+        with self._lock:
+            for ns_id in sorted(self._dirty):
+                shard = self._shards.get(ns_id)
+                if shard is not None:
+                    self._files.save(_shard_name(ns_id), shard)
+                self._dirty.discard(ns_id)
+
+    def index_ids(self, namespace: Sequence[str]) -> np.ndarray:
+        """The span ids the (refreshed) FAISS index of a namespace holds; sorted."""
+        ns = validate_namespace(namespace)
+        with self._read() as session, self._lock:
+            rows = self._select_namespaces(session, ns)
+            if not rows:
+                return np.empty(0, np.int64)
+            return self._fresh_shard(session, rows[0].id, rows[0].generation).ids()
+
+    def span_ids(self, namespace: Sequence[str]) -> np.ndarray:
+        """The span ids the rows hold for a namespace; sorted."""
+        ns = validate_namespace(namespace)
+        with self._read() as session:
+            rows = self._select_namespaces(session, ns)
+            if not rows:
+                return np.empty(0, np.int64)
+            ids = session.scalars(select(SpanRow.id).where(SpanRow.namespace_id == rows[0].id))
+            return np.sort(np.fromiter(ids, dtype=np.int64))
+
+    # ------------------------------------------------------------------ async
+
+    async def aadd(self, documents: Sequence[DocumentRecord], *, namespace: Sequence[str]):
+        return await asyncio.to_thread(self.add, documents, namespace=namespace)
+
+    async def aupsert(self, documents: Sequence[DocumentRecord], *, namespace: Sequence[str]):
+        return await asyncio.to_thread(self.upsert, documents, namespace=namespace)
+
+    async def adelete(self, **kwargs: Any) -> int:
+        return await asyncio.to_thread(functools.partial(self.delete, **kwargs))
+
+    async def asearch(self, vector: np.ndarray, k: int = 10, **kwargs: Any) -> list[SearchHit]:
+        return await asyncio.to_thread(functools.partial(self.search, vector, k, **kwargs))
+
+    async def aget_slots(self, span_ids: Sequence[int], **kwargs: Any) -> list[SpanSlots]:
+        return await asyncio.to_thread(functools.partial(self.get_slots, span_ids, **kwargs))
+
+    async def alist_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
+        return await asyncio.to_thread(self.list_namespaces, prefix)
+
+    async def astats(self, namespace: Sequence[str] | None = None) -> StoreStats:
+        return await asyncio.to_thread(self.stats, namespace)
+
+    # ------------------------------------------------------------------ internals
+
+    def _write_documents(
+        self, documents: Sequence[DocumentRecord], namespace: Sequence[str], *, replace: bool
+    ) -> list[AddedDocument]:
+        ns = validate_namespace(namespace)
+        prepared, fingerprint = self._prepare(documents)
+        if not prepared:
+            return []
+        results: list[AddedDocument] = []
+        with self._write() as session:
+            if fingerprint is not None and self.model_fingerprint is None:
+                self._pin_fingerprint(session, fingerprint)
+            ns_id = self._ensure_namespace(session, ns)
+            old_generation = self._bump_generation(session, ns_id) - 1
+            removed: list[int] = []
+            added_ids: list[int] = []
+            added_vectors: list[np.ndarray] = []
+            for doc in prepared:
+                doc_id, replaced = self._put_document(session, ns_id, doc, replace=replace)
+                removed.extend(replaced)
+                span_ids = self._insert_spans(session, ns_id, doc_id, doc)
+                results.append(AddedDocument(id=doc.key, span_ids=tuple(span_ids)))
+                added_ids.extend(span_ids)
+                added_vectors.append(doc.vectors)
+        if fingerprint is not None and self.model_fingerprint is None:
+            self.model_fingerprint = fingerprint
+        with self._lock:
+            self._apply_delta(
+                ns_id,
+                remove=removed,
+                add_ids=np.asarray(added_ids, np.int64),
+                add_vectors=np.concatenate(added_vectors),
+                old_generation=old_generation,
+            )
+        return results
+
+    def _prepare(
+        self, documents: Sequence[DocumentRecord]
+    ) -> tuple[list[_PreparedDocument], str | None]:
+        """Validate everything before the transaction opens, so bad input changes nothing."""
+        if isinstance(documents, DocumentRecord):
+            documents = [documents]
+        prepared = []
+        keys: set[str] = set()
+        fingerprints: set[str] = set()
+        for doc in documents:
+            if not isinstance(doc, DocumentRecord):
+                raise InvalidRecordError(
+                    f"add takes DocumentRecord values, got {type(doc).__name__}"
+                )
+            key = doc.id or uuid.uuid4().hex
+            if key in keys:
+                raise InvalidRecordError(f"document id {key!r} appears twice in one call")
+            keys.add(key)
+            if doc.spans:
+                vectors = self._check_vectors(
+                    [np.asarray(s.embedding, dtype=np.float32).ravel() for s in doc.spans],
+                    f"embedding of document {key!r}",
+                )
+            else:
+                vectors = np.empty((0, self.dim), np.float32)
+            headers = []
+            for span in doc.spans:
+                header = self._check_slots(span.slots, key, span.position)
+                if header is not None:
+                    fingerprints.add(header.fingerprint)
+                headers.append(header)
+            prepared.append(_PreparedDocument(doc, key, vectors, tuple(headers)))
+        if len(fingerprints) > 1:
+            raise ForeignSlotsError(
+                f"one call mixes slots from several base models {sorted(fingerprints)}; a store "
+                "serves one model, so encode every span with the same model"
+            )
+        return prepared, next(iter(fingerprints), None)
+
+    def _check_vectors(self, vectors: Any, what: str) -> np.ndarray:
+        try:
+            matrix = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRecordError(f"{what} is not a numeric array: {exc}") from exc
+        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
+            got = matrix.shape[-1] if matrix.ndim else matrix.shape
+            raise DimensionMismatchError(
+                f"{what} has length {got} but this store's embeddings have dim {self.dim}; "
+                "embed with the store's embedding model (or open a store of that dim)"
+            )
+        if not np.isfinite(matrix).all():
+            raise InvalidRecordError(
+                f"{what} contains NaN or infinity; check the embedding model's output"
+            )
+        return np.ascontiguousarray(matrix)
+
+    def _check_slots(self, blob: bytes | None, key: str, position: int) -> Any:
+        if blob is None:
+            return None
+        try:
+            header = read_slot_header(blob)
+        except SlotCodecError as exc:
+            raise InvalidRecordError(
+                f"slots of document {key!r} span {position} are not a valid slot blob: {exc}"
+            ) from exc
+        if self.model_fingerprint is not None and header.fingerprint != self.model_fingerprint:
+            raise ForeignSlotsError(
+                f"slots of document {key!r} span {position} come from base model "
+                f"{header.fingerprint!r} but this store serves {self.model_fingerprint!r}; "
+                "re-encode with the store's model or use a separate store for the other model"
+            )
+        return header
+
+    def _pin_fingerprint(self, session: Session, fingerprint: str) -> None:
+        stored = session.get(SettingRow, "model_fingerprint")
+        if stored is None:
+            session.add(SettingRow(key="model_fingerprint", value=fingerprint))
+        elif stored.value != fingerprint:
+            raise ForeignSlotsError(
+                f"this store serves base model {stored.value!r} (pinned by another process); the "
+                f"slots given come from {fingerprint!r}"
+            )
+
+    def _ensure_namespace(self, session: Session, ns: tuple[str, ...]) -> int:
+        values = dict(zip(("tenant", "agent", "thread"), ns, strict=True))
+        insert = postgres_insert if self.dialect == "postgresql" else sqlite_insert
+        session.execute(
+            insert(NamespaceRow).values(generation=0, **values).on_conflict_do_nothing()
+        )
+        return session.scalar(
+            select(NamespaceRow.id).where(
+                *(c == p for c, p in zip(_namespace_columns(), ns, strict=True))
+            )
+        )
+
+    def _bump_generation(self, session: Session, ns_id: int) -> int:
+        return session.scalar(
+            update(NamespaceRow)
+            .where(NamespaceRow.id == ns_id)
+            .values(generation=NamespaceRow.generation + 1)
+            .returning(NamespaceRow.generation)
+        )
+
+    def _put_document(
+        self, session: Session, ns_id: int, doc: _PreparedDocument, *, replace: bool
+    ) -> tuple[int, list[int]]:
+        record = doc.record
+        existing = session.scalar(
+            select(DocumentRow).where(DocumentRow.namespace_id == ns_id, DocumentRow.key == doc.key)
+        )
+        if existing is None:
+            row = DocumentRow(
+                namespace_id=ns_id,
+                key=doc.key,
+                source=record.source,
+                metadata_=dict(record.metadata),
+                content_hash=record.content_hash,
+            )
+            session.add(row)
+            session.flush()
+            return row.id, []
+        if not replace:
+            raise DuplicateDocumentError(
+                f"document {doc.key!r} already exists in this namespace; use upsert() to replace "
+                "it or delete it first"
+            )
+        old_spans = self._span_ids_of_documents(session, [existing.id])
+        session.execute(delete(SpanRow).where(SpanRow.document_id == existing.id))
+        existing.source = record.source
+        existing.metadata_ = dict(record.metadata)
+        existing.content_hash = record.content_hash
+        session.flush()
+        return existing.id, old_spans
+
+    def _insert_spans(
+        self, session: Session, ns_id: int, doc_id: int, doc: _PreparedDocument
+    ) -> list[int]:
+        spans = doc.record.spans
+        if not spans:
+            return []
+        span_ids = list(
+            session.scalars(
+                SpanRow.__table__.insert().returning(SpanRow.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "document_id": doc_id,
+                        "namespace_id": ns_id,
+                        "position": s.position,
+                        "char_start": s.char_start,
+                        "char_end": s.char_end,
+                        "text": s.text,
+                        "token_count": s.token_count,
+                        "content_id": s.content_id,
+                    }
+                    for s in spans
+                ],
+            )
+        )
+        slot_rows = [
+            {
+                "span_id": span_id,
+                "codec": header.codec,
+                "dtype": "float32",
+                "rows": header.shape[0],
+                "cols": header.shape[1],
+                "model_fingerprint": header.fingerprint,
+                "blob": bytes(span.slots),
+            }
+            for span_id, span, header in zip(span_ids, spans, doc.slot_headers, strict=True)
+            if header is not None
+        ]
+        if slot_rows:
+            session.execute(SlotRow.__table__.insert(), slot_rows)
+        session.execute(
+            EmbeddingRow.__table__.insert(),
+            [
+                {
+                    "span_id": span_id,
+                    "namespace_id": ns_id,
+                    "vector": vector.astype("<f4").tobytes(),
+                }
+                for span_id, vector in zip(span_ids, doc.vectors, strict=True)
+            ],
+        )
+        return span_ids
+
+    def _span_ids_of_documents(self, session: Session, doc_ids: list[int]) -> list[int]:
+        span_ids: list[int] = []
+        for chunk in _chunks(doc_ids):
+            span_ids.extend(
+                session.scalars(select(SpanRow.id).where(SpanRow.document_id.in_(chunk)))
+            )
+        return span_ids
+
+    def _select_namespaces(self, session: Session, ns: tuple[str, ...]) -> list[Any]:
+        statement = select(
+            NamespaceRow.id,
+            NamespaceRow.tenant,
+            NamespaceRow.agent,
+            NamespaceRow.thread,
+            NamespaceRow.generation,
+        ).order_by(NamespaceRow.id)
+        for column, part in zip(_namespace_columns(), ns, strict=False):
+            statement = statement.where(column == part)
+        return list(session.execute(statement))
+
+    def _hit_rows(
+        self, session: Session, span_ids: list[int], ns_ids: list[int]
+    ) -> dict[int, tuple[Any, str, dict, str]]:
+        if not span_ids:
+            return {}
+        statement = (
+            select(SpanRow, DocumentRow.key, DocumentRow.metadata_, DocumentRow.source)
+            .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+            .where(SpanRow.id.in_(span_ids), SpanRow.namespace_id.in_(ns_ids))
+        )
+        return {
+            span.id: (span, key, meta, source)
+            for span, key, meta, source in session.execute(statement)
+        }
+
+    def _fresh_shard(self, session: Session, ns_id: int, generation: int) -> NamespaceIndex:
+        """The namespace's index, loaded, caught up or rebuilt until it reflects ``generation``."""
+        shard = self._shards.get(ns_id)
+        if shard is None:
+            try:
+                shard = self._files.load(_shard_name(ns_id))
+            except IndexFileError:
+                shard = NamespaceIndex(self.dim, self._policy, generation=-1)
+            self._shards[ns_id] = shard
+        if shard.generation != generation:
+            self._catch_up(session, ns_id, shard)
+            shard.generation = generation
+            self._dirty.add(ns_id)
+            self.index_repairs += 1
+        return shard
+
+    def _catch_up(self, session: Session, ns_id: int, shard: NamespaceIndex) -> None:
+        """Make the index hold exactly the namespace's embedding rows. Span ids are never reused
+        and embeddings never change in place, so comparing id sets finds every difference."""
+        stored = np.fromiter(
+            session.scalars(select(EmbeddingRow.span_id).where(EmbeddingRow.namespace_id == ns_id)),
+            dtype=np.int64,
+        )
+        indexed = shard.ids()
+        shard.remove(np.setdiff1d(indexed, stored, assume_unique=True))
+        missing = np.setdiff1d(stored, indexed, assume_unique=True)
+        ids: list[int] = []
+        vectors: list[bytes] = []
+        for chunk in _chunks(missing.tolist()):
+            for span_id, vector in session.execute(
+                select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
+                    EmbeddingRow.span_id.in_(chunk)
+                )
+            ):
+                ids.append(span_id)
+                vectors.append(vector)
+        if ids:
+            matrix = np.frombuffer(b"".join(vectors), dtype="<f4").reshape(len(ids), self.dim)
+            shard.add(np.asarray(ids, np.int64), matrix)
+
+    def _apply_delta(
+        self,
+        ns_id: int,
+        *,
+        remove: Sequence[int] = (),
+        add_ids: np.ndarray | None = None,
+        add_vectors: np.ndarray | None = None,
+        old_generation: int | None = None,
+    ) -> None:
+        """Apply a committed write to a loaded index. An index that was not exactly one write
+        behind is left for ``_fresh_shard`` to catch up from the rows on its next use."""
+        shard = self._shards.get(ns_id)
+        if shard is None and old_generation == 0:
+            shard = self._shards[ns_id] = NamespaceIndex(self.dim, self._policy, generation=0)
+        if shard is None:
+            return
+        in_step = old_generation is not None and shard.generation == old_generation
+        shard.remove(np.asarray(remove, np.int64))
+        if add_ids is not None and len(add_ids):
+            shard.add(add_ids, add_vectors)
+        if in_step:
+            shard.generation = old_generation + 1
+        else:
+            shard.generation = -1  # unknown: catch up from the rows before the next search
+        self._dirty.add(ns_id)
+
+    def _database_bytes(self, session: Session) -> int:
+        if self.database_path is not None:
+            paths = [
+                self.database_path,
+                *(self.database_path.with_name(self.database_path.name + s) for s in ("-wal",)),
+            ]
+            return sum(p.stat().st_size for p in paths if p.exists())
+        if self.dialect == "postgresql":
+            total = 0
+            for table in Base.metadata.sorted_tables:
+                total += session.scalar(select(func.pg_total_relation_size(table.name)))
+            return int(total)
+        return 0
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            raise _translate(exc) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                "the store was opened read_only=True; open it without read_only to write"
+            )
+        try:
+            with (
+                self._engine.connect().execution_options(icmem_write=True) as connection,
+                Session(bind=connection) as session,
+                session.begin(),
+            ):
+                yield session
+        except (OperationalError, DatabaseError) as exc:
+            raise _translate(exc) from exc
+
+
+def _shard_name(ns_id: int) -> str:
+    return f"namespace-{ns_id}"
+
+
+def _namespace_columns() -> tuple[Any, Any, Any]:
+    return NamespaceRow.tenant, NamespaceRow.agent, NamespaceRow.thread
+
+
+def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), _IN_CHUNK):
+        yield items[start : start + _IN_CHUNK]
+
+
+def _document_keys(document_ids: Iterable[str]) -> list[str]:
+    if isinstance(document_ids, str):
+        raise InvalidRecordError("document_ids must be a list of ids, not one string")
+    keys = list(document_ids)
+    if not all(isinstance(k, str) and k for k in keys):
+        raise InvalidRecordError(f"document ids must be non-empty strings, got {keys!r}")
+    return keys
+
+
+def _translate(exc: SQLAlchemyError) -> StoreError:
+    message = str(getattr(exc, "orig", exc)).lower()
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if "disk is full" in message or "disk full" in message or code == "53100":
+        return StoreFullError(
+            "the database is full (no space left on the device or its size limit); the failed "
+            "call was rolled back and the store is as it was: free space, then retry"
+        )
+    if "readonly" in message or "read-only" in message:
+        return ReadOnlyStoreError(
+            "the database refused a write because it is read-only; fix the file and directory "
+            "permissions or open with read_only=True to only search"
+        )
+    if "database is locked" in message:
+        return StoreWriteError(
+            "another process held the store's write lock past the busy timeout; retry, or raise "
+            "busy_timeout_s in MemoryStore.open"
+        )
+    if "not a database" in message or "malformed" in message:
+        return NotAStoreError(
+            f"the store's database file is not a readable SQLite database ({message}); restore it "
+            "from a backup or open another directory"
+        )
+    return StoreWriteError(f"the database refused the operation: {message}")
+
+
+def _prepare_directory(directory: Path, read_only: bool) -> Path:
+    if directory.exists() and not directory.is_dir():
+        raise NotAStoreError(
+            f"{directory} is a file, not a store; a store is a directory holding {DATABASE_FILE} "
+            "and index/ (pass a new or empty directory to create one)"
+        )
+    database = directory / DATABASE_FILE
+    if not database.exists():
+        if read_only:
+            raise NotAStoreError(f"no store at {directory} ({DATABASE_FILE} is missing)")
+        if directory.is_dir() and any(directory.iterdir()):
+            raise NotAStoreError(
+                f"{directory} is not empty and holds no {DATABASE_FILE}, so it is not a store; "
+                "create the store in a new or empty directory"
+            )
+    if not read_only:
+        if directory.is_dir() and not os.access(directory, os.W_OK):
+            raise ReadOnlyStoreError(
+                f"store directory {directory} is not writable; fix its permissions, or open with "
+                "read_only=True to search without writing"
+            )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReadOnlyStoreError(
+                f"cannot create store directory {directory}: {exc.strerror}"
+            ) from exc
+    return database
+
+
+def _sqlite_engine(database: Path, read_only: bool, busy_timeout_s: float) -> Engine:
+    if read_only:
+        # A read-only directory cannot hold WAL's shared-memory file; immutable=1 reads without it.
+        writable = os.access(database.parent, os.W_OK)
+        query = "mode=ro" + ("" if writable else "&immutable=1")
+        url = f"sqlite:///file:{database.resolve()}?{query}&uri=true"
+    else:
+        url = f"sqlite:///{database.resolve()}"
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the sqlite3 module so BEGIN IMMEDIATE can be issued.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        # Writers take the write lock up front: two deferred transactions that both upgrade to
+        # writing would deadlock and one would fail instead of waiting.
+        write = connection.get_execution_options().get("icmem_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _initialise(
+    engine: Engine, dim: int, model_fingerprint: str | None, read_only: bool
+) -> dict[str, str]:
+    """Create the schema on first open; otherwise check its version and settings."""
+    try:
+        options = {} if read_only else {"icmem_write": True}
+        with engine.connect().execution_options(**options) as connection, connection.begin():
+            if engine.dialect.name == "postgresql" and not read_only:
+                connection.execute(select(func.pg_advisory_xact_lock(_PG_INIT_LOCK)))
+            tables = set(inspect(connection).get_table_names())
+            if SchemaVersionRow.__tablename__ not in tables:
+                if read_only:
+                    raise NotAStoreError("the database holds no icmem store (no schema table)")
+                if engine.dialect.name == "sqlite" and tables:
+                    raise NotAStoreError(
+                        f"the SQLite file holds other tables ({', '.join(sorted(tables)[:5])}) "
+                        "and no icmem store; create the store in a new directory"
+                    )
+                Base.metadata.create_all(connection)
+                connection.execute(
+                    SchemaVersionRow.__table__.insert().values(
+                        version=SCHEMA_VERSION, icmem_version=__version__
+                    )
+                )
+                rows = [{"key": "dim", "value": str(dim)}]
+                if model_fingerprint is not None:
+                    rows.append({"key": "model_fingerprint", "value": model_fingerprint})
+                connection.execute(SettingRow.__table__.insert(), rows)
+            else:
+                _check_version(connection, read_only)
+            settings = dict(connection.execute(select(SettingRow.key, SettingRow.value)).all())
+            _check_settings(connection, settings, dim, model_fingerprint, read_only)
+            return settings
+    except DatabaseError as exc:
+        raise _translate(exc) from exc
+
+
+def _check_version(connection: Connection, read_only: bool) -> None:
+    version = connection.scalar(select(func.max(SchemaVersionRow.version)))
+    if version is None:
+        raise NotAStoreError("the store's schema table is empty; the store was never initialised")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the store was written with schema version {version} by a newer icmem; this icmem "
+            f"reads version {SCHEMA_VERSION}: upgrade icmem"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    if read_only:
+        raise SchemaVersionError(
+            f"the store has schema version {version}, older than {SCHEMA_VERSION}; open it once "
+            "without read_only=True to migrate it"
+        )
+    for step in range(version, SCHEMA_VERSION):
+        migrate = MIGRATIONS.get(step)
+        if migrate is None:
+            raise SchemaVersionError(
+                f"the store has schema version {version} and icmem {__version__} has no migration "
+                f"from version {step}; re-create the store (re-ingest the documents)"
+            )
+        migrate(connection)
+        connection.execute(
+            SchemaVersionRow.__table__.insert().values(version=step + 1, icmem_version=__version__)
+        )
+
+
+def _check_settings(
+    connection: Connection,
+    settings: dict[str, str],
+    dim: int,
+    model_fingerprint: str | None,
+    read_only: bool,
+) -> None:
+    stored_dim = int(settings["dim"])
+    if stored_dim != dim:
+        raise DimensionMismatchError(
+            f"the store holds embeddings of dim {stored_dim}, it was opened with dim={dim}; open "
+            f"it with dim={stored_dim} (and the embedding model it was built with)"
+        )
+    stored = settings.get("model_fingerprint")
+    if model_fingerprint is None:
+        return
+    if stored is None:
+        if not read_only:
+            connection.execute(
+                SettingRow.__table__.insert().values(
+                    key="model_fingerprint", value=model_fingerprint
+                )
+            )
+            settings["model_fingerprint"] = model_fingerprint
+    elif stored != model_fingerprint:
+        raise ForeignSlotsError(
+            f"the store holds memory slots of base model {stored!r} but was opened for "
+            f"{model_fingerprint!r}; open it with that model or use a separate store"
+        )

@@ -1,0 +1,172 @@
+"""Plain values that cross the store's boundary: what callers give it and what it hands back.
+
+Callers describe what to store with two frozen dataclasses::
+
+    DocumentRecord(id=None | "doc-key", source="path/or/url", metadata={...}, content_hash="...",
+                   spans=[SpanRecord(position=0, char_start=0, char_end=2048, text="...",
+                                     token_count=512, slots=<icmem.codec blob>,
+                                     embedding=<(dim,) float array>, content_id=None), ...])
+
+A namespace is a tuple ``(tenant, agent, thread)`` of non-empty strings; every document lives in
+exactly one. Document ids are the caller's keys (strings) and are scoped to their namespace, so two
+tenants may both own a document called "readme" without seeing each other. Span ids are integers
+assigned by the store, never reused, and are what search hits and ``get_slots`` speak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidRecordError
+
+__all__ = [
+    "AddedDocument",
+    "DocumentRecord",
+    "Namespace",
+    "SearchHit",
+    "SpanRecord",
+    "SpanSlots",
+    "StoreStats",
+    "content_id_of",
+    "validate_namespace",
+]
+
+Namespace = tuple[str, str, str]
+NAMESPACE_PARTS = ("tenant", "agent", "thread")
+
+
+def content_id_of(text: str) -> str:
+    """The id of a span's content: equal texts share it, so their slots can be reused."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) -> tuple[str, ...]:
+    """Check a namespace tuple; searches and listings may give a (tenant,) or (tenant, agent)
+    prefix."""
+    parts = tuple(namespace) if not isinstance(namespace, str) else None
+    valid_length = parts is not None and (1 <= len(parts) <= 3 if allow_prefix else len(parts) == 3)
+    if not valid_length or not all(isinstance(p, str) and p for p in parts):
+        wanted = "a 1- to 3-tuple prefix of" if allow_prefix else "a tuple"
+        raise InvalidRecordError(
+            f"namespace must be {wanted} (tenant, agent, thread) of non-empty strings, "
+            f"got {namespace!r}"
+        )
+    return parts
+
+
+@dataclass(frozen=True)
+class SpanRecord:
+    """One span of a document with its ICAE memory slots (an icmem.codec blob) and embedding."""
+
+    position: int
+    char_start: int
+    char_end: int
+    text: str
+    token_count: int
+    slots: bytes
+    embedding: np.ndarray
+    content_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.position < 0 or self.token_count < 0:
+            raise InvalidRecordError(
+                f"span position and token_count must be >= 0, got {self.position}, "
+                f"{self.token_count}"
+            )
+        if not 0 <= self.char_start <= self.char_end:
+            raise InvalidRecordError(
+                f"span char offsets must satisfy 0 <= char_start <= char_end, got "
+                f"{self.char_start}..{self.char_end}"
+            )
+        if not isinstance(self.slots, bytes | bytearray | memoryview):
+            raise InvalidRecordError(
+                "span slots must be bytes from icmem.codec.encode_slots (or MemorySlots.to_bytes), "
+                f"got {type(self.slots).__name__}"
+            )
+        if self.content_id is None:
+            object.__setattr__(self, "content_id", content_id_of(self.text))
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    """A document to add: its spans are stored together, in one transaction, or not at all."""
+
+    spans: Sequence[SpanRecord]
+    source: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise InvalidRecordError(
+                f"document id must be a non-empty string or None, got {self.id!r}"
+            )
+        if not isinstance(self.metadata, Mapping) or not all(
+            isinstance(k, str) for k in self.metadata
+        ):
+            raise InvalidRecordError("document metadata must be a mapping with string keys")
+        positions = [s.position for s in self.spans]
+        if len(set(positions)) != len(positions):
+            raise InvalidRecordError(
+                f"document {self.id or self.source!r} has duplicate span positions; each span "
+                "needs its own position"
+            )
+
+
+@dataclass(frozen=True)
+class AddedDocument:
+    """What ``add`` stored for one document: its id (generated when none was given) and span ids."""
+
+    id: str
+    span_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A span found by ``search``, best first; ``score`` is the inner product with the query."""
+
+    span_id: int
+    score: float
+    document_id: str
+    namespace: Namespace
+    position: int
+    char_start: int
+    char_end: int
+    text: str
+    metadata: Mapping[str, Any]
+    source: str
+
+
+@dataclass(frozen=True)
+class SpanSlots:
+    """The stored memory-slot blob of one span, still encoded (decode with icmem.codec)."""
+
+    span_id: int
+    document_id: str
+    position: int
+    blob: bytes
+    codec: str
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counts and sizes of a store (or of one namespace prefix)."""
+
+    namespaces: int
+    documents: int
+    spans: int
+    slot_bytes: int
+    embedding_bytes: int
+    database_bytes: int
+    index_bytes: int
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return self.database_bytes + self.index_bytes
