@@ -116,7 +116,9 @@ def model_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                 continue
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64]
-            digest.update(name.split("base_model.model.")[-1].encode())
+            # Names as the bare model has them, whether or not peft wraps it.
+            bare = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            digest.update(bare.encode())
             digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
