@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, or_, true
+from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, or_, true, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 
 from .errors import InvalidFilterError
 from .schema import DocumentRow
@@ -152,6 +153,9 @@ class _SqliteJson:
 
 class _PostgresJson(_SqliteJson):
     """JSONB operators: containment for equality, a typeof guard before casting to a number."""
+
+    def __init__(self) -> None:
+        self.column = type_coerce(DocumentRow.metadata_, JSONB())
 
     def missing(self, key: str) -> ColumnElement[bool]:
         return not_(self.column.has_key(key))
