@@ -454,13 +454,23 @@ class ICAE(nn.Module):
     def _generate_ids(
         self, embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling
     ) -> Iterator[int]:
-        """Yield sampled token ids, stopping at EOS. The adapter is switched off around each
-        forward call, not across yields, so an interleaved ``compress`` still sees it on."""
+        """Yield sampled token ids, stopping at EOS.
+
+        The decoder state (adapter off, LM-Infinite on when the sequence can outgrow the
+        model's window) is set around each forward call, not across yields, so a paused stream
+        never changes what an interleaved ``compress`` sees.
+        """
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        with self._inference(), self.model.disable_adapter():
-            out = self.model(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
+        long_context = (
+            self.max_positions is not None and embeds.shape[0] + max_new_tokens > self.max_positions
+        )
+        with self._decoder(long_context):
+            cache = _lm_infinite().make_cache(self.model) if long_context else None
+            out = self.model(
+                inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
         cache = out.past_key_values
         for _ in range(max_new_tokens):
             token = _pick(out.logits[0, -1].float(), sampling, generator)
@@ -468,9 +478,19 @@ class ICAE(nn.Module):
                 return
             yield token
             step = torch.tensor([[token]], device=self.device)
-            with self._inference(), self.model.disable_adapter():
+            with self._decoder(long_context):
                 out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
+
+    @contextmanager
+    def _decoder(self, long_context: bool) -> Iterator[None]:
+        """The frozen decoder: no gradients, adapter off, LM-Infinite attention if asked."""
+        with self._inference(), self.model.disable_adapter():
+            if long_context:
+                with _lm_infinite().enabled(self.model):
+                    yield
+            else:
+                yield
 
     def _stream_text(self, token_ids: Iterator[int]) -> Iterator[str]:
         """Turn token ids into text pieces, holding back incomplete UTF-8 characters."""
@@ -498,6 +518,12 @@ class ICAE(nn.Module):
                 yield
         finally:
             self.train(was_training)
+
+
+def _lm_infinite() -> Any:
+    from icmem import lm_infinite
+
+    return lm_infinite
 
 
 def _backbone(causal_lm: nn.Module) -> nn.Module:
