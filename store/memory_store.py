@@ -219,6 +219,11 @@ class MemoryStore:
     def dialect(self) -> str:
         return self._engine.dialect.name
 
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine over the rows, for inspection, backups and connection tuning."""
+        return self._engine
+
     # ------------------------------------------------------------------ writes
 
     def add(
@@ -538,13 +543,13 @@ class MemoryStore:
             if key in keys:
                 raise InvalidRecordError(f"document id {key!r} appears twice in one call")
             keys.add(key)
-            if doc.spans:
-                vectors = self._check_vectors(
-                    [np.asarray(s.embedding, dtype=np.float32).ravel() for s in doc.spans],
-                    f"embedding of document {key!r}",
-                )
-            else:
-                vectors = np.empty((0, self.dim), np.float32)
+            vectors = self._check_vectors(
+                np.stack(
+                    [self._span_vector(s.embedding, key, s.position) for s in doc.spans]
+                    or [np.empty(self.dim, np.float32)]
+                )[: len(doc.spans)],
+                f"embedding of document {key!r}",
+            )
             headers = []
             for span in doc.spans:
                 header = self._check_slots(span.slots, key, span.position)
@@ -558,6 +563,21 @@ class MemoryStore:
                 "serves one model, so encode every span with the same model"
             )
         return prepared, next(iter(fingerprints), None)
+
+    def _span_vector(self, embedding: Any, key: str, position: int) -> np.ndarray:
+        try:
+            vector = np.asarray(embedding, dtype=np.float32).ravel()
+        except (TypeError, ValueError) as exc:
+            raise InvalidRecordError(
+                f"embedding of document {key!r} span {position} is not a numeric array: {exc}"
+            ) from exc
+        if vector.shape != (self.dim,):
+            raise DimensionMismatchError(
+                f"embedding of document {key!r} span {position} has length {vector.size} but "
+                f"this store's embeddings have dim {self.dim}; embed with the store's embedding "
+                "model (or open a store of that dim)"
+            )
+        return vector
 
     def _check_vectors(self, vectors: Any, what: str) -> np.ndarray:
         try:
