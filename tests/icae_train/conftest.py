@@ -1,0 +1,74 @@
+"""Tiny ICAEs and corpora for the training and evaluation tests (milliseconds per step)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model
+
+from icmem.icae.model import ICAE
+
+TINY_ICAE = dict(
+    num_memory_tokens=8,
+    span_tokens=32,
+    min_memory_tokens=2,
+    lora_rank=4,
+    lora_alpha=8,
+    lora_dropout=0.1,  # > 0 so that resuming must restore the dropout RNG too
+)
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "memory",
+    "keeps",
+    "what",
+    "matters",
+    "and",
+    "forgets",
+    "rest",
+    "Paris",
+    "capital",
+    "France",
+    "Berlin",
+    "Germany",
+    "numbers",
+    "names",
+    "places",
+    "Alice",
+    "Bob",
+    "London",
+    "Tokyo",
+]
+
+
+def build_tiny_icae(tokenizer, seed: int = 0, **overrides) -> ICAE:
+    model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256, seed=seed)
+    return ICAE.from_base((model, tokenizer), **{**TINY_ICAE, **overrides})
+
+
+@pytest.fixture
+def make_icae(tokenizer):
+    return lambda **overrides: build_tiny_icae(tokenizer, **overrides)
+
+
+def write_corpus(root: Path, documents: int = 8, words: int = 120, seed: int = 0) -> Path:
+    """A folder of .txt documents of random sentences from a small vocabulary."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        (root / f"doc{i:02d}.txt").write_text(f"Document {i}. {text}.\n")
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus")
