@@ -57,6 +57,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
+from icmem.errors import IcmemError
+
 ATTN_IMPLEMENTATION = "lm_infinite"
 _UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -74,7 +76,7 @@ __all__ = [
 ]
 
 
-class LMInfiniteError(RuntimeError):
+class LMInfiniteError(IcmemError):
     """A model, input or cache that LM-Infinite attention cannot serve; the message says the fix."""
 
 
@@ -117,6 +119,22 @@ class LMInfiniteConfig:
 class _Binding:
     config: LMInfiniteConfig
     rotary: nn.Module
+    # float32 cos/sin of relative positions 0..len-1, shared by all layers, grown on demand.
+    table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def relative_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, 1, n, D) for small non-negative positions, from a cached table."""
+        needed = int(positions.max()) + 1
+        if (
+            self.table is None
+            or self.table[0].shape[-2] < needed
+            or (self.table[0].device != positions.device)
+        ):
+            size = max(needed, self.config.local_window + self.config.query_block + 1)
+            grid = torch.arange(size, device=positions.device)
+            self.table = _cos_sin(self.rotary, grid, torch.float32)
+        cos, sin = self.table
+        return cos[..., positions, :], sin[..., positions, :]
 
 
 # Attention module -> its LM-Infinite settings; set by enable(), cleared by disable().
@@ -171,52 +189,67 @@ def _lambda_attention(
     value: torch.Tensor,  # (B, Hkv, T, D)
     query_positions: torch.Tensor,  # (n,) increasing by one
     key_positions: torch.Tensor,  # (T,) increasing
-    config: LMInfiniteConfig,
-    rotary: nn.Module,
+    binding: _Binding,
     scaling: float,
 ) -> torch.Tensor:
-    """Returns (B, n, H, D)."""
+    """Returns (B, n, H, D).
+
+    Rotations are relative to ``base``, the earliest position any query of this call can see
+    in its window, so angles stay below ``W + n`` however long the sequence has run. Keys older
+    than ``base`` only ever appear as global tokens, rotated at 0 against queries rotated at W.
+    """
+    config = binding.config
     batch, heads, n, dim = query.shape
     kv_heads = key.shape[1]
+    groups = heads // kv_heads
     window = config.local_window
-    compute = torch.float32
-    q = query.float().view(batch, kv_heads, heads // kv_heads, n, dim)  # (B, Hkv, G, n, D)
-    k = key[:, :, None].float()  # (B, Hkv, 1, T, D)
-    v = value[:, :, None]
-    out = torch.empty_like(q, dtype=query.dtype)  # (B, Hkv, G, n, D)
+
+    base = max(int(query_positions[0]) - window, 0)
+    first_local = int(torch.searchsorted(key_positions, base))
+    local_positions = key_positions[first_local:]
+    k = _rotate(key[:, :, first_local:].float(), *binding.relative_cos_sin(local_positions - base))
+    q = _rotate(query.float() * scaling, *binding.relative_cos_sin(query_positions - base))
+    v = value[:, :, first_local:].float()
 
     n_global = int((key_positions < config.global_tokens).sum())
-    if n_global:
+    needs_global = n_global > 0 and int(query_positions[-1]) - window > 0
+    if needs_global:
         zero = key_positions.new_zeros(1)
-        global_k = _rotate(k[..., :n_global, :], *_cos_sin(rotary, zero, compute))
-        capped_cos_sin = _cos_sin(rotary, zero + window, compute)
+        global_k = _rotate(key[:, :, :n_global].float(), *binding.relative_cos_sin(zero))
+        capped_q = _rotate(query.float() * scaling, *binding.relative_cos_sin(zero + window))
+        global_v = value[:, :, :n_global].float()
 
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, m, D) -> (B, Hkv, G·m, D)
+        return x.reshape(batch, kv_heads, groups * x.shape[-2], dim)
+
+    out = torch.empty(batch, heads, n, dim, dtype=value.dtype, device=value.device)
     for start in range(0, n, config.query_block):
         stop = min(n, start + config.query_block)
+        rows = groups * (stop - start)
         q_pos = query_positions[start:stop]
-        lo = int(torch.searchsorted(key_positions, q_pos[0] - window))
-        hi = int(torch.searchsorted(key_positions, q_pos[-1], right=True))
-        base = key_positions[lo]
-        q_block = q[..., start:stop, :]
-
-        local_q = _rotate(q_block, *_cos_sin(rotary, q_pos - base, compute))
-        local_k = _rotate(k[..., lo:hi, :], *_cos_sin(rotary, key_positions[lo:hi] - base, compute))
-        scores = (local_q @ local_k.transpose(-1, -2)) * scaling  # (B, Hkv, G, bq, L)
-        distance = q_pos[:, None] - key_positions[None, lo:hi]
+        lo = int(torch.searchsorted(local_positions, q_pos[0] - window))
+        hi = int(torch.searchsorted(local_positions, q_pos[-1], right=True))
+        shape = (batch, kv_heads, groups, stop - start, -1)
+        # One softmax over both parts, without concatenating them: shared max, shared sum.
+        scores = (grouped(q[:, :, start:stop]) @ k[:, :, lo:hi].transpose(-1, -2)).view(shape)
+        distance = q_pos[:, None] - local_positions[None, lo:hi]
         scores.masked_fill_((distance < 0) | (distance > window), float("-inf"))
-        values = v[..., lo:hi, :]
-
-        if n_global and int(q_pos[-1]) > window:  # some global key lies beyond some query's window
-            capped_q = _rotate(q_block, *capped_cos_sin)
-            global_scores = (capped_q @ global_k.transpose(-1, -2)) * scaling  # (B, Hkv, G, bq, g)
+        peak = scores.amax(dim=-1, keepdim=True)
+        if needs_global:
+            capped = (grouped(capped_q[:, :, start:stop]) @ global_k.transpose(-1, -2)).view(shape)
             beyond = (q_pos[:, None] - key_positions[None, :n_global]) > window
-            global_scores.masked_fill_(~beyond, float("-inf"))
-            scores = torch.cat((global_scores, scores), dim=-1)
-            values = torch.cat((v[..., :n_global, :], values), dim=-2)
-
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out[..., start:stop, :] = probs @ values
-    return out.view(batch, heads, n, dim).transpose(1, 2)
+            capped.masked_fill_(~beyond, float("-inf"))
+            peak = torch.maximum(peak, capped.amax(dim=-1, keepdim=True))
+        weights = scores.sub_(peak).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        block = weights.view(batch, kv_heads, rows, -1) @ v[:, :, lo:hi]
+        if needs_global:
+            capped_weights = capped.sub_(peak).exp_()
+            total += capped_weights.sum(dim=-1, keepdim=True)
+            block += capped_weights.view(batch, kv_heads, rows, -1) @ global_v
+        block = block.view((*shape[:-1], dim)) / total
+        out[:, :, start:stop] = block.view(batch, heads, stop - start, dim).to(out.dtype)
+    return out.transpose(1, 2)
 
 
 def _lm_infinite_attention(
@@ -285,9 +318,7 @@ def _lm_infinite_attention(
 
     query = _unrotate(query, *_cos_sin(rotary, query_positions, query.dtype))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = _lambda_attention(
-        query, key, value, query_positions, key_positions, config, rotary, scale
-    )
+    output = _lambda_attention(query, key, value, query_positions, key_positions, binding, scale)
     return output.contiguous(), None
 
 
