@@ -614,12 +614,19 @@ class MemoryStore:
         return header
 
     def _pin_fingerprint(self, session: Session, fingerprint: str) -> None:
-        stored = session.get(SettingRow, "model_fingerprint")
-        if stored is None:
-            session.add(SettingRow(key="model_fingerprint", value=fingerprint))
-        elif stored.value != fingerprint:
+        # Concurrent first writers may race to pin; the first insert wins, the rest compare.
+        insert = postgres_insert if self.dialect == "postgresql" else sqlite_insert
+        session.execute(
+            insert(SettingRow)
+            .values(key="model_fingerprint", value=fingerprint)
+            .on_conflict_do_nothing()
+        )
+        stored = session.scalar(
+            select(SettingRow.value).where(SettingRow.key == "model_fingerprint")
+        )
+        if stored != fingerprint:
             raise ForeignSlotsError(
-                f"this store serves base model {stored.value!r} (pinned by another process); the "
+                f"this store serves base model {stored!r} (pinned by another process); the "
                 f"slots given come from {fingerprint!r}"
             )
 
