@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 
 from icmem.errors import IcmemError
 
@@ -45,8 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     chunk_cmd.add_argument("--json", action="store_true", help="one JSON object per span")
     chunk_cmd.set_defaults(func=chunk_command)
 
+    ingest_cmd = commands.add_parser("ingest", help="compress files into a memory store")
+    ingest_cmd.add_argument("paths", nargs="+", help="files or directories of UTF-8 text")
+    _store_options(ingest_cmd)
+    ingest_cmd.add_argument("--glob", default="**/*.txt", help="files to take from directories")
+    ingest_cmd.add_argument("--errors", choices=["strict", "replace", "ignore"], default="strict")
+    ingest_cmd.set_defaults(func=ingest_command)
+
+    ask_cmd = commands.add_parser("ask", help="answer a question from a memory store")
+    ask_cmd.add_argument("question")
+    _store_options(ask_cmd)
+    ask_cmd.add_argument("-k", type=int, default=4, help="spans to recall")
+    ask_cmd.add_argument("--max-new-tokens", type=int, default=128)
+    ask_cmd.set_defaults(func=ask_command)
+
     demo_cmd = commands.add_parser("demo", help="run the end-to-end demo on the default model")
-    demo_cmd.add_argument("--model", default=_default_model())
+    demo_cmd.add_argument("--checkpoint", default=None, help="ICAE checkpoint (default: shipped)")
     demo_cmd.set_defaults(func=demo_command)
     return parser
 
@@ -84,28 +99,115 @@ def chunk_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    from icmem.chunking import chunk
-    from icmem.models import load_model
+def ingest_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
 
-    text = resources.files("icmem").joinpath("data/sample.txt").read_text(encoding="utf-8")
-    model, tokenizer = load_model(args.model)
-    spans = chunk(text, tokenizer, span_tokens=128)
-    print(f"sample document: {len(text)} characters -> {len(spans)} spans of <= 128 tokens")
-    prompt = f"Summarise this text in one sentence.\n\n{spans[0].text}"
-    print("summary of span 0:", _chat(model, tokenizer, prompt))
+    files = _collect_files(args.paths, args.glob)
+    with _open_pipeline(args) as pipeline:
+        for path in tqdm(files, desc="ingesting", unit="file", file=sys.stderr):
+            pipeline.ingest_file(path, namespace=args.namespace, errors=args.errors)
+        stats = pipeline.store.stats(args.namespace)
+    print(json.dumps({"files": len(files), **_stats_dict(stats)}))
     return 0
 
 
-def _chat(model, tokenizer, prompt: str, max_new_tokens: int = 60) -> str:
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
+def ask_command(args: argparse.Namespace) -> int:
+    with _open_pipeline(args) as pipeline:
+        answer = pipeline.ask(
+            args.question, namespace=args.namespace, k=args.k, max_new_tokens=args.max_new_tokens
+        )
+    print(answer.text)
+    for hit in answer.hits:
+        print(f"  [{hit.score:.3f}] {hit.document_id} span {hit.position}", file=sys.stderr)
+    return 0
+
+
+DEMO_QUESTIONS = (
+    "Who kept the log at Skerry Point, and for how many years?",
+    "What apple variety did Martha Hollins plant first?",
+)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from icmem.pipeline import MemoryPipeline
+
+    data = resources.files("icmem").joinpath("data")
+    documents = {
+        name: data.joinpath(f"{name}.txt").read_text("utf-8") for name in ("lighthouse", "orchard")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        print("loading the default ICAE, its base model and the retrieval embedder ...")
+        pipeline = MemoryPipeline.open(Path(tmp) / "store", icae=args.checkpoint)
+        with pipeline:
+            started = time.perf_counter()
+            for name, text in documents.items():
+                pipeline.ingest(text, document_id=name, source=f"icmem/data/{name}.txt")
+            stats = pipeline.store.stats()
+            print(
+                f"compressed {len(documents)} documents into {stats.spans} spans in "
+                f"{time.perf_counter() - started:.1f} s; store: {_stats_dict(stats)}"
+            )
+            for question in DEMO_QUESTIONS:
+                answer = pipeline.ask(question, k=2, max_new_tokens=60)
+                sources = ", ".join(f"{h.document_id}#{h.position}" for h in answer.hits)
+                print(f"\nQ: {question}\nA (from memory slots of {sources}): {answer.text}")
+            recalled = pipeline.recall("lighthouse keeper", k=1)
+            text = pipeline.icae.reconstruct(recalled.memory)
+            print(
+                f"\nreconstruction of {recalled.hits[0].document_id} span 0 from "
+                f"{recalled.memory[0].num_slots} slots:\n{text[:400]}"
+            )
+    return 0
+
+
+def _store_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--store", required=True, help="store directory or SQLAlchemy URL")
+    command.add_argument("--index-dir", default=None, help="FAISS files (for a database URL)")
+    command.add_argument("--checkpoint", default=None, help="ICAE checkpoint (default: shipped)")
+    command.add_argument(
+        "--namespace",
+        type=_namespace,
+        default=("default", "default", "default"),
+        help="tenant/agent/thread (default: default/default/default)",
     )
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _namespace(value: str) -> tuple[str, str, str]:
+    parts = tuple(value.split("/"))
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"namespace must be tenant/agent/thread, got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _open_pipeline(args: argparse.Namespace):
+    from icmem.pipeline import MemoryPipeline
+
+    return MemoryPipeline.open(args.store, icae=args.checkpoint, index_dir=args.index_dir)
+
+
+def _collect_files(paths: Sequence[str], pattern: str) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob(pattern) if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise IcmemError(f"{path} does not exist; pass files or directories of text")
+    return files
+
+
+def _stats_dict(stats) -> dict[str, int]:
+    return {
+        "documents": stats.documents,
+        "spans": stats.spans,
+        "slot_bytes": stats.slot_bytes,
+        "bytes_on_disk": stats.bytes_on_disk,
+    }
 
 
 def _default_model() -> str:
