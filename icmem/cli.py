@@ -100,14 +100,11 @@ def chunk_command(args: argparse.Namespace) -> int:
 
 
 def ingest_command(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     files = _collect_files(args.paths, args.glob)
     with _open_pipeline(args) as pipeline:
-        for path in tqdm(files, desc="ingesting", unit="file", file=sys.stderr):
-            pipeline.ingest_file(path, namespace=args.namespace, errors=args.errors)
+        report = pipeline.ingest_files(files, namespace=args.namespace, errors=args.errors)
         stats = pipeline.store.stats(args.namespace)
-    print(json.dumps({"files": len(files), **_stats_dict(stats)}))
+    print(json.dumps({"files": len(files), **report.as_dict(), **_stats_dict(stats)}))
     return 0
 
 

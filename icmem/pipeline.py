@@ -36,6 +36,18 @@ class Recall:
     memory: list[MemorySlots]
 
 
+@dataclass
+class IngestReport:
+    """What a batch ingestion did with each file."""
+
+    ingested: int = 0
+    skipped: int = 0  # already stored with the same content
+    empty: int = 0  # no text to compress
+
+    def as_dict(self) -> dict[str, int]:
+        return {"ingested": self.ingested, "skipped": self.skipped, "empty": self.empty}
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str
@@ -126,6 +138,33 @@ class MemoryPipeline:
         return self._store_document(
             spans, namespace, document_id or str(path), str(path), metadata, digest
         )
+
+    def ingest_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        errors: DecodeErrors = "strict",
+        progress: bool = True,
+    ) -> IngestReport:
+        """Ingest many files, each under its path as id; resumable.
+
+        A file already stored with the same content is skipped, so a batch that was interrupted
+        continues where it stopped and a re-run only compresses what changed.
+        """
+        from tqdm import tqdm
+
+        stored = {doc.id: doc.content_hash for doc in self.store.list_documents(namespace)}
+        report = IngestReport()
+        for path in tqdm(paths, desc="ingesting", unit="file", disable=not progress):
+            text = Path(path).read_bytes().decode("utf-8", errors=errors)
+            if stored.get(str(path)) == _sha256(text):
+                report.skipped += 1
+            elif self.ingest_file(path, namespace=namespace, errors=errors) is None:
+                report.empty += 1
+            else:
+                report.ingested += 1
+        return report
 
     def recall(
         self,

@@ -22,6 +22,7 @@ from .index import IndexPolicy
 from .memory_store import DuplicateDocumentError, MemoryStore, UnknownSpanError
 from .records import (
     AddedDocument,
+    DocumentInfo,
     DocumentRecord,
     Namespace,
     SearchHit,
@@ -34,6 +35,7 @@ from .records import (
 __all__ = [
     "AddedDocument",
     "DimensionMismatchError",
+    "DocumentInfo",
     "DocumentRecord",
     "DuplicateDocumentError",
     "ForeignSlotsError",

@@ -53,6 +53,7 @@ from .filters import compile_filter
 from .index import IndexFiles, IndexPolicy, NamespaceIndex
 from .records import (
     AddedDocument,
+    DocumentInfo,
     DocumentRecord,
     Namespace,
     SearchHit,
@@ -333,19 +334,18 @@ class MemoryStore:
             row = rows.get(span_id)
             if row is None:  # deleted by another process since the index was refreshed
                 continue
-            span, key, metadata, source = row
             hits.append(
                 SearchHit(
                     span_id=span_id,
                     score=float(score),
-                    document_id=key,
-                    namespace=names[span.namespace_id],
-                    position=span.position,
-                    char_start=span.char_start,
-                    char_end=span.char_end,
-                    text=span.text,
-                    metadata=metadata or {},
-                    source=source,
+                    document_id=row.key,
+                    namespace=names[row.namespace_id],
+                    position=row.position,
+                    char_start=row.char_start,
+                    char_end=row.char_end,
+                    text=row.text,
+                    metadata=row.metadata_ or {},
+                    source=row.source,
                 )
             )
         return hits
@@ -392,6 +392,38 @@ class MemoryStore:
             )
             for i in wanted
         ]
+
+    def list_documents(self, namespace: Sequence[str]) -> list[DocumentInfo]:
+        """The documents under a namespace (or prefix) in the order they were first added."""
+        ns = validate_namespace(namespace, allow_prefix=True)
+        span_count = (
+            select(func.count(SpanRow.id))
+            .where(SpanRow.document_id == DocumentRow.id)
+            .scalar_subquery()
+        )
+        with self._read() as session:
+            names = {
+                row.id: (row.tenant, row.agent, row.thread)
+                for row in self._select_namespaces(session, ns)
+            }
+            if not names:
+                return []
+            rows = session.execute(
+                select(DocumentRow, span_count)
+                .where(DocumentRow.namespace_id.in_(list(names)))
+                .order_by(DocumentRow.id)
+            ).all()
+            return [
+                DocumentInfo(
+                    id=doc.key,
+                    namespace=names[doc.namespace_id],
+                    source=doc.source,
+                    metadata=doc.metadata_ or {},
+                    content_hash=doc.content_hash,
+                    span_count=int(count),
+                )
+                for doc, count in rows
+            ]
 
     def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
         """Every namespace written to and not deleted, optionally under a prefix; sorted."""
@@ -481,6 +513,9 @@ class MemoryStore:
 
     async def aget_slots(self, span_ids: Sequence[int], **kwargs: Any) -> list[SpanSlots]:
         return await asyncio.to_thread(functools.partial(self.get_slots, span_ids, **kwargs))
+
+    async def alist_documents(self, namespace: Sequence[str]) -> list[DocumentInfo]:
+        return await asyncio.to_thread(self.list_documents, namespace)
 
     async def alist_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
         return await asyncio.to_thread(self.list_namespaces, prefix)
@@ -755,18 +790,25 @@ class MemoryStore:
 
     def _hit_rows(
         self, session: Session, span_ids: list[int], ns_ids: list[int]
-    ) -> dict[int, tuple[Any, str, dict, str]]:
+    ) -> dict[int, Any]:
         if not span_ids:
             return {}
         statement = (
-            select(SpanRow, DocumentRow.key, DocumentRow.metadata_, DocumentRow.source)
+            select(
+                SpanRow.id,
+                SpanRow.namespace_id,
+                SpanRow.position,
+                SpanRow.char_start,
+                SpanRow.char_end,
+                SpanRow.text,
+                DocumentRow.key,
+                DocumentRow.metadata_,
+                DocumentRow.source,
+            )
             .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
             .where(SpanRow.id.in_(span_ids), SpanRow.namespace_id.in_(ns_ids))
         )
-        return {
-            span.id: (span, key, meta, source)
-            for span, key, meta, source in session.execute(statement)
-        }
+        return {row.id: row for row in session.execute(statement)}
 
     def _fresh_shard(self, session: Session, ns_id: int, generation: int) -> NamespaceIndex:
         """The namespace's index, loaded, caught up or rebuilt until it reflects ``generation``."""

@@ -26,6 +26,7 @@ from .errors import InvalidRecordError
 
 __all__ = [
     "AddedDocument",
+    "DocumentInfo",
     "DocumentRecord",
     "Namespace",
     "SearchHit",
@@ -68,7 +69,7 @@ class SpanRecord:
     char_end: int
     text: str
     token_count: int
-    slots: bytes
+    slots: bytes | None  # None stores a span for retrieval only, with no memory slots
     embedding: np.ndarray
     content_id: str | None = None
 
@@ -83,7 +84,7 @@ class SpanRecord:
                 f"span char offsets must satisfy 0 <= char_start <= char_end, got "
                 f"{self.char_start}..{self.char_end}"
             )
-        if not isinstance(self.slots, bytes | bytearray | memoryview):
+        if self.slots is not None and not isinstance(self.slots, bytes | bytearray | memoryview):
             raise InvalidRecordError(
                 "span slots must be bytes from icmem.codec.encode_slots (or MemorySlots.to_bytes), "
                 f"got {type(self.slots).__name__}"
@@ -125,6 +126,18 @@ class AddedDocument:
 
     id: str
     span_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    """A stored document without its spans: enough to list, resume or skip it."""
+
+    id: str
+    namespace: Namespace
+    source: str
+    metadata: Mapping[str, Any]
+    content_hash: str
+    span_count: int
 
 
 @dataclass(frozen=True)

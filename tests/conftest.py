@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_embedder, tiny_icae, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -31,3 +31,18 @@ def smollm2():
     import icmem
 
     return icmem.load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def pipeline(tmp_path, tokenizer):
+    """A MemoryPipeline over a fresh store with an untrained tiny ICAE and a tiny embedder."""
+    from icmem.store import MemoryStore
+
+    from icmem.pipeline import MemoryPipeline
+
+    icae, embedder = tiny_icae(tokenizer), tiny_embedder(tokenizer)
+    store = MemoryStore.open(
+        tmp_path / "store", dim=embedder.dim, model_fingerprint=icae.fingerprint
+    )
+    with MemoryPipeline(icae, store, embedder, codec="fp32") as opened:
+        yield opened

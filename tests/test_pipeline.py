@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from icmem.store import MemoryStore
-from tiny_models import tiny_model
-from transformers import BertConfig, BertModel
 
 from icmem.embedding import TextEmbedder
 from icmem.icae import ICAE
@@ -22,40 +22,13 @@ NS = ("tenant", "agent", "thread")
 
 
 @pytest.fixture
-def embedder(tokenizer) -> TextEmbedder:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    return TextEmbedder(BertModel(config), tokenizer)
+def icae(pipeline) -> ICAE:
+    return pipeline.icae
 
 
 @pytest.fixture
-def icae(tokenizer) -> ICAE:
-    model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256)
-    return ICAE.from_base(
-        (model, tokenizer),
-        num_memory_tokens=8,
-        span_tokens=32,
-        min_memory_tokens=2,
-        lora_rank=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-    ).eval()
-
-
-@pytest.fixture
-def pipeline(tmp_path, icae, embedder):
-    store = MemoryStore.open(
-        tmp_path / "store", dim=embedder.dim, model_fingerprint=icae.fingerprint
-    )
-    with MemoryPipeline(icae, store, embedder, codec="fp32") as opened:
-        yield opened
+def embedder(pipeline) -> TextEmbedder:
+    return pipeline.embedder
 
 
 def ingest_all(pipeline, namespace=NS):
@@ -152,3 +125,21 @@ def test_file_ingestion_matches_text_ingestion(pipeline, tmp_path):
     assert from_file.id == str(path)
     from_text = pipeline.ingest(DOCS["names"], namespace=NS, document_id="t")
     assert len(from_file.span_ids) == len(from_text.span_ids)
+
+
+def test_batch_ingestion_resumes_and_skips_unchanged_files(pipeline, tmp_path):
+    paths = []
+    for key, text in DOCS.items():
+        path = tmp_path / f"{key}.txt"
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    (tmp_path / "blank.txt").write_text("  \n", encoding="utf-8")
+    first = pipeline.ingest_files(paths[:2], namespace=NS, progress=False)
+    assert first.as_dict() == {"ingested": 2, "skipped": 0, "empty": 0}
+    paths[0].write_text("changed text " * 10, encoding="utf-8")
+    second = pipeline.ingest_files([*paths, tmp_path / "blank.txt"], namespace=NS, progress=False)
+    assert second.as_dict() == {"ingested": 2, "skipped": 1, "empty": 1}
+    documents = pipeline.store.list_documents(NS)
+    assert [d.id for d in documents] == [str(p) for p in paths]
+    assert documents[0].content_hash == hashlib.sha256(b"changed text " * 10).hexdigest()
+    assert all(d.span_count >= 1 for d in documents)

@@ -88,3 +88,36 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, **config_kwargs) -> torch.
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
     return model.float().eval()
+
+
+def tiny_icae(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0):
+    """An untrained ICAE on a tiny Llama: 32-token spans into at most 8 slots."""
+    from icmem.icae import ICAE
+
+    model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256, seed=seed)
+    return ICAE.from_base(
+        (model, tokenizer),
+        num_memory_tokens=8,
+        span_tokens=32,
+        min_memory_tokens=2,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+    ).eval()
+
+
+def tiny_embedder(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0):
+    """A one-layer random BERT behind the real TextEmbedder (32 dimensions)."""
+    from transformers import BertConfig, BertModel
+
+    from icmem.embedding import TextEmbedder
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    return TextEmbedder(BertModel(config), tokenizer)
