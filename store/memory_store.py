@@ -788,9 +788,7 @@ class MemoryStore:
             statement = statement.where(column == part)
         return list(session.execute(statement))
 
-    def _hit_rows(
-        self, session: Session, span_ids: list[int], ns_ids: list[int]
-    ) -> dict[int, Any]:
+    def _hit_rows(self, session: Session, span_ids: list[int], ns_ids: list[int]) -> dict[int, Any]:
         if not span_ids:
             return {}
         statement = (

@@ -1,0 +1,251 @@
+"""Memory-store benchmark: add throughput, search latency, slot fetches and bytes on disk.
+
+Synthetic but embedding-shaped data: unit vectors of dim 384 drawn around 1,000 centres, each span
+carrying a 128x576 bf16 slot blob (the ICAE's size for SmolLM2). The baseline, measured in the same
+run on the same vectors, is LangChain's community FAISS vector store (flat inner product,
+in-memory docstore); it keeps no slots and writes nothing to disk, so its add rate is an upper
+bound for an index-only store. Prints one JSON object and writes it to
+benchmarks/results/store_bench.json.
+
+    .venv/bin/python benchmarks/store_bench.py                       # 10k and 100k spans
+    .venv/bin/python benchmarks/store_bench.py --sizes 10000,100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from icmem.store import DocumentRecord, MemoryStore, SpanRecord
+
+from icmem.codec import CODECS, encode_slots
+
+FINGERPRINT = "store-bench-model"
+SPANS_PER_DOCUMENT = 8
+
+
+def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    centres = np.random.default_rng(0).standard_normal((1_000, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    points = centres[rng.integers(0, 1_000, n)] + 0.5 * rng.standard_normal((n, dim), np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def slot_pool(codec: str, shape: tuple[int, int], size: int = 32) -> list[bytes]:
+    rng = np.random.default_rng(1)
+    return [
+        encode_slots(rng.standard_normal(shape, np.float32), codec=codec, fingerprint=FINGERPRINT)
+        for _ in range(size)
+    ]
+
+
+def documents(vectors: np.ndarray, start: int, count: int, pool: list[bytes] | None):
+    out = []
+    for doc in range(start // SPANS_PER_DOCUMENT, (start + count) // SPANS_PER_DOCUMENT):
+        spans = []
+        for p in range(SPANS_PER_DOCUMENT):
+            i = doc * SPANS_PER_DOCUMENT + p
+            spans.append(
+                SpanRecord(
+                    position=p,
+                    char_start=2_000 * p,
+                    char_end=2_000 * p + 1_999,
+                    text=f"document {doc} span {p}",
+                    token_count=512,
+                    slots=pool[i % len(pool)] if pool else None,
+                    embedding=vectors[i],
+                )
+            )
+        out.append(
+            DocumentRecord(id=f"doc-{doc}", source="bench", metadata={"doc": doc}, spans=spans)
+        )
+    return out
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+    }
+
+
+def bench_memory_store(
+    directory: Path, vectors: np.ndarray, queries: np.ndarray, pool, batch: int, k: int
+) -> dict:
+    n, dim = vectors.shape
+    ns = ("bench", "agent", "thread")
+    with MemoryStore.open(directory, dim=dim, model_fingerprint=FINGERPRINT) as store:
+        started = time.perf_counter()
+        for start in range(0, n, batch):
+            store.add(documents(vectors, start, min(batch, n - start), pool), namespace=ns)
+        add_s = time.perf_counter() - started
+        started = time.perf_counter()
+        store.save_index()
+        save_s = time.perf_counter() - started
+        for q in queries[:10]:
+            store.search(q, k, namespace=ns)
+        search_s, found = [], []
+        for q in queries:
+            started = time.perf_counter()
+            hits = store.search(q, k, namespace=ns)
+            search_s.append(time.perf_counter() - started)
+            found.append([h.span_id for h in hits])
+        span_ids = store.span_ids(ns)
+        kind = store._shards[next(iter(store._shards))].kind
+        result = {
+            "add_spans_per_s": round(n / add_s, 1),
+            "add_s": round(add_s, 2),
+            "index_save_s": round(save_s, 2),
+            "index_kind": kind,
+            "search": percentiles(search_s),
+            "recall_at_k": recall(found, span_ids, vectors, queries, k),
+        }
+        if pool:
+            rng = np.random.default_rng(2)
+            fetch_s = []
+            for _ in range(100):
+                chosen = rng.choice(span_ids, 8, replace=False).tolist()
+                started = time.perf_counter()
+                store.get_slots(chosen)
+                fetch_s.append(time.perf_counter() - started)
+            result["get_slots_8"] = percentiles(fetch_s)
+        stats = store.stats()
+    result["bytes_on_disk_per_span"] = round(stats.bytes_on_disk / n, 1)
+    return result
+
+
+def recall(found, span_ids, vectors, queries, k) -> float:
+    """Share of the exact top-k (brute force over every vector) that the store returned."""
+    exact = np.argsort(-(vectors @ queries.T), axis=0)[:k].T  # (queries, k) row numbers
+    ordered_ids = np.sort(span_ids)  # span ids were assigned in insertion (row) order
+    hits = [
+        len(set(f) & set(ordered_ids[e].tolist())) / k for f, e in zip(found, exact, strict=True)
+    ]
+    return round(float(np.mean(hits)), 4)
+
+
+def bench_langchain_faiss(vectors: np.ndarray, queries: np.ndarray, batch: int, k: int) -> dict:
+    import faiss
+    from langchain_community.docstore.in_memory import InMemoryDocstore
+    from langchain_community.vectorstores import FAISS
+    from langchain_community.vectorstores.utils import DistanceStrategy
+
+    n, dim = vectors.shape
+    store = FAISS(
+        embedding_function=lambda text: [0.0] * dim,
+        index=faiss.IndexFlatIP(dim),
+        docstore=InMemoryDocstore(),
+        index_to_docstore_id={},
+        distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT,
+    )
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        rows = range(start, min(start + batch, n))
+        store.add_embeddings(
+            [
+                (f"document {i // SPANS_PER_DOCUMENT} span {i % SPANS_PER_DOCUMENT}", vectors[i])
+                for i in rows
+            ],
+            metadatas=[{"doc": i // SPANS_PER_DOCUMENT} for i in rows],
+        )
+    add_s = time.perf_counter() - started
+    for q in queries[:10]:
+        store.similarity_search_with_score_by_vector(q.tolist(), k=k)
+    search_s = []
+    for q in queries:
+        started = time.perf_counter()
+        store.similarity_search_with_score_by_vector(q.tolist(), k=k)
+        search_s.append(time.perf_counter() - started)
+    return {
+        "add_spans_per_s": round(n / add_s, 1),
+        "add_s": round(add_s, 2),
+        "search": percentiles(search_s),
+    }
+
+
+def bytes_per_codec(work: Path, dim: int, shape: tuple[int, int], spans: int) -> dict:
+    vectors = clustered_vectors(spans, dim, seed=3)
+    out = {}
+    for codec in CODECS:
+        directory = work / f"codec-{codec}"
+        pool = slot_pool(codec, shape, size=8)
+        with MemoryStore.open(directory, dim=dim, model_fingerprint=FINGERPRINT) as store:
+            store.add(documents(vectors, 0, spans, pool), namespace=("bench", "codec", codec))
+            store.save_index()
+            stats = store.stats()
+        out[codec] = {
+            "slot_bytes_per_span": round(stats.slot_bytes / spans, 1),
+            "bytes_on_disk_per_span": round(stats.bytes_on_disk / spans, 1),
+        }
+        shutil.rmtree(directory)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--slot-shape", default="128x576")
+    parser.add_argument(
+        "--slots-up-to", type=int, default=100_000, help="omit slots above this size"
+    )
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1_024, help="spans per add call")
+    parser.add_argument("--codec-spans", type=int, default=1_024)
+    parser.add_argument("--workdir", default=None, help="where stores are written (a temp dir)")
+    parser.add_argument("--out", default="benchmarks/results/store_bench.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    shape = tuple(int(x) for x in args.slot_shape.split("x"))
+    work = Path(tempfile.mkdtemp(prefix="icmem-store-bench-", dir=args.workdir))
+    result = {
+        "benchmark": "store",
+        "dim": args.dim,
+        "slot_shape": list(shape),
+        "k": args.k,
+        "sizes": {},
+    }
+    try:
+        pool = slot_pool("bf16", shape)
+        for n in (int(s) for s in args.sizes.split(",")):
+            n -= n % SPANS_PER_DOCUMENT
+            vectors = clustered_vectors(n, args.dim, seed=0)
+            queries = clustered_vectors(args.queries, args.dim, seed=1)
+            ours = bench_memory_store(
+                work / f"store-{n}",
+                vectors,
+                queries,
+                pool if n <= args.slots_up_to else None,
+                args.batch,
+                args.k,
+            )
+            shutil.rmtree(work / f"store-{n}")
+            baseline = bench_langchain_faiss(vectors, queries, args.batch, args.k)
+            result["sizes"][str(n)] = {
+                "slots": n <= args.slots_up_to,
+                "icmem_store": ours,
+                "langchain_faiss": baseline,
+                "search_p50_ratio": round(
+                    ours["search"]["p50_ms"] / baseline["search"]["p50_ms"], 3
+                ),
+                "add_rate_ratio": round(ours["add_spans_per_s"] / baseline["add_spans_per_s"], 3),
+            }
+        result["bytes_per_codec"] = bytes_per_codec(work, args.dim, shape, args.codec_spans)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
