@@ -68,6 +68,16 @@ def _settings(model: Any, lm_infinite: bool, global_tokens: int, local_window: i
     return {"mode": "lm_infinite", "global_tokens": global_tokens, "local_window": window}
 
 
+def _leading_tokens(tokenizer: Any, text: str, tokens: int) -> Any:
+    """The first ``tokens`` token ids of ``text`` as (1, n), without tokenizing a whole book."""
+    chars = 8 * tokens
+    while True:
+        ids = tokenizer(text[:chars], return_tensors="pt", add_special_tokens=False).input_ids
+        if ids.shape[1] > tokens or chars >= len(text):
+            return ids[:, :tokens]
+        chars *= 2
+
+
 def perplexity_by_bucket(
     model: Any,
     tokenizer: Any,
@@ -94,7 +104,7 @@ def perplexity_by_bucket(
         raise EvaluationError(
             f"need tokens >= 2, bucket >= 1 and chunk >= 1 (got {tokens}, {bucket}, {chunk})"
         )
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :tokens]
+    ids = _leading_tokens(tokenizer, text, tokens)
     if ids.shape[1] < tokens:
         raise EvaluationError(
             f"the text has only {ids.shape[1]} tokens but {tokens} were asked for; pass a "

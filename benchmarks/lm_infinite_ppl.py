@@ -1,0 +1,69 @@
+"""Perplexity per 2k-token bucket, vanilla against LM-Infinite, on Gutenberg plays.
+
+    nice -n 10 .venv/bin/python benchmarks/lm_infinite_ppl.py --tokens 32768
+
+Prints one JSON object (also written to benchmarks/results/lm_infinite_ppl.json, updated after
+each mode). Target: every LM-Infinite bucket past 8k within 10% of the mean of its buckets below
+8k, while vanilla explodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from lm_infinite_common import gutenberg_plays, write_result
+
+from icmem import load_model
+from icmem.evals.long_context import perplexity_by_bucket
+
+
+def summarise(lm_infinite: dict, vanilla: dict | None, split: int) -> dict:
+    below = [b["ppl"] for b in lm_infinite["buckets"] if b["end"] <= split]
+    above = [b for b in lm_infinite["buckets"] if b["start"] >= split]
+    mean_below = statistics.fmean(below) if below else None
+    summary = {"lm_infinite_mean_below": mean_below, "split": split}
+    if mean_below and above:
+        worst = max(abs(b["ppl"] / mean_below - 1) for b in above)
+        summary["lm_infinite_worst_deviation_above"] = worst
+        summary["target_met"] = worst <= 0.10
+    if vanilla is not None:
+        summary["vanilla_over_lm_infinite"] = [
+            v["ppl"] / o["ppl"]
+            for v, o in zip(vanilla["buckets"], lm_infinite["buckets"], strict=True)
+        ]
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--bucket", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--split", type=int, default=8192, help="pretraining length to compare")
+    parser.add_argument("--modes", default="lm_infinite,vanilla")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model)
+    text = gutenberg_plays()
+    result: dict = {"benchmark": "lm_infinite_ppl", "model": args.model, "tokens": args.tokens}
+    for mode in args.modes.split(","):
+        result[mode] = perplexity_by_bucket(
+            model,
+            tokenizer,
+            text,
+            tokens=args.tokens,
+            bucket=args.bucket,
+            chunk=args.chunk,
+            lm_infinite=mode == "lm_infinite",
+        )
+        if "lm_infinite" in result:
+            result["summary"] = summarise(result["lm_infinite"], result.get("vanilla"), args.split)
+        write_result("lm_infinite_ppl", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
