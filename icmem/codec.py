@@ -43,6 +43,8 @@ from typing import Literal
 
 import numpy as np
 
+from icmem.errors import IcmemError
+
 __all__ = [
     "CODECS",
     "FORMAT_VERSION",
@@ -69,7 +71,7 @@ _CRC_OFFSET = 4 + 1 + 1 + 2 + 4 + 4 + 8
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-class SlotCodecError(ValueError):
+class SlotCodecError(IcmemError, ValueError):
     """Memory-slot bytes could not be encoded or decoded."""
 
 

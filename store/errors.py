@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from icmem.errors import IcmemError
+
 __all__ = [
     "DimensionMismatchError",
     "ForeignSlotsError",
@@ -17,7 +19,7 @@ __all__ = [
 ]
 
 
-class StoreError(Exception):
+class StoreError(IcmemError):
     """Base class of every error the memory store raises on purpose."""
 
 

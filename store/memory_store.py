@@ -478,6 +478,24 @@ class MemoryStore:
                     self._files.save(_shard_name(ns_id), shard)
                 self._dirty.discard(ns_id)
 
+    def rebuild_index(self) -> int:
+        """Rebuild every namespace's index from the rows and save it; returns the span count.
+
+        Never needed for correctness (stale or damaged indexes are repaired on use); useful after
+        restoring a database backup without its index directory, or to retrain IVF lists."""
+        with self._read() as session, self._lock:
+            for ns_id in list(self._shards):
+                self._files.remove(_shard_name(ns_id))
+            self._shards.clear()
+            self._dirty.clear()
+            total = 0
+            for row in self._select_namespaces(session, ()):
+                self._files.remove(_shard_name(row.id))
+                total += self._fresh_shard(session, row.id, row.generation).ntotal
+        if not self.read_only:
+            self.save_index()
+        return total
+
     def index_ids(self, namespace: Sequence[str]) -> np.ndarray:
         """The span ids the (refreshed) FAISS index of a namespace holds; sorted."""
         ns = validate_namespace(namespace)

@@ -231,3 +231,15 @@ def test_async_variants(store: MemoryStore) -> None:
     added, hits, slots, namespaces, stats, deleted = asyncio.run(scenario())
     assert hits[0].span_id == added[0].span_ids[0] == slots[0].span_id
     assert (namespaces, stats.documents, deleted) == ([NS], 2, 1)
+
+
+def test_list_documents_in_insertion_order(store: MemoryStore) -> None:
+    store.add([make_document("b", 2, metadata={"n": 1}), make_document("a", 3)], namespace=NS)
+    store.add([make_document("c", 1)], namespace=("acme", "other", "t"))
+    store.upsert([make_document("b", 1, seed=5)], namespace=NS)
+    documents = store.list_documents(NS)
+    assert [(d.id, d.span_count, d.namespace) for d in documents] == [("b", 1, NS), ("a", 3, NS)]
+    assert (documents[0].source, documents[0].content_hash) == ("file://b", "hash-b-5")
+    assert documents[0].metadata == {}
+    assert [d.id for d in store.list_documents(("acme",))] == ["b", "a", "c"]
+    assert store.list_documents(("nobody",)) == []
