@@ -31,6 +31,7 @@ class ChatICAE(BaseChatModel):
     max_tokens: int = Field(default=256, gt=0)
     temperature: float | None = None
     stop: list[str] | None = None
+    streaming: bool = False  # when True, invoke() streams through callbacks as tokens arrive
     timeout: float | None = None  # accepted for API parity; generation is local
     max_retries: int = 0  # accepted for API parity; generation is local
 

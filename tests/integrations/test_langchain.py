@@ -1,0 +1,142 @@
+"""LangChain classes: the standard suites from langchain-tests plus behaviour of our own."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import pytest
+from icmem.integrations.langchain import ChatICAE, ICAEMemory, ICAERetriever
+from icmem.integrations.langchain.chat_model import _until_stop
+from icmem.store import MemoryStore
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_tests.integration_tests import RetrieversIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+from tiny_models import tiny_embedder, tiny_icae, tiny_tokenizer
+
+from icmem.pipeline import MemoryPipeline
+
+NS = ("tenant", "agent", "thread")
+DOCS = {
+    "fox": "The quick brown fox jumps over the lazy dog. " * 6,
+    "paris": "Paris is the capital of France; Berlin is the capital of Germany. " * 5,
+}
+
+
+@functools.cache
+def shared_pipeline() -> MemoryPipeline:
+    """One tiny pipeline with two documents, for the standard suites (which build many models)."""
+    tokenizer = tiny_tokenizer()
+    icae, embedder = tiny_icae(tokenizer), tiny_embedder(tokenizer)
+    directory = Path(tempfile.mkdtemp(prefix="icmem-langchain-"))
+    store = MemoryStore.open(directory, dim=embedder.dim, model_fingerprint=icae.fingerprint)
+    pipeline = MemoryPipeline(icae, store, embedder)
+    for key, text in DOCS.items():
+        pipeline.ingest(text, namespace=NS, document_id=key)
+    return pipeline
+
+
+class TestChatICAEStandard(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatICAE]:
+        return ChatICAE
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"pipeline": shared_pipeline(), "namespace": NS, "k": 2}
+
+    @property
+    def standard_chat_model_params(self) -> dict:
+        params = dict(super().standard_chat_model_params)
+        params.pop("api_key")  # a local model has no API key to accept
+        return params
+
+
+class TestICAERetrieverStandard(RetrieversIntegrationTests):
+    @property
+    def retriever_constructor(self) -> type[ICAERetriever]:
+        return ICAERetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"pipeline": shared_pipeline(), "namespace": NS}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return "capital of France"
+
+
+def test_chat_answer_equals_decoding_from_recalled_slots():
+    pipeline = shared_pipeline()
+    chat = ChatICAE(pipeline=pipeline, namespace=NS, k=2, max_tokens=6)
+    question = "What is the capital of France?"
+    message = chat.invoke([SystemMessage("be brief"), HumanMessage(question)])
+    recalled = pipeline.recall(question, namespace=NS, k=2)
+    assert message.content == pipeline.icae.generate(recalled.memory, question, max_new_tokens=6)
+    sources = message.response_metadata["sources"]
+    assert [s["span_id"] for s in sources] == [h.span_id for h in recalled.hits]
+    streamed = "".join(chunk.content for chunk in chat.stream(question))
+    assert streamed == message.content
+
+
+def test_chat_model_is_not_serialisable():
+    """The standard suite skips its serdes test for such models; say so explicitly here: a
+    chat model holding a live pipeline (models and an open store) cannot be serialised."""
+    chat = ChatICAE(pipeline=shared_pipeline(), namespace=NS)
+    assert not chat.is_lc_serializable()
+
+
+def test_chat_needs_a_human_message():
+    chat = ChatICAE(pipeline=shared_pipeline(), namespace=NS)
+    with pytest.raises(ValueError, match="human message"):
+        chat.invoke([SystemMessage("no question here")])
+
+
+def test_unknown_constructor_argument_is_refused():
+    with pytest.raises(ValueError, match="extra"):
+        ChatICAE(pipeline=shared_pipeline(), no_such_option=1)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "expected"),
+    [
+        (["hello ", "wor", "ld"], ["wor"], "hello "),
+        (["ab", "cSTO", "P tail"], ["STOP"], "abc"),
+        (["no stop ", "here"], ["zzz"], "no stop here"),
+        (["ST", "ART"], ["STOP"], "START"),
+    ],
+)
+def test_stop_strings_cut_the_stream(pieces, stops, expected):
+    assert "".join(_until_stop(iter(pieces), stops, None)) == expected
+
+
+def test_retriever_documents_carry_their_origin():
+    retriever = ICAERetriever(pipeline=shared_pipeline(), namespace=NS, k=3)
+    documents = retriever.invoke("capital of France")
+    assert len(documents) == 3
+    for doc in documents:
+        assert doc.metadata["document_id"] in DOCS
+        assert doc.page_content in DOCS[doc.metadata["document_id"]]
+
+
+def test_memory_survives_a_restart(pipeline, tmp_path):
+    history = ICAEMemory(pipeline, NS)
+    history.add_messages([HumanMessage("my name is Ada"), AIMessage("hello Ada")])
+    history.add_message(HumanMessage("what is my name?"))
+    pipeline.close()
+
+    reopened_store = MemoryStore.open(tmp_path / "store", dim=pipeline.embedder.dim)
+    reopened = MemoryPipeline(pipeline.icae, reopened_store, pipeline.embedder)
+    restored = ICAEMemory(reopened, NS)
+    assert [(m.type, m.content) for m in restored.messages] == [
+        ("human", "my name is Ada"),
+        ("ai", "hello Ada"),
+        ("human", "what is my name?"),
+    ]
+    hits = reopened.recall("my name is Ada", namespace=NS, k=3).hits
+    assert {h.document_id for h in hits} == {d.id for d in reopened.store.list_documents(NS)}
+    assert ICAEMemory(reopened, ("tenant", "agent", "other")).messages == []
+    restored.clear()
+    assert restored.messages == []
+    reopened.close()
