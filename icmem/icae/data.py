@@ -530,6 +530,48 @@ def distill_triples(
     return triples
 
 
+def build_instruction_data(
+    corpus: str | Path,
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    retention: int = 2000,
+    distill_model: PreTrainedModel | None = None,
+    distill: int = 0,
+    context_tokens: int = 384,
+    held_out_fraction: float = 0.05,
+    split_seed: int = 0,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Write `train.jsonl` and `held_out.jsonl` of PwC-style triples built from a corpus.
+
+    The split is the pretraining split (same fraction and seed give the same documents), so
+    neither stage ever trains on a held-out document. Retention tasks are cheap; distillation
+    (`distill` contexts answered by `distill_model` reading the raw text) costs one greedy
+    generation each. Held-out triples get a tenth of each count (at least one).
+    """
+    split = split_by_document(read_corpus(corpus), held_out_fraction, split_seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, docs, scale in (("train", split.train, 1.0), ("held_out", split.held_out, 0.1)):
+        ids = tokenize_documents(docs, tokenizer)
+        triples = retention_triples(
+            ids, tokenizer, max(1, int(retention * scale)), context_tokens=context_tokens, seed=seed
+        )
+        if distill_model is not None and distill > 0:
+            rng = random.Random(seed + 1)
+            usable = [d for d in ids if len(d) >= context_tokens]
+            contexts = []
+            for _ in range(max(1, int(distill * scale))):
+                doc = rng.choice(usable)
+                start = rng.randrange(len(doc) - context_tokens + 1)
+                contexts.append(tokenizer.decode(doc[start : start + context_tokens]))
+            triples += distill_triples(distill_model, tokenizer, contexts, seed=seed)
+        counts[name] = write_pwc_jsonl(out / f"{name}.jsonl", triples)
+    return counts
+
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -248,14 +248,15 @@ def train(
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    out = Path(config.output_dir)
-    checkpoint = _prepare_output_dir(out, config, resume)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=config.cpu,
         # task embeddings unused by a batch ([FT] in pretraining) get no gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    out = Path(config.output_dir)
+    checkpoint = _prepare_output_dir(out, config, resume, write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every process
     icae = (icae_factory or _build_icae)(config)
@@ -279,9 +280,10 @@ def train(
     )
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, icae, optimizer, schedule, rank)
+        state = _load_checkpoint(checkpoint, icae, optimizer, schedule)
         start_step, tokens_seen, elapsed_before = state
-        _truncate_metrics(out / "metrics.jsonl", start_step)
+        if accelerator.is_main_process:
+            _truncate_metrics(out / "metrics.jsonl", start_step)
     if checkpoint is None:
         torch.manual_seed(config.seed + 1000 * rank)  # LoRA dropout differs per process
     else:
@@ -354,11 +356,7 @@ def train(
                 and time.monotonic() - last_save >= 60 * config.checkpoint_every_minutes
             )
             stopping = _agree(accelerator, stop.requested)
-            if (
-                _agree(accelerator, bool(by_steps or by_time))
-                or stopping
-                or done == last_step
-            ):
+            if _agree(accelerator, bool(by_steps or by_time)) or stopping or done == last_step:
                 _save_checkpoint(
                     accelerator,
                     config,
@@ -506,8 +504,9 @@ class _HeldOutEval:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _prepare_output_dir(out: Path, config: TrainConfig, resume: bool) -> Path | None:
-    """Check the run directory and return the checkpoint to resume from, if any."""
+def _prepare_output_dir(out: Path, config: TrainConfig, resume: bool, write: bool) -> Path | None:
+    """Check the run directory and return the checkpoint to resume from, if any; `write`
+    (the main process only) records the config and starts the metrics log."""
     latest = latest_checkpoint(out)
     if resume:
         if latest is None:
@@ -523,15 +522,17 @@ def _prepare_output_dir(out: Path, config: TrainConfig, resume: bool) -> Path | 
                 f"the config differs from the run's config.json in {sorted(changed)}; an exact "
                 f"resume needs the same settings (only {sorted(_RESUMABLE_CHANGES)} may change)"
             )
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if write:
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         return latest
     if latest is not None:
         raise ResumeError(
             f"{out} already holds checkpoints; pass --resume to continue, or a new output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (out / "metrics.jsonl").write_text("")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (out / "metrics.jsonl").write_text("")
     return None
 
 
@@ -608,7 +609,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    checkpoint: Path, icae: ICAE, optimizer: Any, schedule: Any, rank: int
+    checkpoint: Path, icae: ICAE, optimizer: Any, schedule: Any
 ) -> tuple[int, int, float]:
     import torch
 
@@ -753,19 +754,60 @@ class _StopFlag:
 
 
 def register_cli(subparsers: Any) -> None:
-    """Add `train pretrain|finetune --config FILE [--resume]` to an argparse subparsers."""
-    train_parser = subparsers.add_parser("train", help="train an ICAE (pretrain or finetune)")
+    """Add `train pretrain|finetune|corpus|instructions` to an argparse subparsers."""
+    train_parser = subparsers.add_parser("train", help="train an ICAE and build its data")
     stages = train_parser.add_subparsers(dest="stage", required=True)
     for stage, entry in (("pretrain", pretrain), ("finetune", finetune)):
         p = stages.add_parser(stage, help=f"{stage} an ICAE from a JSON config")
         p.add_argument("--config", required=True, help="JSON TrainConfig (see configs/)")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.add_argument("--until-step", type=int, default=None, help="stop (checkpointed) here")
         p.set_defaults(func=_cli_runner(entry))
+    p = stages.add_parser("corpus", help="write a pretraining corpus from text on this machine")
+    p.add_argument("--out", required=True, help="folder to write .txt documents into")
+    p.add_argument("--man-pages", type=int, default=300, help="rendered man pages to include")
+    p.set_defaults(func=_corpus_command)
+    p = stages.add_parser("instructions", help="write PwC-style fine-tuning triples")
+    p.add_argument("--corpus", required=True, help="corpus folder (as for pretraining)")
+    p.add_argument("--out", required=True, help="folder for train.jsonl and held_out.jsonl")
+    p.add_argument("--base-model", default="smollm2-135m-instruct")
+    p.add_argument("--retention", type=int, default=2000, help="templated retention triples")
+    p.add_argument("--distill", type=int, default=0, help="context-distilled triples")
+    p.add_argument("--held-out-fraction", type=float, default=0.05, help="as in pretraining")
+    p.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
+    p.set_defaults(func=_instructions_command)
+
+
+def _corpus_command(args: argparse.Namespace) -> int:
+    from icmem.icae.data import build_local_corpus
+
+    written = build_local_corpus(args.out, man_pages=args.man_pages)
+    print(json.dumps({"out": args.out, "documents": len(written)}))
+    return 0
+
+
+def _instructions_command(args: argparse.Namespace) -> int:
+    from icmem.icae.data import build_instruction_data
+    from icmem.models import load_model
+
+    model, tokenizer = load_model(args.base_model)
+    counts = build_instruction_data(
+        args.corpus,
+        args.out,
+        tokenizer,
+        retention=args.retention,
+        distill_model=model if args.distill else None,
+        distill=args.distill,
+        held_out_fraction=args.held_out_fraction,
+        split_seed=args.split_seed,
+    )
+    print(json.dumps({"out": args.out, **counts}))
+    return 0
 
 
 def _cli_runner(entry: Callable[..., TrainResult]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        result = entry(args.config, resume=args.resume)
+        result = entry(args.config, resume=args.resume, until_step=args.until_step)
         print(
             json.dumps(
                 {

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import tiny_model
 
 from icmem.icae.model import ICAE
@@ -52,6 +53,16 @@ WORDS = [
 def build_tiny_icae(tokenizer, seed: int = 0, **overrides) -> ICAE:
     model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256, seed=seed)
     return ICAE.from_base((model, tokenizer), **{**TINY_ICAE, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matmuls run faster on one thread than they sync across two (and far faster when
+    the cores are shared); the session setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

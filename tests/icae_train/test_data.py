@@ -7,11 +7,13 @@ import json
 import pytest
 
 from icmem.icae.data import (
+    DISTILLATION_PROMPTS,
     Document,
     PretrainSampler,
     TrainingDataError,
     Triple,
     ae_fraction_at,
+    build_instruction_data,
     build_local_corpus,
     ft_example,
     read_corpus,
@@ -189,3 +191,30 @@ def test_build_local_corpus_writes_deduplicated_documents_and_a_manifest(tmp_pat
     digests = [m["sha256"] for m in manifest.values()]
     assert len(digests) == len(set(digests))
     assert len(read_corpus(tmp_path / "c")) == len(written)
+
+
+def test_instruction_data_keeps_held_out_documents_out_of_training(tokenizer, corpus, tmp_path):
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256)
+    counts = build_instruction_data(
+        corpus,
+        tmp_path / "ft",
+        tokenizer,
+        retention=20,
+        distill_model=model,
+        distill=10,
+        context_tokens=48,
+        held_out_fraction=0.25,
+    )
+    train = read_pwc_jsonl(tmp_path / "ft" / "train.jsonl")
+    held = read_pwc_jsonl(tmp_path / "ft" / "held_out.jsonl")
+    assert counts == {"train": len(train), "held_out": len(held)} and counts["train"] == 30
+    split = split_by_document(read_corpus(corpus), 0.25)
+    held_texts = [d.text for d in split.held_out]
+    for t in train:
+        assert not any(t.input[:40] in text for text in held_texts)
+    assert all(any(t.input[:40] in text for text in held_texts) for t in held)
+    distilled = [t for t in train if t.task == "distill"]
+    assert len(distilled) == 10
+    assert all(t.prompt in DISTILLATION_PROMPTS for t in distilled)
