@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd = commands.add_parser("demo", help="run the end-to-end demo on the default model")
     demo_cmd.add_argument("--checkpoint", default=None, help="ICAE checkpoint (default: shipped)")
     demo_cmd.set_defaults(func=demo_command)
+
+    from icmem.evals.long_context import register_cli as register_long_context
+    from icmem.evals.reconstruct import register_cli as register_reconstruct
+    from icmem.icae.train import register_cli as register_train
+    from icmem.store.cli import register as register_store
+
+    eval_cmd = commands.add_parser("eval", help="evaluate long-context decoding or an ICAE")
+    evaluations = eval_cmd.add_subparsers(title="evaluations", metavar="EVAL", required=True)
+    register_long_context(evaluations)
+    register_reconstruct(evaluations)
+    register_train(commands)
+    register_store(commands)
     return parser
 
 

@@ -13,8 +13,24 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("chunk", "demo"):
+    for command in ("chunk", "ingest", "ask", "demo", "eval", "train", "store"):
         assert command in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["eval", "--help"], ("ppl", "passkey", "reconstruct")),
+        (["train", "--help"], ("pretrain", "finetune")),
+        (["store", "--help"], ("stats", "namespaces", "reindex")),
+    ],
+)
+def test_subcommand_groups_are_wired(capsys, argv, expected):
+    with pytest.raises(SystemExit):
+        main(argv)
+    out = capsys.readouterr().out
+    for name in expected:
+        assert name in out
 
 
 def test_chunk_json_prints_spans(tmp_path, tokenizer, capsys):
