@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import re
 import statistics
 from collections import Counter
@@ -183,12 +184,14 @@ def evaluate_reconstruction(
     generate: bool = True,
     qa_triples: Sequence[Triple] = (),
     qa_max_new_tokens: int = 64,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate `icae` on held-out `texts`; returns a JSON-ready dict.
 
     `ks=None` uses the ICAE's own slot count for each length (`config.slots_for`); a list of
     k values evaluates every length at each k (at most `num_memory_tokens`). `generate=False`
-    skips the greedy reconstructions (BLEU / exact match), the slow part on CPU.
+    skips the greedy reconstructions (BLEU / exact match), the slow part on CPU. Documents are
+    visited in a `seed`-shuffled order, so a few spans per length still come from many sources.
     """
     import torch
 
@@ -201,6 +204,7 @@ def evaluate_reconstruction(
     if ks is not None and any(not 1 <= k <= config.num_memory_tokens for k in ks):
         raise EvaluationError(f"every k must be in 1..{config.num_memory_tokens}, got {list(ks)}")
     documents = [icae.tokenize(t) for t in texts if t.strip()]
+    random.Random(seed).shuffle(documents)
     buckets: list[BucketResult] = []
     continuation: list[ContinuationResult] = []
     icae.eval()

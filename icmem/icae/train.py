@@ -665,8 +665,23 @@ def _atomic_save_pretrained(icae: ICAE, directory: Path) -> None:
     staging.rename(directory)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Copy the loadable ICAE of a training checkpoint (its `icae/` folder) to `out_dir`."""
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = "bfloat16",
+    base_model: Any = None,
+) -> Path:
+    """Write the ICAE of a training checkpoint (or of a run's latest one) to `out_dir`.
+
+    With `dtype` the trained tensors are stored in that precision (bf16 halves the file; the
+    loader casts them back into its own parameters). `base_model` is passed to
+    `ICAE.from_pretrained` (an already loaded `(model, tokenizer)` avoids a reload).
+    """
+    import torch
+
+    from icmem.icae.model import ICAE
+
     source = Path(checkpoint)
     if (source / "checkpoints").is_dir():
         latest = latest_checkpoint(source)
@@ -676,8 +691,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if not (source / "icae").is_dir():
         raise ResumeError(f"{source} is not a training checkpoint (no icae/ folder)")
     target = Path(out_dir)
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source / "icae", target)
+    if dtype is None:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source / "icae", target)
+        return target
+    icae = ICAE.from_pretrained(source / "icae", base_model=base_model)
+    with torch.no_grad():
+        for param in icae.trainable_parameters():
+            param.data = param.data.to(getattr(torch, dtype))
+    _atomic_save_pretrained(icae, target)
     return target
 
 
@@ -767,6 +789,17 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="folder to write .txt documents into")
     p.add_argument("--man-pages", type=int, default=300, help="rendered man pages to include")
     p.set_defaults(func=_corpus_command)
+    p = stages.add_parser("export", help="save a run's latest checkpoint as a loadable ICAE")
+    p.add_argument("--run", required=True, help="run output_dir, or one checkpoints/step-* dir")
+    p.add_argument("--out", required=True, help="directory for ICAE.from_pretrained")
+    p.add_argument("--dtype", default="bfloat16", help="precision of the stored tensors")
+    p.set_defaults(func=_export_command)
+    p = stages.add_parser("held-out", help="copy a corpus's held-out documents to a folder")
+    p.add_argument("--corpus", required=True, help="corpus folder (as for pretraining)")
+    p.add_argument("--out", required=True, help="folder for the held-out .txt documents")
+    p.add_argument("--held-out-fraction", type=float, default=0.05, help="as in pretraining")
+    p.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
+    p.set_defaults(func=_held_out_command)
     p = stages.add_parser("instructions", help="write PwC-style fine-tuning triples")
     p.add_argument("--corpus", required=True, help="corpus folder (as for pretraining)")
     p.add_argument("--out", required=True, help="folder for train.jsonl and held_out.jsonl")
@@ -783,6 +816,24 @@ def _corpus_command(args: argparse.Namespace) -> int:
 
     written = build_local_corpus(args.out, man_pages=args.man_pages)
     print(json.dumps({"out": args.out, "documents": len(written)}))
+    return 0
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    target = export_checkpoint(args.run, args.out, dtype=args.dtype)
+    print(json.dumps({"out": str(target)}))
+    return 0
+
+
+def _held_out_command(args: argparse.Namespace) -> int:
+    """The evaluation text of a run: exactly the documents its training never sampled."""
+    split = split_by_document(read_corpus(args.corpus), args.held_out_fraction, args.split_seed)
+    out = Path(args.out)
+    for doc in split.held_out:
+        target = out / doc.doc_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(doc.text, encoding="utf-8")
+    print(json.dumps({"out": str(out), "documents": [d.doc_id for d in split.held_out]}))
     return 0
 
 

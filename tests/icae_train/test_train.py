@@ -17,6 +17,7 @@ from icmem.icae.train import (
     TrainConfig,
     TrainingConfigError,
     cosine_with_warmup,
+    export_checkpoint,
     latest_checkpoint,
     read_metrics,
     register_cli,
@@ -93,6 +94,27 @@ def test_resumed_run_matches_an_uninterrupted_one(tokenizer, corpus, tmp_path):
     reloaded = ICAE.from_pretrained(whole.final_dir, base_model=(fresh_base, tokenizer))
     for name, tensor in _trainable(built[0]).items():
         torch.testing.assert_close(_trainable(reloaded)[name], tensor)
+
+
+def test_export_stores_bf16_tensors_that_load_back(tokenizer, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    built: list[ICAE] = []
+    config = _config(corpus, tmp_path / "run", max_steps=2, eval_every_steps=0)
+    train(config, icae_factory=_runner(tokenizer, built))
+
+    def fresh_base():
+        return (tiny_model("llama", heads=4, kv_heads=2, max_positions=256, seed=0), tokenizer)
+
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export", base_model=fresh_base())
+    stored = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    loaded = ICAE.from_pretrained(out, base_model=fresh_base())
+    for name, tensor in _trainable(built[0]).items():
+        expected = tensor.to(torch.bfloat16).float()
+        torch.testing.assert_close(_trainable(loaded)[name].float(), expected, rtol=0, atol=0)
+    with pytest.raises(ResumeError, match="no icae/ folder"):
+        export_checkpoint(tmp_path, tmp_path / "x")
 
 
 def test_metrics_log_has_loss_throughput_and_held_out_curve(tokenizer, corpus, tmp_path):
