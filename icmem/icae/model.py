@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -413,7 +413,9 @@ class ICAE(nn.Module):
         prompt_ids = self.format_prompt(prompt) if task == "ft" else self.tokenize(prompt)
         with torch.no_grad():
             embeds = self.decoder_inputs(memory, task, prompt_ids)  # (n, d)
-        pieces = self._stream_text(self._generate_ids(embeds, max_new_tokens, settings))
+        pieces = self._stream_text(
+            self._generate_ids(embeds, max_new_tokens, settings, stream=stream)
+        )
         return pieces if stream else "".join(pieces)
 
     def reconstruct(
@@ -452,13 +454,14 @@ class ICAE(nn.Module):
             return self.model(inputs_embeds=embeds, use_cache=False).logits
 
     def _generate_ids(
-        self, embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling
+        self, embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling, *, stream: bool
     ) -> Iterator[int]:
         """Yield sampled token ids, stopping at EOS.
 
         The decoder state (adapter off, LM-Infinite on when the sequence can outgrow the
-        model's window) is set around each forward call, not across yields, so a paused stream
-        never changes what an interleaved ``compress`` sees.
+        model's window) is entered once for a whole non-streamed answer. A stream sets it
+        around each forward call instead, never across a yield, so a paused stream cannot
+        change what an interleaved ``compress`` sees.
         """
         generator = None
         if sampling.seed is not None:
@@ -466,21 +469,30 @@ class ICAE(nn.Module):
         long_context = (
             self.max_positions is not None and embeds.shape[0] + max_new_tokens > self.max_positions
         )
-        with self._decoder(long_context):
-            cache = _lm_infinite().make_cache(self.model) if long_context else None
-            out = self.model(
-                inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1
-            )
-        cache = out.past_key_values
-        for _ in range(max_new_tokens):
-            token = _pick(out.logits[0, -1].float(), sampling, generator)
-            if token in self._stop_ids:
-                return
-            yield token
-            step = torch.tensor([[token]], device=self.device)
-            with self._decoder(long_context):
-                out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+        whole = nullcontext() if stream else self._decoder(long_context)
+
+        def each_call() -> AbstractContextManager[None]:
+            return self._decoder(long_context) if stream else nullcontext()
+
+        with whole:
+            with each_call():
+                cache = _lm_infinite().make_cache(self.model) if long_context else None
+                out = self.model(
+                    inputs_embeds=embeds[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            for _ in range(max_new_tokens):
+                token = _pick(out.logits[0, -1].float(), sampling, generator)
+                if token in self._stop_ids:
+                    return
+                yield token
+                step = torch.tensor([[token]], device=self.device)
+                with each_call():
+                    out = self.model(
+                        input_ids=step, past_key_values=out.past_key_values, use_cache=True
+                    )
 
     @contextmanager
     def _decoder(self, long_context: bool) -> Iterator[None]:
@@ -512,12 +524,14 @@ class ICAE(nn.Module):
     def _inference(self) -> Iterator[None]:
         """No gradients and eval mode (no LoRA dropout), restoring the training flag after."""
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
 
 def _lm_infinite() -> Any:

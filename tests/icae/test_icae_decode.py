@@ -80,6 +80,13 @@ def test_adapter_is_back_on_after_decoding(icae):
     torch.testing.assert_close(two_spans(icae)[0].tensor, memory[0].tensor, rtol=0, atol=0)
 
 
+def test_a_paused_stream_leaves_the_encoder_adapter_on(icae):
+    memory = two_spans(icae)
+    stream = icae.generate(memory, "Hi", max_new_tokens=5, stream=True)
+    next(stream)
+    torch.testing.assert_close(two_spans(icae)[0].tensor, memory[0].tensor, rtol=0, atol=0)
+
+
 def test_greedy_generation_equals_a_cache_free_reference(icae, reference_model, tokenizer):
     memory = two_spans(icae)
     embeds = icae.decoder_inputs(memory, "ft", icae.format_prompt("Where?")).detach()
