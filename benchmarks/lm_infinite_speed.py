@@ -28,12 +28,15 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def measure(model_name: str, context: int, mode: str, steps: int) -> dict:
+def measure(model_name: str, context: int, mode: str, steps: int, threads: int) -> dict:
     """One configuration, in this process: fill the cache, then time greedy decoding."""
     import torch
     from transformers import DynamicCache
 
     from icmem import lm_infinite, load_model
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model, _ = load_model(model_name)
     config = model.config
@@ -68,6 +71,7 @@ def measure(model_name: str, context: int, mode: str, steps: int) -> dict:
     return {
         "context": context,
         "mode": mode,
+        "threads": torch.get_num_threads(),
         "tokens_per_s": steps / sum(timings[2:]),
         "cache_entries_per_layer": int(cache.layers[0].keys.shape[-2]),
         "cache_mb": held / 2**20,
@@ -81,16 +85,20 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--contexts", default="4096,8192,16384,32768")
     parser.add_argument("--steps", type=int, default=16, help="timed decoding steps")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--one", nargs=2, metavar=("CONTEXT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.model, int(args.one[0]), args.one[1], args.steps)))
+        print(
+            json.dumps(measure(args.model, int(args.one[0]), args.one[1], args.steps, args.threads))
+        )
         return
 
     result: dict = {"benchmark": "lm_infinite_speed", "model": args.model, "runs": []}
     for context in [int(c) for c in args.contexts.split(",")]:
         for mode in ("vanilla", "lm_infinite"):
             command = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps)]
+            command += ["--threads", str(args.threads)]
             out = subprocess.run(
                 [*command, "--one", str(context), mode], capture_output=True, text=True, check=True
             )

@@ -122,19 +122,16 @@ class _Binding:
     # float32 cos/sin of relative positions 0..len-1, shared by all layers, grown on demand.
     table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def relative_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (1, 1, n, D) for small non-negative positions, from a cached table."""
-        needed = int(positions.max()) + 1
-        if (
-            self.table is None
-            or self.table[0].shape[-2] < needed
-            or (self.table[0].device != positions.device)
-        ):
+    def relative_cos_sin(
+        self, start: int, length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, 1, length, D) of positions start..start+length-1, sliced from a table."""
+        needed = start + length
+        if self.table is None or self.table[0].shape[-2] < needed or self.table[0].device != device:
             size = max(needed, self.config.local_window + self.config.query_block + 1)
-            grid = torch.arange(size, device=positions.device)
-            self.table = _cos_sin(self.rotary, grid, torch.float32)
+            self.table = _cos_sin(self.rotary, torch.arange(size, device=device), torch.float32)
         cos, sin = self.table
-        return cos[..., positions, :], sin[..., positions, :]
+        return cos[..., start:needed, :], sin[..., start:needed, :]
 
 
 # Attention module -> its LM-Infinite settings; set by enable(), cleared by disable().
@@ -206,17 +203,23 @@ def _lambda_attention(
 
     base = max(int(query_positions[0]) - window, 0)
     first_local = int(torch.searchsorted(key_positions, base))
-    local_positions = key_positions[first_local:]
-    k = _rotate(key[:, :, first_local:].float(), *binding.relative_cos_sin(local_positions - base))
-    q = _rotate(query.float() * scaling, *binding.relative_cos_sin(query_positions - base))
+    local_positions = key_positions[first_local:]  # contiguous: base, base + 1, ...
+    device = query.device
+    k = _rotate(
+        key[:, :, first_local:].float(),
+        *binding.relative_cos_sin(int(local_positions[0]) - base, len(local_positions), device),
+    )
+    q = _rotate(
+        query.float() * scaling,
+        *binding.relative_cos_sin(int(query_positions[0]) - base, n, device),
+    )
     v = value[:, :, first_local:].float()
 
     n_global = int((key_positions < config.global_tokens).sum())
     needs_global = n_global > 0 and int(query_positions[-1]) - window > 0
     if needs_global:
-        zero = key_positions.new_zeros(1)
-        global_k = _rotate(key[:, :, :n_global].float(), *binding.relative_cos_sin(zero))
-        capped_q = _rotate(query.float() * scaling, *binding.relative_cos_sin(zero + window))
+        global_k = _rotate(key[:, :, :n_global].float(), *binding.relative_cos_sin(0, 1, device))
+        capped_q = _rotate(query.float() * scaling, *binding.relative_cos_sin(window, 1, device))
         global_v = value[:, :, :n_global].float()
 
     def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, m, D) -> (B, Hkv, G·m, D)
