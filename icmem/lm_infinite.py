@@ -4,8 +4,8 @@ A model pretrained on sequences of length L breaks down past L for two reasons: 
 rotary distances they never saw, and attention spreads over more keys than it was trained on.
 LM-Infinite fixes both without training, and this module does it through transformers' own
 extension points (an ``AttentionInterface`` function, an ``AttentionMaskInterface`` function and
-a ``Cache`` subclass), so no modeling file is patched and a new transformers release cannot
-silently bypass it.
+a ``Cache`` subclass): no modeling file is patched, and the parity tests against stock attention
+catch a transformers release that changes those contracts.
 
 Semantics (W = ``local_window``, g = ``global_tokens``, query at position i, key at position j):
 
@@ -24,10 +24,12 @@ their absolute position, which can grow without bound. Here:
 1. :class:`LMInfiniteCache` undoes that rotation as keys arrive (exactly: it applies the inverse
    of the very cos/sin the model used), so it stores *unrotated* keys, and it keeps only the g
    global and the W most recent keys of each layer: at most ``g + W`` entries, forever.
-2. The attention function undoes the rotation of the queries the same way, then, per block of
-   queries, re-rotates queries and the keys of their local window by positions relative to the
-   block's first visible key (so no angle exceeds ``W + query_block``), and rotates the global
-   keys at 0 and the queries at W for the capped pairs. Both parts share one softmax.
+2. The attention function undoes the rotation of the queries the same way, then re-rotates
+   queries and window keys by positions relative to ``base``, the earliest position any query
+   of the call can see in its window (so no angle exceeds ``W + n`` for a call of n tokens,
+   however long the conversation), and rotates the global keys at 0 against queries rotated at
+   W for the capped pairs. Both parts share one softmax, computed ``query_block`` queries at a
+   time.
 3. The cache tells the attention function which positions the keys it just returned hold (a
    hand-off keyed by the attention module). Without that hand-off (no cache, or a stock
    ``DynamicCache``) the keys are taken as rotated and contiguous up to the newest token, and
