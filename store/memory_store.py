@@ -1027,6 +1027,10 @@ def _sqlite_engine(database: Path, read_only: bool, busy_timeout_s: float) -> En
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not read_only:
+            # Only takes effect when the file is created. Slot blobs (~147 KB each) dominate the
+            # bytes; 64 KiB pages insert them ~2.8x faster than the 4 KiB default for ~3% more
+            # space, because each blob spans 3 overflow pages instead of 37.
+            cursor.execute("PRAGMA page_size=65536")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")

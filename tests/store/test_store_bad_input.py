@@ -225,7 +225,7 @@ def test_older_schema_is_migrated(location: StoreLocation, monkeypatch) -> None:
 
 
 def test_full_database_rolls_back_the_whole_add(tmp_path: Path) -> None:
-    # The failing write: SQLite is capped a few pages above its current size, so the next large
+    # The failing write: SQLite is capped one page above its current size, so the next large
     # add runs out of room part-way, exactly as on a full disk (SQLITE_FULL).
     location = StoreLocation("sqlite", str(tmp_path / "store"), tmp_path / "store" / "index")
     store = location.open()
@@ -236,18 +236,18 @@ def test_full_database_rolls_back_the_whole_add(tmp_path: Path) -> None:
         connection.rollback()
 
     def cap(dbapi_connection, _record) -> None:
-        dbapi_connection.execute(f"PRAGMA max_page_count = {pages + 3}")
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages + 1}")
 
     event.listen(store.engine, "connect", cap)
     store.engine.dispose()
-    big = [make_document(f"big{i}", 8, seed=100 + i) for i in range(20)]
+    big = [make_document(f"big{i}", 8, seed=100 + i) for i in range(100)]
     with pytest.raises(StoreFullError, match="rolled back"):
         store.add(big, namespace=NS)
     event.remove(store.engine, "connect", cap)
     store.engine.dispose()
     assert _snapshot(store) == before
     store.add(big, namespace=NS)  # once there is room again, the same add succeeds
-    assert store.stats().documents == 24
+    assert store.stats().documents == 104
     store.close()
 
 
