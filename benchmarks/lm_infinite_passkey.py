@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--modes", default="vanilla,lm_infinite")
+    parser.add_argument(
+        "--local-window", type=int, default=None, help="default: the pretraining length"
+    )
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
@@ -40,6 +43,7 @@ def main() -> None:
                 depths=depths,
                 trials=args.trials,
                 lm_infinite=mode == "lm_infinite",
+                local_window=args.local_window,
             )
             result["runs"].append(run)
             write_result("lm_infinite_passkey", result)
