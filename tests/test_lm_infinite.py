@@ -307,3 +307,20 @@ def test_smollm2_matches_stock_inside_window_and_stays_finite_past_it(smollm2):
         long = model(tokens, past_key_values=make_cache(model)).logits.float()
     torch.testing.assert_close(ours, stock[:, :129], rtol=2e-2, atol=2e-2)
     assert torch.isfinite(long).all()
+
+
+@torch.no_grad()
+def test_position_ids_that_skip_ahead_of_the_cache_raise(llama):
+    with enabled(llama):
+        cache = make_cache(llama)
+        llama(ids(5), past_key_values=cache)
+        with pytest.raises(LMInfiniteError, match="position_ids"):
+            llama(ids(2), past_key_values=cache, position_ids=torch.tensor([[9, 10]]))
+
+
+def test_bounded_cache_cannot_be_cropped(llama):
+    with enabled(llama):
+        cache = make_cache(llama)
+        llama(ids(3), past_key_values=cache)
+    with pytest.raises(LMInfiniteError, match="cropped"):
+        cache.crop(1)
