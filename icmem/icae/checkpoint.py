@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +87,10 @@ def save_checkpoint(icae: ICAE, directory: str | os.PathLike[str]) -> Path:
 
 
 def load_checkpoint(
-    cls: type[ICAE], directory: str | os.PathLike[str] | None, base_model: ModelSource | None
+    cls: type[ICAE],
+    directory: str | os.PathLike[str] | None,
+    base_model: ModelSource | None,
+    dtype: str | None = None,
 ) -> ICAE:
     if directory is None:
         if not (DEFAULT_CHECKPOINT / MANIFEST).is_file():
@@ -102,6 +106,8 @@ def load_checkpoint(
         config = ICAEConfig.from_dict(manifest["config"])
     except (ICAEConfigError, TypeError) as exc:
         raise CorruptCheckpointError(f"{root / MANIFEST} holds an invalid config: {exc}") from exc
+    if dtype is not None:
+        config = replace(config, dtype=dtype)  # validated again by __post_init__
     for name, digest in manifest["files"].items():
         path = root / name
         if not path.is_file():

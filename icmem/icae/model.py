@@ -160,13 +160,16 @@ class ICAE(nn.Module):
         cls,
         directory: str | os.PathLike[str] | None = None,
         base_model: ModelSource | None = None,
+        *,
+        dtype: str | None = None,
     ) -> ICAE:
         """Load a checkpoint written by ``save_pretrained``; with no directory, the shipped
         default. ``base_model`` overrides the base named in the checkpoint (it must have the
-        same fingerprint)."""
+        same fingerprint); ``dtype`` overrides the one it was trained in (e.g. "bfloat16" for
+        faster CPU inference)."""
         from icmem.icae.checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, directory, base_model)
+        return load_checkpoint(cls, directory, base_model, dtype)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write only the trained tensors (LoRA, memory and special embeddings) and config."""

@@ -33,6 +33,12 @@ def test_save_then_load_gives_identical_slots(icae, saved, tokenizer):
     torch.testing.assert_close(loaded.special_embeddings, icae.special_embeddings)
 
 
+def test_dtype_can_be_overridden_at_load(saved, tokenizer):
+    loaded = ICAE.from_pretrained(saved, base_model=(base_model(0), tokenizer), dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16 and loaded.config.dtype == "bfloat16"
+    assert loaded.compress("Paris")[0].tensor.dtype == torch.bfloat16
+
+
 def test_checkpoint_holds_only_trained_tensors_as_safetensors_and_json(icae, saved):
     from safetensors.torch import load_file
 
