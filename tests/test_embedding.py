@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import BertConfig, BertModel
+from tiny_models import tiny_embedder
 
 from icmem.embedding import TextEmbedder
 from icmem.errors import ModelLoadError
@@ -13,15 +12,7 @@ from icmem.errors import ModelLoadError
 
 @pytest.fixture
 def embedder(tokenizer) -> TextEmbedder:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    return TextEmbedder(BertModel(config), tokenizer)
+    return tiny_embedder(tokenizer)
 
 
 def test_vectors_are_unit_length_and_padding_free(embedder):
