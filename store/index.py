@@ -54,7 +54,8 @@ class IndexPolicy:
             raise ValueError(f"retrain_growth must be > 1, got {self.retrain_growth}")
 
     def nlist(self, n: int) -> int:
-        return int(min(4096, max(64, 4 * math.sqrt(n))))
+        # faiss warns below 39 training points per list; all n vectors are the training set.
+        return int(min(4096, max(64, min(4 * math.sqrt(n), n // 39))))
 
     def nprobe(self, nlist: int) -> int:
         return max(16, nlist // 16)

@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
@@ -91,6 +101,46 @@ class UnknownSpanError(StoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+# Statements on the search path are built once: composing a select() costs more than running it.
+_NAMESPACES_UNDER_PREFIX = [
+    select(
+        NamespaceRow.id,
+        NamespaceRow.tenant,
+        NamespaceRow.agent,
+        NamespaceRow.thread,
+        NamespaceRow.generation,
+    )
+    .where(
+        *(
+            column == bindparam(f"part{i}")
+            for i, column in enumerate(
+                (NamespaceRow.tenant, NamespaceRow.agent, NamespaceRow.thread)[:parts]
+            )
+        )
+    )
+    .order_by(NamespaceRow.id)
+    for parts in range(4)
+]
+_HIT_ROWS = (
+    select(
+        SpanRow.id,
+        SpanRow.namespace_id,
+        SpanRow.position,
+        SpanRow.char_start,
+        SpanRow.char_end,
+        SpanRow.text,
+        DocumentRow.key,
+        DocumentRow.metadata_.label("document_metadata"),
+        DocumentRow.source,
+    )
+    .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+    .where(
+        SpanRow.id.in_(bindparam("span_ids", expanding=True)),
+        SpanRow.namespace_id.in_(bindparam("namespace_ids", expanding=True)),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -344,7 +394,7 @@ class MemoryStore:
                     char_start=row.char_start,
                     char_end=row.char_end,
                     text=row.text,
-                    metadata=row.metadata_ or {},
+                    metadata=row.document_metadata or {},
                     source=row.source,
                 )
             )
@@ -361,7 +411,15 @@ class MemoryStore:
         if not wanted:
             return []
         statement = (
-            select(SlotRow, SpanRow.position, DocumentRow.key)
+            select(
+                SlotRow.span_id,
+                SlotRow.blob,
+                SlotRow.codec,
+                SlotRow.rows,
+                SlotRow.cols,
+                SpanRow.position,
+                DocumentRow.key,
+            )
             .join(SpanRow, SlotRow.span_id == SpanRow.id)
             .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
             .where(SlotRow.span_id.in_(sorted(set(wanted))))
@@ -372,9 +430,7 @@ class MemoryStore:
             for column, part in zip(_namespace_columns(), ns, strict=False):
                 statement = statement.where(column == part)
         with self._read() as session:
-            found = {
-                slot.span_id: (slot, pos, key) for slot, pos, key in session.execute(statement)
-            }
+            found = {row.span_id: row for row in session.execute(statement)}
         missing = [i for i in wanted if i not in found]
         if missing:
             raise UnknownSpanError(
@@ -384,11 +440,11 @@ class MemoryStore:
         return [
             SpanSlots(
                 span_id=i,
-                document_id=found[i][2],
-                position=found[i][1],
-                blob=bytes(found[i][0].blob),
-                codec=found[i][0].codec,
-                shape=(found[i][0].rows, found[i][0].cols),
+                document_id=found[i].key,
+                position=found[i].position,
+                blob=bytes(found[i].blob),
+                codec=found[i].codec,
+                shape=(found[i].rows, found[i].cols),
             )
             for i in wanted
         ]
@@ -409,20 +465,27 @@ class MemoryStore:
             if not names:
                 return []
             rows = session.execute(
-                select(DocumentRow, span_count)
+                select(
+                    DocumentRow.key,
+                    DocumentRow.namespace_id,
+                    DocumentRow.source,
+                    DocumentRow.metadata_.label("document_metadata"),
+                    DocumentRow.content_hash,
+                    span_count.label("span_count"),
+                )
                 .where(DocumentRow.namespace_id.in_(list(names)))
                 .order_by(DocumentRow.id)
             ).all()
             return [
                 DocumentInfo(
-                    id=doc.key,
-                    namespace=names[doc.namespace_id],
-                    source=doc.source,
-                    metadata=doc.metadata_ or {},
-                    content_hash=doc.content_hash,
-                    span_count=int(count),
+                    id=row.key,
+                    namespace=names[row.namespace_id],
+                    source=row.source,
+                    metadata=row.document_metadata or {},
+                    content_hash=row.content_hash,
+                    span_count=int(row.span_count),
                 )
-                for doc, count in rows
+                for row in rows
             ]
 
     def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
@@ -596,11 +659,9 @@ class MemoryStore:
             if key in keys:
                 raise InvalidRecordError(f"document id {key!r} appears twice in one call")
             keys.add(key)
+            rows = [self._span_vector(s.embedding, key, s.position) for s in doc.spans]
             vectors = self._check_vectors(
-                np.stack(
-                    [self._span_vector(s.embedding, key, s.position) for s in doc.spans]
-                    or [np.empty(self.dim, np.float32)]
-                )[: len(doc.spans)],
+                np.stack(rows) if rows else np.empty((0, self.dim), np.float32),
                 f"embedding of document {key!r}",
             )
             headers = []
@@ -794,39 +855,21 @@ class MemoryStore:
             )
         return span_ids
 
-    def _select_namespaces(self, session: Session, ns: tuple[str, ...]) -> list[Any]:
-        statement = select(
-            NamespaceRow.id,
-            NamespaceRow.tenant,
-            NamespaceRow.agent,
-            NamespaceRow.thread,
-            NamespaceRow.generation,
-        ).order_by(NamespaceRow.id)
-        for column, part in zip(_namespace_columns(), ns, strict=False):
-            statement = statement.where(column == part)
-        return list(session.execute(statement))
+    def _select_namespaces(self, session: Session | Connection, ns: tuple[str, ...]) -> list[Any]:
+        parameters = {f"part{i}": part for i, part in enumerate(ns)}
+        return list(session.execute(_NAMESPACES_UNDER_PREFIX[len(ns)], parameters))
 
-    def _hit_rows(self, session: Session, span_ids: list[int], ns_ids: list[int]) -> dict[int, Any]:
+    def _hit_rows(
+        self, session: Session | Connection, span_ids: list[int], ns_ids: list[int]
+    ) -> dict[int, Any]:
         if not span_ids:
             return {}
-        statement = (
-            select(
-                SpanRow.id,
-                SpanRow.namespace_id,
-                SpanRow.position,
-                SpanRow.char_start,
-                SpanRow.char_end,
-                SpanRow.text,
-                DocumentRow.key,
-                DocumentRow.metadata_,
-                DocumentRow.source,
-            )
-            .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-            .where(SpanRow.id.in_(span_ids), SpanRow.namespace_id.in_(ns_ids))
-        )
-        return {row.id: row for row in session.execute(statement)}
+        rows = session.execute(_HIT_ROWS, {"span_ids": span_ids, "namespace_ids": ns_ids})
+        return {row.id: row for row in rows}
 
-    def _fresh_shard(self, session: Session, ns_id: int, generation: int) -> NamespaceIndex:
+    def _fresh_shard(
+        self, session: Session | Connection, ns_id: int, generation: int
+    ) -> NamespaceIndex:
         """The namespace's index, loaded, caught up or rebuilt until it reflects ``generation``."""
         shard = self._shards.get(ns_id)
         if shard is None:
@@ -842,7 +885,7 @@ class MemoryStore:
             self.index_repairs += 1
         return shard
 
-    def _catch_up(self, session: Session, ns_id: int, shard: NamespaceIndex) -> None:
+    def _catch_up(self, session: Session | Connection, ns_id: int, shard: NamespaceIndex) -> None:
         """Make the index hold exactly the namespace's embedding rows. Span ids are never reused
         and embeddings never change in place, so comparing id sets finds every difference."""
         stored = np.fromiter(
@@ -892,7 +935,7 @@ class MemoryStore:
             shard.generation = -1  # unknown: catch up from the rows before the next search
         self._dirty.add(ns_id)
 
-    def _database_bytes(self, session: Session) -> int:
+    def _database_bytes(self, session: Session | Connection) -> int:
         if self.database_path is not None:
             paths = [
                 self.database_path,
@@ -907,10 +950,10 @@ class MemoryStore:
         return 0
 
     @contextmanager
-    def _read(self) -> Iterator[Session]:
+    def _read(self) -> Iterator[Connection]:
         try:
-            with Session(self._engine, expire_on_commit=False) as session, session.begin():
-                yield session
+            with self._engine.connect() as connection, connection.begin():
+                yield connection
         except OperationalError as exc:
             raise _translate(exc) from exc
 
