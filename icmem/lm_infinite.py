@@ -168,7 +168,17 @@ def _cos_sin(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """x·cos + rotate_half(x)·sin, written once into a fresh tensor (no temporaries: on long
+    windows this runs over every cached key at every step)."""
+    if x.requires_grad and torch.is_grad_enabled():  # out= cannot be differentiated
+        return x * cos + _rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]  # both halves of cos/sin are equal in RoPE
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=x.dtype, device=x.device)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s)
+    return out
 
 
 def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -180,6 +190,20 @@ def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 # The Λ-shaped attention with capped distances
 # ---------------------------------------------------------------------------------------------
+
+
+def _layout(key_positions: torch.Tensor, global_tokens: int) -> tuple[int, int, int]:
+    """Where the global keys start, how many there are, and where the window keys end.
+
+    Keys come in one of two layouts (see LMInfiniteLayer): the whole history in order, or a
+    window in order followed by the global tokens. Either way the globals are one run of
+    indices and the window is another, in position order, ending with the newest keys.
+    """
+    total = key_positions.shape[0]
+    n_global = int((key_positions < global_tokens).sum())
+    if n_global == total or int(key_positions[0]) < global_tokens:
+        return 0, n_global, total
+    return total - n_global, n_global, total - n_global
 
 
 def _lambda_attention(
@@ -203,26 +227,30 @@ def _lambda_attention(
     groups = heads // kv_heads
     window = config.local_window
 
+    global_start, n_global, window_end = _layout(key_positions, config.global_tokens)
     base = max(int(query_positions[0]) - window, 0)
-    first_local = int(torch.searchsorted(key_positions, base))
-    local_positions = key_positions[first_local:]  # contiguous: base, base + 1, ...
+    first_local = int(torch.searchsorted(key_positions[:window_end], base))
+    local_positions = key_positions[first_local:window_end]  # contiguous: base, base + 1, ...
     device = query.device
     k = _rotate(
-        key[:, :, first_local:].float(),
+        key[:, :, first_local:window_end].float(),
         *binding.relative_cos_sin(int(local_positions[0]) - base, len(local_positions), device),
     )
     q = _rotate(
         query.float() * scaling,
         *binding.relative_cos_sin(int(query_positions[0]) - base, n, device),
     )
-    v = value[:, :, first_local:].float()
+    v = value[:, :, first_local:window_end].float()
 
-    n_global = int((key_positions < config.global_tokens).sum())
     needs_global = n_global > 0 and int(query_positions[-1]) - window > 0
     if needs_global:
-        global_k = _rotate(key[:, :, :n_global].float(), *binding.relative_cos_sin(0, 1, device))
+        global_end = global_start + n_global
+        global_positions = key_positions[global_start:global_end]
+        global_k = _rotate(
+            key[:, :, global_start:global_end].float(), *binding.relative_cos_sin(0, 1, device)
+        )
         capped_q = _rotate(query.float() * scaling, *binding.relative_cos_sin(window, 1, device))
-        global_v = value[:, :, :n_global].float()
+        global_v = value[:, :, global_start:global_end].float()
 
     def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, m, D) -> (B, Hkv, G·m, D)
         return x.reshape(batch, kv_heads, groups * x.shape[-2], dim)
@@ -242,7 +270,7 @@ def _lambda_attention(
         peak = scores.amax(dim=-1, keepdim=True)
         if needs_global:
             capped = (grouped(capped_q[:, :, start:stop]) @ global_k.transpose(-1, -2)).view(shape)
-            beyond = (q_pos[:, None] - key_positions[None, :n_global]) > window
+            beyond = (q_pos[:, None] - global_positions[None, :]) > window
             capped.masked_fill_(~beyond, float("-inf"))
             peak = torch.maximum(peak, capped.amax(dim=-1, keepdim=True))
         weights = scores.sub_(peak).exp_()
@@ -314,12 +342,15 @@ def _lm_infinite_attention(
         )
         key, value, key_positions = key[:, :, needed], value[:, :, needed], key_positions[needed]
         key = _unrotate(key, *_cos_sin(rotary, key_positions, key.dtype))
-    elif not torch.equal(key_positions[-n:], query_positions):
-        raise LMInfiniteError(
-            f"position_ids start at {int(query_positions[0])} but the LM-Infinite cache holds "
-            f"{int(key_positions[-n]) if n <= len(key_positions) else 0} tokens before these; "
-            "do not pass explicit position_ids that skip or repeat positions with this cache"
-        )
+    else:
+        window_end = _layout(key_positions, config.global_tokens)[2]
+        cached = key_positions[window_end - n : window_end]
+        if not torch.equal(cached, query_positions):
+            raise LMInfiniteError(
+                f"position_ids start at {int(query_positions[0])} but the LM-Infinite cache "
+                f"placed these tokens at {int(cached[0])}; do not pass explicit position_ids "
+                "that skip or repeat positions with this cache"
+            )
 
     query = _unrotate(query, *_cos_sin(rotary, query_positions, query.dtype))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -359,36 +390,57 @@ class LMInfiniteLayer(DynamicLayer):
         self.local_window = local_window
         self.seen_tokens = 0
         self.positions: torch.Tensor | None = None
+        self.trailing_globals = 0  # > 0 once the layer holds [window | globals]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.keys = key_states[..., :0, :].clone()  # (B, Hkv, 0, D): sliceable like the rest
+        self.values = value_states[..., :0, :].clone()
         self.positions = torch.empty(0, dtype=torch.long, device=key_states.device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append unrotated keys; return everything the current queries need; keep g + W."""
+        """Append unrotated keys; return everything the current queries need; keep g + W.
+
+        Until the first key is dropped the layer holds the history in order. From then on it
+        holds ``[window | globals]``: the new keys go between the two in the one copy each step
+        makes, and dropping the oldest window keys is a view, not a second copy.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         new_positions = torch.arange(n, device=self.positions.device) + self.seen_tokens
-        keys = torch.cat((self.keys, key_states), dim=-2)
-        values = torch.cat((self.values, value_states), dim=-2)
-        positions = torch.cat((self.positions, new_positions))
+        split = self.keys.shape[-2] - self.trailing_globals  # where the new keys go
+        keys = torch.cat((self.keys[..., :split, :], key_states, self.keys[..., split:, :]), -2)
+        values = torch.cat(
+            (self.values[..., :split, :], value_states, self.values[..., split:, :]), -2
+        )
+        positions = torch.cat((self.positions[:split], new_positions, self.positions[split:]))
         self.seen_tokens += n
-
-        total = positions.shape[0]
-        n_global = int((positions < self.global_tokens).sum())
-        n_recent = int((positions >= self.seen_tokens - self.local_window).sum())
-        if n_global + n_recent >= total:
-            self.keys, self.values, self.positions = keys, values, positions
-        else:
-            self.keys = torch.cat((keys[..., :n_global, :], keys[..., total - n_recent :, :]), -2)
-            self.values = torch.cat(
-                (values[..., :n_global, :], values[..., total - n_recent :, :]), -2
-            )
-            self.positions = torch.cat((positions[:n_global], positions[total - n_recent :]))
         self.returned_positions = positions
+
+        oldest_needed = self.seen_tokens - self.local_window
+        total = positions.shape[0]
+        if self.trailing_globals or not self.global_tokens:
+            drop = int((positions[: total - self.trailing_globals] < oldest_needed).sum())
+            kept = (keys[..., drop:, :], values[..., drop:, :], positions[drop:])
+        else:
+            n_global = int((positions < self.global_tokens).sum())
+            n_recent = int((positions >= oldest_needed).sum())
+            if n_global + n_recent >= total:
+                kept = (keys, values, positions)
+            else:  # the first drop: move to [window | globals], once
+                recent = total - n_recent
+                kept = (
+                    torch.cat((keys[..., recent:, :], keys[..., :n_global, :]), -2),
+                    torch.cat((values[..., recent:, :], values[..., :n_global, :]), -2),
+                    torch.cat((positions[recent:], positions[:n_global])),
+                )
+                self.trailing_globals = n_global
+        if kept[0].shape[-2] * 2 < keys.shape[-2]:  # do not pin a long prefill's keys in memory
+            kept = tuple(t.clone() for t in kept)
+        self.keys, self.values, self.positions = kept
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -404,6 +456,7 @@ class LMInfiniteLayer(DynamicLayer):
         super().reset()
         self.seen_tokens = 0
         self.positions = None
+        self.trailing_globals = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise LMInfiniteError(
