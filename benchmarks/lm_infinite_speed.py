@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -72,7 +73,7 @@ def measure(model_name: str, context: int, mode: str, steps: int, threads: int) 
         "context": context,
         "mode": mode,
         "threads": torch.get_num_threads(),
-        "tokens_per_s": steps / sum(timings[2:]),
+        "tokens_per_s": 1 / statistics.median(timings[2:]),  # the median resists load spikes
         "cache_entries_per_layer": int(cache.layers[0].keys.shape[-2]),
         "cache_mb": held / 2**20,
         "rss_before_cache_mb": rss_before,
