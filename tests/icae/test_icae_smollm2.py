@@ -74,3 +74,13 @@ def test_decoder_ignores_the_adapter(icae, memory):
         finally:
             for p, s in zip(lora, saved, strict=True):
                 p.copy_(s)
+
+
+@pytest.mark.parametrize(("codec", "min_cosine"), [("bf16", 0.99999), ("int8", 0.999)])
+def test_compact_codecs_keep_real_slots_close(memory, codec, min_cosine):
+    from icmem.icae import MemorySlots
+
+    for slots in memory:
+        back = MemorySlots.from_bytes(slots.to_bytes(codec), expected_fingerprint=slots.fingerprint)
+        cosine = torch.nn.functional.cosine_similarity(back.tensor, slots.tensor.float(), dim=1)
+        assert float(cosine.min()) > min_cosine
