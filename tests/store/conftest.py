@@ -47,15 +47,22 @@ class PostgresServer:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{database}"
 
-    def create_database(self) -> str:
+    def _admin(self, sql: str) -> None:
         import psycopg
 
-        name = f"icmem_{uuid.uuid4().hex[:12]}"
         dsn = f"host={self.host} port={self.port} user={self.user} dbname=postgres"
         with psycopg.connect(dsn, autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
+            connection.execute(sql)
+
+    def create_database(self) -> str:
+        name = f"icmem_{uuid.uuid4().hex[:12]}"
+        self._admin(f'CREATE DATABASE "{name}"')
         self.databases.append(name)
         return self.url(name)
+
+    def drop_databases(self) -> None:
+        while self.databases:
+            self._admin(f'DROP DATABASE "{self.databases.pop()}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -137,11 +144,13 @@ class StoreLocation:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> StoreLocation:
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreLocation]:
     if request.param == "sqlite":
-        return StoreLocation("sqlite", str(tmp_path / "store"), tmp_path / "store" / "index")
+        yield StoreLocation("sqlite", str(tmp_path / "store"), tmp_path / "store" / "index")
+        return
     server: PostgresServer = request.getfixturevalue("postgres_server")
-    return StoreLocation("postgres", server.create_database(), tmp_path / "pg-index")
+    yield StoreLocation("postgres", server.create_database(), tmp_path / "pg-index")
+    server.drop_databases()
 
 
 @pytest.fixture
