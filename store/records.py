@@ -7,6 +7,9 @@ Callers describe what to store with two frozen dataclasses::
                                      token_count=512, slots=<icmem.codec blob>,
                                      embedding=<(dim,) float array>, content_id=None), ...])
 
+``slots`` may be None for a span kept for retrieval only. ``content_id`` defaults to the SHA-256 of
+the span text.
+
 A namespace is a tuple ``(tenant, agent, thread)`` of non-empty strings; every document lives in
 exactly one. Document ids are the caller's keys (strings) and are scoped to their namespace, so two
 tenants may both own a document called "readme" without seeing each other. Span ids are integers

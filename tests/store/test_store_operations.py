@@ -243,3 +243,17 @@ def test_list_documents_in_insertion_order(store: MemoryStore) -> None:
     assert documents[0].metadata == {}
     assert [d.id for d in store.list_documents(("acme",))] == ["b", "a", "c"]
     assert store.list_documents(("nobody",)) == []
+
+
+def test_concurrent_async_calls_from_one_process(store: MemoryStore) -> None:
+    store.add([make_document("seed", 2)], namespace=NS)
+
+    async def scenario() -> list:
+        writes = [store.aadd([make_document(f"w{i}", 3, seed=i)], namespace=NS) for i in range(6)]
+        reads = [store.asearch(embedding(i), 3, namespace=NS) for i in range(20)]
+        return await asyncio.gather(*writes, *reads)
+
+    results = asyncio.run(scenario())
+    assert all(len(hits) >= 2 and all(h.namespace == NS for h in hits) for hits in results[6:])
+    assert store.stats(NS).spans == 2 + 6 * 3
+    np.testing.assert_array_equal(store.index_ids(NS), store.span_ids(NS))
