@@ -90,20 +90,30 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, **config_kwargs) -> torch.
     return model.float().eval()
 
 
-def tiny_icae(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0):
+TINY_ICAE_CONFIG = dict(
+    num_memory_tokens=8,
+    span_tokens=32,
+    min_memory_tokens=2,
+    lora_rank=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+)
+TINY_ICAE_MAX_POSITIONS = 256
+
+
+def tiny_icae_base(seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama (GQA) the test ICAEs are built on; equal seeds give equal weights."""
+    return tiny_model(
+        "llama", heads=4, kv_heads=2, max_positions=TINY_ICAE_MAX_POSITIONS, seed=seed
+    )
+
+
+def tiny_icae(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **overrides):
     """An untrained ICAE on a tiny Llama: 32-token spans into at most 8 slots."""
     from icmem.icae import ICAE
 
-    model = tiny_model("llama", heads=4, kv_heads=2, max_positions=256, seed=seed)
-    return ICAE.from_base(
-        (model, tokenizer),
-        num_memory_tokens=8,
-        span_tokens=32,
-        min_memory_tokens=2,
-        lora_rank=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-    ).eval()
+    config = {**TINY_ICAE_CONFIG, **overrides}
+    return ICAE.from_base((tiny_icae_base(seed), tokenizer), **config).eval()
 
 
 def tiny_embedder(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from icae_testing import TINY_CONFIG, base_model, randomise_trained_tensors
+from icae_testing import randomise_trained_tensors
+from tiny_models import tiny_icae, tiny_icae_base
 
 from icmem.icae import ICAE
 
@@ -14,7 +15,7 @@ def make_icae(tokenizer):
     """Build a tiny ICAE; `trained=True` randomises its trainable tensors."""
 
     def make(seed: int = 0, trained: bool = True, **overrides) -> ICAE:
-        icae = ICAE.from_base((base_model(seed), tokenizer), **{**TINY_CONFIG, **overrides})
+        icae = tiny_icae(tokenizer, seed=seed, **overrides)
         if trained:
             randomise_trained_tensors(icae)
         return icae.eval()
@@ -30,4 +31,4 @@ def icae(make_icae) -> ICAE:
 @pytest.fixture
 def reference_model() -> torch.nn.Module:
     """An untouched copy of the ICAE's base model, for computations built by hand."""
-    return base_model(0)
+    return tiny_icae_base(0)

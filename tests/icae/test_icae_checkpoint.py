@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from icae_testing import base_model
+from tiny_models import tiny_icae_base
 
 from icmem.icae import (
     ICAE,
@@ -26,7 +26,7 @@ def saved(icae, tmp_path):
 
 
 def test_save_then_load_gives_identical_slots(icae, saved, tokenizer):
-    loaded = ICAE.from_pretrained(saved, base_model=(base_model(0), tokenizer))
+    loaded = ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
     assert loaded.config == icae.config and loaded.fingerprint == icae.fingerprint
     for before, after in zip(icae.compress(TEXTS), loaded.compress(TEXTS), strict=True):
         torch.testing.assert_close(after.tensor, before.tensor, rtol=0, atol=0)
@@ -34,7 +34,9 @@ def test_save_then_load_gives_identical_slots(icae, saved, tokenizer):
 
 
 def test_dtype_can_be_overridden_at_load(saved, tokenizer):
-    loaded = ICAE.from_pretrained(saved, base_model=(base_model(0), tokenizer), dtype="bfloat16")
+    loaded = ICAE.from_pretrained(
+        saved, base_model=(tiny_icae_base(0), tokenizer), dtype="bfloat16"
+    )
     assert loaded.dtype == torch.bfloat16 and loaded.config.dtype == "bfloat16"
     assert loaded.compress("Paris")[0].tensor.dtype == torch.bfloat16
 
@@ -60,14 +62,14 @@ def test_checkpoint_holds_only_trained_tensors_as_safetensors_and_json(icae, sav
 def test_adapter_loads_with_plain_peft(icae, saved):
     from peft import PeftModel
 
-    plain = PeftModel.from_pretrained(base_model(0), saved)
+    plain = PeftModel.from_pretrained(tiny_icae_base(0), saved)
     ours = dict(icae.model.named_parameters())
     lora = {n: p for n, p in plain.named_parameters() if "lora_" in n}
     assert lora and all(torch.equal(p, ours[n]) for n, p in lora.items())
 
 
 def test_loading_onto_another_base_model_names_both(saved, tokenizer):
-    other = base_model(seed=9)
+    other = tiny_icae_base(seed=9)
     other.config.name_or_path = "some-other-model"
     with pytest.raises(BaseModelMismatchError) as error:
         ICAE.from_pretrained(saved, base_model=(other, tokenizer))
@@ -79,7 +81,7 @@ def test_truncated_tensor_files_fail_cleanly(saved, tokenizer, name):
     path = saved / name
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptCheckpointError, match="truncated or damaged"):
-        ICAE.from_pretrained(saved, base_model=(base_model(0), tokenizer))
+        ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
 
 
 def test_tensor_file_unreadable_despite_matching_hash_fails_cleanly(saved, tokenizer):
@@ -89,7 +91,7 @@ def test_tensor_file_unreadable_despite_matching_hash_fails_cleanly(saved, token
     manifest["files"][path.name] = checkpoint_module._sha256(path)
     (saved / "icae_config.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptCheckpointError, match="cannot read"):
-        ICAE.from_pretrained(saved, base_model=(base_model(0), tokenizer))
+        ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
 
 
 def test_corrupt_manifest_fails_cleanly(saved):
@@ -111,6 +113,6 @@ def test_no_default_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_resaving_over_a_checkpoint_replaces_it(make_icae, saved, tokenizer):
     make_icae(trained=False).save_pretrained(saved)
-    loaded = ICAE.from_pretrained(saved, base_model=(base_model(0), tokenizer))
+    loaded = ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
     lora_b = [p for n, p in loaded.model.named_parameters() if "lora_B" in n]
     assert all(torch.count_nonzero(p) == 0 for p in lora_b)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from icae_testing import TINY_CONFIG, base_model
+from tiny_models import TINY_ICAE_CONFIG, tiny_icae_base
 
 from icmem.icae import ICAE, BaseModelMismatchError, ICAEConfigError, ICAEExample, Sampling
 from icmem.icae.model import _pick as pick_token
 
-SPAN = TINY_CONFIG["span_tokens"]
+SPAN = TINY_ICAE_CONFIG["span_tokens"]
 GREEDY = Sampling()
 
 
@@ -206,7 +206,7 @@ def test_invalid_examples_are_refused(kwargs, message):
 def sharp_base_model() -> torch.nn.Module:
     """The tiny base model with 10x query weights: peaked attention, so masking keys matters
     (a random model attends almost uniformly and hides the difference)."""
-    model = base_model(0)
+    model = tiny_icae_base(0)
     model.config.max_position_embeddings = 16  # a window the memory below outgrows
     with torch.no_grad():
         for layer in model.model.layers:
@@ -218,7 +218,7 @@ def test_long_memory_decodes_through_lm_infinite(tokenizer, monkeypatch):
     from icmem import lm_infinite
     from icmem.icae import model as icae_model
 
-    icae = ICAE.from_base((sharp_base_model(), tokenizer), **TINY_CONFIG)
+    icae = ICAE.from_base((sharp_base_model(), tokenizer), **TINY_ICAE_CONFIG)
     reference = sharp_base_model()
     memory = two_spans(icae) * 3  # 3 x (8 + 3) slots, far past the 16-position window
     embeds = icae.decoder_inputs(memory, "lm", icae.tokenize("The")).detach()

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from icae_testing import TINY_CONFIG
+from tiny_models import TINY_ICAE_CONFIG
 
 from icmem.icae import ICAEConfigError
 
-K = TINY_CONFIG["num_memory_tokens"]
-SPAN = TINY_CONFIG["span_tokens"]
+K = TINY_ICAE_CONFIG["num_memory_tokens"]
+SPAN = TINY_ICAE_CONFIG["span_tokens"]
 
 
 def random_spans(count: int, seed: int = 0, low: int = 3, high: int = 500) -> list[list[int]]:
