@@ -1,7 +1,9 @@
 """What an ICAE's memory keeps: reconstruction, continuation and QA from slots.
 
 - `[AE]` reconstruction per span length and slot count k: BLEU-4 and exact-match prefix ratio of
-  the greedy reconstruction, and teacher-forced token cross-entropy of the original span.
+  the greedy reconstruction, and teacher-forced token cross-entropy of the original span, beside
+  the base model's cross-entropy of the same span read with no memory at all (`prior_ce`): only
+  the gap between the two is information the slots carry.
 - Continuation (the paper's Table 1): perplexity of the text after a span given its slots,
   against given the raw span (decoder = the frozen base model in both cases).
 - QA agreement: the answer from slots against the base model's answer reading the raw context.
@@ -146,6 +148,7 @@ class BucketResult:
     k: int
     spans: int
     token_ce: float
+    prior_ce: float  # the base model on the span with no memory: what slots must beat
     bleu4_median: float | None = None
     bleu4_mean: float | None = None
     exact_prefix_mean: float | None = None
@@ -269,8 +272,9 @@ def _bucket(
     ce = statistics.fmean(
         _target_nll(icae, s, "ae", span) for s, (span, _) in zip(slots, pairs, strict=True)
     )
+    prior = statistics.fmean(_raw_nll(icae, span[:1], span[1:]) for span, _ in pairs)
     if not generate:
-        return BucketResult(length=length, k=k, spans=len(pairs), token_ce=ce)
+        return BucketResult(length=length, k=k, spans=len(pairs), token_ce=ce, prior_ce=prior)
     bleu, prefix = [], []
     for memory, (span, _) in zip(slots, pairs, strict=True):
         reference = icae.tokenize(icae.tokenizer.decode(span))
@@ -282,6 +286,7 @@ def _bucket(
         k=k,
         spans=len(pairs),
         token_ce=ce,
+        prior_ce=prior,
         bleu4_median=statistics.median(bleu),
         bleu4_mean=statistics.fmean(bleu),
         exact_prefix_mean=statistics.fmean(prefix),
@@ -399,11 +404,13 @@ def format_table(result: dict[str, Any]) -> str:
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = [f"{'length':>6} {'k':>4} {'spans':>5} {'BLEU-4':>7} {'prefix':>7} {'CE':>7}"]
+    lines = [
+        f"{'length':>6} {'k':>4} {'spans':>5} {'BLEU-4':>7} {'prefix':>7} {'CE':>7} {'prior':>7}"
+    ]
     for b in result["reconstruction"]:
         lines.append(
             f"{b['length']:>6} {b['k']:>4} {b['spans']:>5} {num(b['bleu4_median']):>7} "
-            f"{num(b['exact_prefix_mean']):>7} {num(b['token_ce']):>7}"
+            f"{num(b['exact_prefix_mean']):>7} {num(b['token_ce']):>7} {num(b['prior_ce']):>7}"
         )
     lines.append(f"{'length':>6} {'k':>4} {'ppl(slots)':>11} {'ppl(raw)':>9} {'ratio':>6}")
     for c in result["continuation"]:

@@ -117,7 +117,7 @@ def test_evaluate_reconstruction_reports_every_bucket_and_k(make_icae, tokenizer
         assert bucket["spans"] == 2
         assert 0.0 <= bucket["bleu4_median"] <= 1.0
         assert 0.0 <= bucket["exact_prefix_mean"] <= 1.0
-        assert bucket["token_ce"] > 0
+        assert bucket["token_ce"] > 0 and bucket["prior_ce"] > 0
     for cont in result["continuation"]:
         assert cont["ratio"] == pytest.approx(cont["ppl_slots"] / cont["ppl_raw"])
     assert result["qa"]["triples"] == 1 and 0.0 <= result["qa"]["f1_mean"] <= 1.0
