@@ -179,7 +179,7 @@ def test_cache_stays_bounded_while_generating_far_past_window(llama):
         assert layer.keys.shape[-2] == config.cache_capacity
         assert layer.values.shape[-2] == config.cache_capacity
         window = list(range(layer.seen_tokens - WINDOW, layer.seen_tokens))
-        assert layer.positions.tolist() == window + [0, 1, 2, 3]  # [window | globals]
+        assert layer.positions.tolist() == [*window, 0, 1, 2, 3]  # [window | globals]
 
 
 @torch.no_grad()
