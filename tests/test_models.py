@@ -41,7 +41,8 @@ def test_unknown_name_lists_the_known_ones():
 
 
 def test_hub_id_without_network_explains(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The hub client reads HF_HUB_OFFLINE at import; patch the value it consults at call time.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="pass the local directory"):
         load_model("icmem-test/definitely-not-a-repo")
 
