@@ -324,3 +324,14 @@ def test_bounded_cache_cannot_be_cropped(llama):
         llama(ids(3), past_key_values=cache)
     with pytest.raises(LMInfiniteError, match="cropped"):
         cache.crop(1)
+
+
+@torch.no_grad()
+def test_bfloat16_model_matches_stock_inside_window(llama):
+    model = llama.to(torch.bfloat16)
+    tokens = ids(WINDOW)
+    stock = model(tokens).logits.float()
+    with enabled(model):
+        ours = model(tokens, past_key_values=make_cache(model)).logits
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), stock, rtol=0.05, atol=0.05)
