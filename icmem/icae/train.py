@@ -613,7 +613,8 @@ def _load_checkpoint(
 ) -> tuple[int, int, float]:
     import torch
 
-    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
+    # weights_only: the training state is tensors and plain containers, so nothing is unpickled.
+    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
     named = dict(_named_trainable(icae))
     if set(named) != set(state["trainable"]):
         raise ResumeError(
@@ -650,7 +651,7 @@ def _restore_rng(checkpoint: Path, rank: int) -> None:
             f"{path} is missing: the run was checkpointed with fewer processes; "
             "resume with the same number of processes"
         )
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
