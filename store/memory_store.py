@@ -925,14 +925,15 @@ class MemoryStore:
             shard = self._shards[ns_id] = NamespaceIndex(self.dim, self._policy, generation=0)
         if shard is None:
             return
-        in_step = old_generation is not None and shard.generation == old_generation
+        if old_generation is None or shard.generation != old_generation:
+            # Another thread may already have caught this index up from the rows (including
+            # this write), so applying the delta could add its ids twice: catch up instead.
+            shard.generation = -1
+            return
         shard.remove(np.asarray(remove, np.int64))
         if add_ids is not None and len(add_ids):
             shard.add(add_ids, add_vectors)
-        if in_step:
-            shard.generation = old_generation + 1
-        else:
-            shard.generation = -1  # unknown: catch up from the rows before the next search
+        shard.generation = old_generation + 1
         self._dirty.add(ns_id)
 
     def _database_bytes(self, session: Session | Connection) -> int:
