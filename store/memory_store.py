@@ -932,7 +932,11 @@ class MemoryStore:
             return
         shard.remove(np.asarray(remove, np.int64))
         if add_ids is not None and len(add_ids):
-            shard.add(add_ids, add_vectors)
+            # Under READ COMMITTED a concurrent catch-up can read this write's rows yet label the
+            # index with the generation before it, so skip ids the index already holds.
+            fresh = ~np.isin(add_ids, shard.ids())
+            if fresh.any():
+                shard.add(add_ids[fresh], add_vectors[fresh])
         shard.generation = old_generation + 1
         self._dirty.add(ns_id)
 
