@@ -7,18 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import TINY_ICAE_CONFIG, tiny_model
 
 from icmem.icae.model import ICAE
 
-TINY_ICAE = dict(
-    num_memory_tokens=8,
-    span_tokens=32,
-    min_memory_tokens=2,
-    lora_rank=4,
-    lora_alpha=8,
-    lora_dropout=0.1,  # > 0 so that resuming must restore the dropout RNG too
-)
+# Dropout > 0 so that resuming must restore the dropout RNG too.
+TINY_ICAE = {**TINY_ICAE_CONFIG, "lora_dropout": 0.1}
 WORDS = [
     "the",
     "quick",
