@@ -105,7 +105,7 @@ def chunk_file(
     "replace" (U+FFFD) or "ignore".
     """
     return iter_chunks(
-        _read_utf8(Path(path), errors), tokenizer, span_tokens=span_tokens, overlap=overlap
+        read_utf8(Path(path), errors), tokenizer, span_tokens=span_tokens, overlap=overlap
     )
 
 
@@ -119,7 +119,8 @@ def _backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
     return backend
 
 
-def _read_utf8(path: Path, errors: DecodeErrors) -> Iterator[str]:
+def read_utf8(path: Path, errors: DecodeErrors = "strict") -> Iterator[str]:
+    """Decode a file in blocks; invalid UTF-8 raises `ChunkingError` naming the byte offset."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
     consumed = 0
     with path.open("rb") as handle:

@@ -10,15 +10,15 @@ so the decoder sees each document's spans in the order they were written.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icmem.chunking import DecodeErrors, Span, chunk, chunk_file
+from icmem.chunking import DecodeErrors, Span, chunk, chunk_file, read_utf8
 from icmem.icae.slots import MemorySlots
+from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
     from icmem.embedding import TextEmbedder
@@ -116,7 +116,9 @@ class MemoryPipeline:
     ) -> AddedDocument | None:
         """Compress and store one document (replacing one with the same id); None if empty."""
         spans = chunk(text, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens)
-        return self._store_document(spans, namespace, document_id, source, metadata, _sha256(text))
+        return self._store_document(
+            spans, namespace, document_id, source, metadata, content_id_of(text)
+        )
 
     def ingest_file(
         self,
@@ -134,7 +136,7 @@ class MemoryPipeline:
                 path, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens, errors=errors
             )
         )
-        digest = _sha256("".join(span.text for span in spans))
+        digest = content_id_of("".join(span.text for span in spans))
         return self._store_document(
             spans, namespace, document_id or str(path), str(path), metadata, digest
         )
@@ -157,10 +159,13 @@ class MemoryPipeline:
         stored = {doc.id: doc.content_hash for doc in self.store.list_documents(namespace)}
         report = IngestReport()
         for path in tqdm(paths, desc="ingesting", unit="file", disable=not progress):
-            text = Path(path).read_bytes().decode("utf-8", errors=errors)
-            if stored.get(str(path)) == _sha256(text):
+            text = "".join(read_utf8(Path(path), errors))
+            if stored.get(str(path)) == content_id_of(text):
                 report.skipped += 1
-            elif self.ingest_file(path, namespace=namespace, errors=errors) is None:
+            elif (
+                self.ingest(text, namespace=namespace, document_id=str(path), source=str(path))
+                is None
+            ):
                 report.empty += 1
             else:
                 report.ingested += 1
@@ -260,7 +265,3 @@ class MemoryPipeline:
         )
         (added,) = self.store.upsert([document], namespace=namespace)
         return added
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
