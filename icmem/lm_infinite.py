@@ -9,35 +9,32 @@ catch a transformers release that changes those contracts.
 
 Semantics (W = ``local_window``, g = ``global_tokens``, query at position i, key at position j):
 
-* The Λ mask: the query attends to keys with ``0 <= i - j <= W`` (the local window, which
-  *includes* a key at distance exactly W: W + 1 keys counting the query itself) and to the first
-  g tokens of the sequence (``j < g``) whatever the distance.
-* The distance cap: the pair is rotated by ``min(i - j, W)``. Inside the window that is the true
-  distance, so for sequences of at most W + 1 tokens the result equals stock attention; a global
-  token further than W away is seen at distance exactly W.
+* The Λ mask: the query attends to the last W tokens, itself included (``0 <= i - j < W``,
+  exactly the span of one pretraining sequence), and to the first g tokens of the sequence
+  (``j < g``) whatever the distance.
+* The distance cap: the pair is rotated by ``min(i - j, W - 1)``, the largest distance seen in
+  pretraining. Inside the window that is the true distance, so sequences of at most W tokens
+  get exactly stock attention; a global token outside the window is seen at distance W - 1.
 * ``local_window`` defaults to ``max_position_embeddings``, the pretraining length.
 
-Where rotation happens. Llama-family attention rotates queries and keys before calling the
-attention function and before storing keys in the cache, so the cache would hold keys rotated by
-their absolute position, which can grow without bound. Here:
+Where rotation happens. Llama-family attention rotates queries and keys by their absolute
+position, with cos/sin computed in float32, before calling the attention function and the
+cache. Those angles lose precision as positions grow without bound, so both are undone (with
+the very cos/sin the model used, which makes the inverse exact) and redone with cos/sin computed
+in float64 (:meth:`_Binding.exact_cos_sin`): relative angles then stay exact at any position.
+Keys are rotated once, when they enter the cache, and never again.
 
-1. :class:`LMInfiniteCache` undoes that rotation as keys arrive (exactly: it applies the inverse
-   of the very cos/sin the model used), so it stores *unrotated* keys, and it keeps only the g
-   global and the W most recent keys of each layer: at most ``g + W`` entries, forever.
-2. The attention function undoes the rotation of the queries the same way, then re-rotates
-   queries and window keys by positions relative to ``base``, the earliest position any query
-   of the call can see in its window (so no angle exceeds ``W + n`` for a call of n tokens,
-   however long the conversation), and rotates the global keys at 0 against queries rotated at
-   W for the capped pairs. Both parts share one softmax, computed ``query_block`` queries at a
-   time.
-3. The cache tells the attention function which positions the keys it just returned hold (a
-   hand-off keyed by the attention module). Without that hand-off (no cache, or a stock
-   ``DynamicCache``) the keys are taken as rotated and contiguous up to the newest token, and
-   only the ones the Λ mask needs are unrotated: results are the same, but memory is unbounded.
-   Pass ``past_key_values=make_cache(model)`` to get the bounded cache.
-
-Costs: a prefill of n tokens takes O(n·W) time; memory is O(n) (the model's own activations) plus
-O(query_block·W) for the scores. Each generated token costs O(W) time and O(1) extra memory.
+:class:`LMInfiniteCache` keeps, per layer, the g global keys unrotated (they are rotated against
+queries placed at W - 1, the cap) and the W most recent keys in a ring buffer: at most g + W
+entries, forever. A generated token writes one slot, reads the ring once for its scores and
+once for its values: O(W) time and O(1) extra memory, with no copy of the window. A prefill of
+n tokens runs ``torch.nn.functional.scaled_dot_product_attention`` over query blocks with the
+band mask, the global tokens folded into one extra key (see :func:`_prefill_attention`): O(n·W)
+time and O(n) memory. The cache tells the attention function where its window starts (a
+hand-off keyed by the attention module). Without it (no cache, or a stock ``DynamicCache``) the
+keys the model passes are taken as rotated and contiguous up to the newest token, and only the
+ones the Λ mask needs are re-rotated: results are the same, but memory is unbounded. Pass
+``past_key_values=make_cache(model)`` to get the bounded cache.
 
 Not supported: padded batches (they raise :class:`LMInfiniteError`; batch equal-length prompts or
 run one sequence per call), RoPE types whose frequencies change with length ("dynamic",
@@ -56,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from icmem.errors import IcmemError
@@ -117,31 +114,74 @@ class LMInfiniteConfig:
         return self.global_tokens + self.local_window
 
 
-@dataclass
 class _Binding:
-    config: LMInfiniteConfig
-    rotary: nn.Module
-    # float32 cos/sin of relative positions 0..len-1, shared by all layers, grown on demand.
-    table: tuple[torch.Tensor, torch.Tensor] | None = None
+    """One model's LM-Infinite settings, shared by its attention modules and its caches."""
 
-    def relative_cos_sin(
+    def __init__(self, config: LMInfiniteConfig, rotary: nn.Module) -> None:
+        self.config = config
+        self.rotary = rotary
+        # Every layer asks for the cos/sin of the same positions; compute them once per call.
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _remember(self, key: tuple, compute: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) >= 16:
+                self._memo.clear()
+            found = self._memo[key] = compute()
+        return found
+
+    def model_cos_sin(
+        self, start: int, length: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin the model itself rotated positions start.. with (to undo its rotation)."""
+        positions = torch.arange(start, start + length, device=device)
+        return self._remember(
+            ("model", start, length, dtype, device), lambda: _cos_sin(self.rotary, positions, dtype)
+        )
+
+    def exact_cos_sin(
         self, start: int, length: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (1, 1, length, D) of positions start..start+length-1, sliced from a table."""
-        needed = start + length
-        if self.table is None or self.table[0].shape[-2] < needed or self.table[0].device != device:
-            size = max(needed, self.config.local_window + self.config.query_block + 1)
-            self.table = _cos_sin(self.rotary, torch.arange(size, device=device), torch.float32)
-        cos, sin = self.table
-        return cos[..., start:needed, :], sin[..., start:needed, :]
+        """float32 cos/sin (1, 1, length, D) of positions start.., from float64 angles.
+
+        The model's own float32 angles drift by about position x 6e-8 radians; these stay exact
+        to float32 rounding of the cos/sin values, so relative angles hold at any position.
+        """
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            positions = torch.arange(start, start + length, device=device, dtype=torch.float64)
+            angles = positions[:, None] * self.rotary.inv_freq.to(device, torch.float64)
+            angles = torch.cat((angles, angles), dim=-1)
+            scale = float(getattr(self.rotary, "attention_scaling", 1.0))
+            cos, sin = angles.cos() * scale, angles.sin() * scale
+            return cos.float()[None, None], sin.float()[None, None]
+
+        return self._remember(("exact", start, length, device), compute)
 
 
 # Attention module -> its LM-Infinite settings; set by enable(), cleared by disable().
 _BINDINGS: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
-# Attention module -> positions of the unrotated keys LMInfiniteCache.update just returned to it.
-_HANDOFF: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+# Attention module -> the _KeyWindow describing the keys LMInfiniteCache.update just returned.
+_HANDOFF: weakref.WeakKeyDictionary[nn.Module, _KeyWindow] = weakref.WeakKeyDictionary()
 # Model -> the attention implementation to restore on disable().
 _PREVIOUS_IMPLEMENTATION: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _KeyWindow:
+    """What the keys handed to the attention function hold.
+
+    The window keys are rotated by their absolute positions (exactly) and cover ``start`` up to
+    ``end - 1``: in position order for calls of several queries, possibly in ring order for a
+    single query (which sees all of them, so their order does not matter). The global keys are
+    unrotated and cover positions ``0 .. len - 1``.
+    """
+
+    start: int
+    end: int
+    global_keys: torch.Tensor
+    global_values: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +208,8 @@ def _cos_sin(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x·cos + rotate_half(x)·sin, written once into a fresh tensor (no temporaries: on long
-    windows this runs over every cached key at every step)."""
+    """x·cos + rotate_half(x)·sin, in float32, written once into a fresh tensor."""
+    x = x.float()
     if x.requires_grad and torch.is_grad_enabled():  # out= cannot be differentiated
         return x * cos + _rotate_half(x) * sin
     half = x.shape[-1] // 2
@@ -192,97 +232,161 @@ def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 
 
-def _layout(key_positions: torch.Tensor, global_tokens: int) -> tuple[int, int, int]:
-    """Where the global keys start, how many there are, and where the window keys end.
-
-    Keys come in one of two layouts (see LMInfiniteLayer): the whole history in order, or a
-    window in order followed by the global tokens. Either way the globals are one run of
-    indices and the window is another, in position order, ending with the newest keys.
-    """
-    total = key_positions.shape[0]
-    n_global = int((key_positions < global_tokens).sum())
-    if n_global == total or int(key_positions[0]) < global_tokens:
-        return 0, n_global, total
-    return total - n_global, n_global, total - n_global
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, m, D) -> (B, Hkv, G·m, D): the G query heads sharing a key head become rows."""
+    batch, heads, m, dim = x.shape
+    return x.reshape(batch, kv_heads, heads // kv_heads * m, dim)
 
 
 def _lambda_attention(
     query: torch.Tensor,  # (B, H, n, D), unrotated
-    key: torch.Tensor,  # (B, Hkv, T, D), unrotated
+    key: torch.Tensor,  # (B, Hkv, T, D), rotated at absolute positions, see _KeyWindow
     value: torch.Tensor,  # (B, Hkv, T, D)
-    query_positions: torch.Tensor,  # (n,) increasing by one
-    key_positions: torch.Tensor,  # (T,) increasing
+    window: _KeyWindow,
     binding: _Binding,
     scaling: float,
 ) -> torch.Tensor:
-    """Returns (B, n, H, D).
-
-    Rotations are relative to ``base``, the earliest position any query of this call can see
-    in its window, so angles stay below ``W + n`` however long the sequence has run. Keys older
-    than ``base`` only ever appear as global tokens, rotated at 0 against queries rotated at W.
-    """
+    """Returns (B, n, H, D) for queries at positions ``window.end - n`` .. ``window.end - 1``."""
     config = binding.config
-    batch, heads, n, dim = query.shape
+    n = query.shape[-2]
+    first = window.end - n
+    device = query.device
+    q = _rotate(query, *binding.exact_cos_sin(first, n, device)).mul_(scaling)
+    # Global tokens some query of this call sees beyond its window: j <= last query - W.
+    n_global = min(window.global_keys.shape[-2], max(0, window.end - config.local_window))
+    capped_q = global_k = global_v = None
+    if n_global:
+        capped_q = _rotate(query, *binding.exact_cos_sin(config.local_window - 1, 1, device))
+        capped_q.mul_(scaling)
+        global_k = _rotate(
+            window.global_keys[:, :, :n_global], *binding.exact_cos_sin(0, 1, device)
+        )
+        global_v = window.global_values[:, :, :n_global].float()
+    if n == 1:
+        out = _decode_attention(q, key, value, capped_q, global_k, global_v)
+    else:
+        out = _prefill_attention(q, key, value, window, capped_q, global_k, global_v, config)
+    return out.to(value.dtype).transpose(1, 2)
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    capped_q: torch.Tensor | None,
+    global_k: torch.Tensor | None,
+    global_v: torch.Tensor | None,
+) -> torch.Tensor:
+    """One query that sees every window key: read the keys once for the scores and the values
+    once for the output, in the cache's dtype like eager attention (softmax in float32), with
+    no copy of the window."""
+    batch, heads, _, dim = q.shape
+    kv_heads = key.shape[1]
+    scores = (_grouped(q, kv_heads).to(key.dtype) @ key.transpose(-1, -2)).float()
+    if global_k is not None:
+        capped = _grouped(capped_q, kv_heads) @ global_k.transpose(-1, -2)
+        scores = torch.cat((capped, scores), dim=-1)
+    weights = torch.softmax(scores, dim=-1)
+    n_global = 0 if global_k is None else global_k.shape[-2]
+    out = (weights[..., n_global:].to(value.dtype) @ value).float()
+    if global_v is not None:
+        out += weights[..., :n_global] @ global_v
+    return out.view(batch, heads, 1, dim)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: _KeyWindow,
+    capped_q: torch.Tensor | None,
+    global_k: torch.Tensor | None,
+    global_v: torch.Tensor | None,
+    config: LMInfiniteConfig,
+) -> torch.Tensor:
+    """Queries in blocks, each block one fused ``scaled_dot_product_attention`` call.
+
+    Window and capped global scores need one shared softmax, but the two use different query
+    rotations, so the globals cannot simply join the keys. Instead, for each query row the
+    globals are first reduced to their log-sum-exp ``L`` and their softmax-weighted value
+    ``o_g``; then one extra key joins the window, with score ``L`` (carried by an extra query
+    dimension against a key that is 1 there) and a value that is 1 in an extra dimension. The
+    fused call returns the window's output already renormalised in the first D dimensions and
+    the globals' share in the extra one, so the result is ``out[:D] + out[D] * o_g``.
+    """
+    batch, heads, n, dim = q.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    window = config.local_window
-
-    global_start, n_global, window_end = _layout(key_positions, config.global_tokens)
-    base = max(int(query_positions[0]) - window, 0)
-    first_local = int(torch.searchsorted(key_positions[:window_end], base))
-    local_positions = key_positions[first_local:window_end]  # contiguous: base, base + 1, ...
-    device = query.device
-    k = _rotate(
-        key[:, :, first_local:window_end].float(),
-        *binding.relative_cos_sin(int(local_positions[0]) - base, len(local_positions), device),
-    )
-    q = _rotate(
-        query.float() * scaling,
-        *binding.relative_cos_sin(int(query_positions[0]) - base, n, device),
-    )
-    v = value[:, :, first_local:window_end].float()
-
-    needs_global = n_global > 0 and int(query_positions[-1]) - window > 0
-    if needs_global:
-        global_end = global_start + n_global
-        global_positions = key_positions[global_start:global_end]
-        global_k = _rotate(
-            key[:, :, global_start:global_end].float(), *binding.relative_cos_sin(0, 1, device)
-        )
-        capped_q = _rotate(query.float() * scaling, *binding.relative_cos_sin(window, 1, device))
-        global_v = value[:, :, global_start:global_end].float()
-
-    def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, m, D) -> (B, Hkv, G·m, D)
-        return x.reshape(batch, kv_heads, groups * x.shape[-2], dim)
-
-    out = torch.empty(batch, heads, n, dim, dtype=value.dtype, device=value.device)
+    width = config.local_window
+    first_query = window.end - n
+    device = q.device
+    out = torch.empty(batch, heads, n, dim, dtype=torch.float32, device=device)
     for start in range(0, n, config.query_block):
         stop = min(n, start + config.query_block)
-        rows = groups * (stop - start)
-        q_pos = query_positions[start:stop]
-        lo = int(torch.searchsorted(local_positions, q_pos[0] - window))
-        hi = int(torch.searchsorted(local_positions, q_pos[-1], right=True))
-        shape = (batch, kv_heads, groups, stop - start, -1)
-        # One softmax over both parts, without concatenating them: shared max, shared sum.
-        scores = (grouped(q[:, :, start:stop]) @ k[:, :, lo:hi].transpose(-1, -2)).view(shape)
-        distance = q_pos[:, None] - local_positions[None, lo:hi]
-        scores.masked_fill_((distance < 0) | (distance > window), float("-inf"))
-        peak = scores.amax(dim=-1, keepdim=True)
-        if needs_global:
-            capped = (grouped(capped_q[:, :, start:stop]) @ global_k.transpose(-1, -2)).view(shape)
-            beyond = (q_pos[:, None] - global_positions[None, :]) > window
-            capped.masked_fill_(~beyond, float("-inf"))
-            peak = torch.maximum(peak, capped.amax(dim=-1, keepdim=True))
-        weights = scores.sub_(peak).exp_()
-        total = weights.sum(dim=-1, keepdim=True)
-        block = weights.view(batch, kv_heads, rows, -1) @ v[:, :, lo:hi]
-        if needs_global:
-            capped_weights = capped.sub_(peak).exp_()
-            total += capped_weights.sum(dim=-1, keepdim=True)
-            block += capped_weights.view(batch, kv_heads, rows, -1) @ global_v
-        block = block.view((*shape[:-1], dim)) / total
-        out[:, :, start:stop] = block.view(batch, heads, stop - start, dim).to(out.dtype)
-    return out.transpose(1, 2)
+        rows = stop - start
+        q_pos = torch.arange(first_query + start, first_query + stop, device=device)
+        lo = max(0, int(q_pos[0]) - width + 1 - window.start)
+        hi = int(q_pos[-1]) + 1 - window.start
+        k_pos = torch.arange(window.start + lo, window.start + hi, device=device)
+        distance = q_pos[:, None] - k_pos[None, :]
+        mask = torch.zeros(rows, hi - lo + 1, device=device)
+        mask[:, :-1].masked_fill_((distance < 0) | (distance >= width), float("-inf"))
+
+        keys = torch.zeros(batch, kv_heads, hi - lo + 1, dim + 1, device=device)
+        keys[:, :, :-1, :dim] = key[:, :, lo:hi]
+        keys[:, :, -1, dim] = 1.0
+        values = torch.zeros_like(keys)
+        values[:, :, :-1, :dim] = value[:, :, lo:hi]
+        values[:, :, -1, dim] = 1.0
+        queries = torch.zeros(batch, kv_heads, groups * rows, dim + 1, device=device)
+        queries[..., :dim] = _grouped(q[:, :, start:stop], kv_heads)
+
+        sees_global = torch.zeros(rows, dtype=torch.bool, device=device)
+        if global_k is not None:
+            g_pos = torch.arange(global_k.shape[-2], device=device)
+            beyond = (q_pos[:, None] - g_pos[None, :]) >= width
+            capped = _grouped(capped_q[:, :, start:stop], kv_heads) @ global_k.transpose(-1, -2)
+            capped.masked_fill_(~beyond.repeat(groups, 1), float("-inf"))
+            sees_global = beyond.any(dim=-1)
+            log_total = torch.logsumexp(capped, dim=-1, keepdim=True)
+            safe = torch.where(torch.isfinite(log_total), log_total, torch.zeros_like(log_total))
+            global_out = (capped - safe).exp_() @ global_v
+            queries[..., dim : dim + 1] = safe
+        mask[:, -1].masked_fill_(~sees_global, float("-inf"))
+        fused = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask.repeat(groups, 1), scale=1.0
+        )
+        block = fused[..., :dim]
+        if global_k is not None:
+            block = block + fused[..., dim : dim + 1] * global_out
+        out[:, :, start:stop] = block.reshape(batch, heads, rows, dim)
+    return out
+
+
+def _window_from_model_keys(
+    key: torch.Tensor, value: torch.Tensor, first_query: int, end: int, binding: _Binding
+) -> tuple[torch.Tensor, torch.Tensor, _KeyWindow]:
+    """Keys straight from the model (no cache, or a stock cache): rotated by the model at
+    positions ``end - T .. end - 1``. Keep what the Λ mask needs, in this module's form."""
+    config = binding.config
+    total = key.shape[-2]
+    oldest = end - total
+    if config.global_tokens and oldest > 0:
+        raise LMInfiniteError(
+            "the cache passed to the model has dropped the first tokens that LM-Infinite "
+            "keeps as global tokens (a sliding-window cache?); pass "
+            "past_key_values=icmem.lm_infinite.make_cache(model)"
+        )
+    start = max(oldest, first_query - config.local_window + 1)
+    window_keys = key[:, :, start - oldest :]
+    raw = _unrotate(window_keys, *binding.model_cos_sin(start, end - start, key.dtype, key.device))
+    rotated = _rotate(raw, *binding.exact_cos_sin(start, end - start, key.device)).to(key.dtype)
+    n_global = min(config.global_tokens, max(0, end - config.local_window))
+    global_keys = _unrotate(
+        key[:, :, :n_global], *binding.model_cos_sin(0, n_global, key.dtype, key.device)
+    )
+    window = _KeyWindow(start, end, global_keys, value[:, :, :n_global])
+    return rotated, value[:, :, start - oldest :], window
 
 
 def _lm_infinite_attention(
@@ -319,42 +423,27 @@ def _lm_infinite_attention(
     n = query.shape[-2]
     positions = position_ids.reshape(-1, n)
     query_positions = positions[0]
-    expected = query_positions[0] + torch.arange(n, device=query_positions.device)
+    first = int(query_positions[0])
+    expected = first + torch.arange(n, device=query_positions.device)
     if not (torch.equal(query_positions, expected) and bool((positions == query_positions).all())):
         raise LMInfiniteError(
             "LM-Infinite attention needs consecutive positions shared by every batch row "
             "(no padding, no packed sequences); pass plain unpadded inputs"
         )
-    config, rotary = binding.config, binding.rotary
 
-    key_positions = _HANDOFF.pop(module, None)
-    if key_positions is None:  # keys straight from the model (no cache or a stock cache): rotated
-        total = key.shape[-2]
-        key_positions = torch.arange(total, device=key.device) + (query_positions[-1] + 1 - total)
-        if config.global_tokens and int(key_positions[0]) > 0:
-            raise LMInfiniteError(
-                "the cache passed to the model has dropped the first tokens that LM-Infinite "
-                "keeps as global tokens (a sliding-window cache?); pass "
-                "past_key_values=icmem.lm_infinite.make_cache(model)"
-            )
-        needed = (key_positions < config.global_tokens) | (
-            key_positions >= query_positions[0] - config.local_window
+    window = _HANDOFF.pop(module, None)
+    if window is None:
+        key, value, window = _window_from_model_keys(key, value, first, first + n, binding)
+    elif window.end != first + n:
+        raise LMInfiniteError(
+            f"position_ids start at {first} but the LM-Infinite cache placed these tokens at "
+            f"{window.end - n}; do not pass explicit position_ids that skip or repeat positions "
+            "with this cache"
         )
-        key, value, key_positions = key[:, :, needed], value[:, :, needed], key_positions[needed]
-        key = _unrotate(key, *_cos_sin(rotary, key_positions, key.dtype))
-    else:
-        window_end = _layout(key_positions, config.global_tokens)[2]
-        cached = key_positions[window_end - n : window_end]
-        if not torch.equal(cached, query_positions):
-            raise LMInfiniteError(
-                f"position_ids start at {int(query_positions[0])} but the LM-Infinite cache "
-                f"placed these tokens at {int(cached[0])}; do not pass explicit position_ids "
-                "that skip or repeat positions with this cache"
-            )
 
-    query = _unrotate(query, *_cos_sin(rotary, query_positions, query.dtype))
+    query = _unrotate(query, *binding.model_cos_sin(first, n, query.dtype, query.device))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = _lambda_attention(query, key, value, query_positions, key_positions, binding, scale)
+    output = _lambda_attention(query, key, value, window, binding, scale)
     return output.contiguous(), None
 
 
@@ -375,73 +464,111 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask_only)
 # ---------------------------------------------------------------------------------------------
 
 
-class LMInfiniteLayer(DynamicLayer):
-    """One layer's unrotated keys and values: the first g tokens and the W most recent ones.
+class LMInfiniteLayer(CacheLayerMixin):
+    """One layer's keys and values: the first g tokens, and the W most recent in a ring.
 
-    ``get_seq_length`` counts every token seen (as transformers expects, to place new tokens);
-    ``keys.shape[-2]`` is what is actually held, at most ``g + W``.
+    ``keys``/``values`` are the ring (exactly rotated keys; position p lives in slot p mod W,
+    and the ring grows by doubling up to W slots); ``global_keys``/``global_values`` hold the
+    first g tokens unrotated. ``get_seq_length`` counts every token seen (as transformers
+    expects, to place new tokens); :meth:`held_positions` lists what is actually kept.
     """
 
     is_croppable = False
 
-    def __init__(self, global_tokens: int, local_window: int) -> None:
+    def __init__(self, binding: _Binding) -> None:
         super().__init__()
-        self.global_tokens = global_tokens
-        self.local_window = local_window
+        self._binding = binding
+        self.global_tokens = binding.config.global_tokens
+        self.local_window = binding.config.local_window
         self.seen_tokens = 0
-        self.positions: torch.Tensor | None = None
-        self.trailing_globals = 0  # > 0 once the layer holds [window | globals]
+        self.global_keys: torch.Tensor | None = None
+        self.global_values: torch.Tensor | None = None
+        self.last_window: _KeyWindow | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.keys = key_states[..., :0, :].clone()  # (B, Hkv, 0, D): sliceable like the rest
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :].clone()  # (B, Hkv, 0, D)
         self.values = value_states[..., :0, :].clone()
-        self.positions = torch.empty(0, dtype=torch.long, device=key_states.device)
+        self.global_keys, self.global_values = self.keys.clone(), self.values.clone()
+        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append unrotated keys; return everything the current queries need; keep g + W.
+        """Store unrotated keys at the next positions; return the window the new queries see.
 
-        Until the first key is dropped the layer holds the history in order. From then on it
-        holds ``[window | globals]``: the new keys go between the two in the one copy each step
-        makes, and dropping the oldest window keys is a view, not a second copy.
+        One new token gets a view of the ring (no copy); several get the old window and the
+        new keys concatenated in position order (a copy of O(W + n), once per call).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        new_positions = torch.arange(n, device=self.positions.device) + self.seen_tokens
-        split = self.keys.shape[-2] - self.trailing_globals  # where the new keys go
-        keys = torch.cat((self.keys[..., :split, :], key_states, self.keys[..., split:, :]), -2)
-        values = torch.cat(
-            (self.values[..., :split, :], value_states, self.values[..., split:, :]), -2
-        )
-        positions = torch.cat((self.positions[:split], new_positions, self.positions[split:]))
-        self.seen_tokens += n
-        self.returned_positions = positions
-
-        oldest_needed = self.seen_tokens - self.local_window
-        total = positions.shape[0]
-        if self.trailing_globals or not self.global_tokens:
-            drop = int((positions[: total - self.trailing_globals] < oldest_needed).sum())
-            kept = (keys[..., drop:, :], values[..., drop:, :], positions[drop:])
-        else:
-            n_global = int((positions < self.global_tokens).sum())
-            n_recent = int((positions >= oldest_needed).sum())
-            if n_global + n_recent >= total:
-                kept = (keys, values, positions)
-            else:  # the first drop: move to [window | globals], once
-                recent = total - n_recent
-                kept = (
-                    torch.cat((keys[..., recent:, :], keys[..., :n_global, :]), -2),
-                    torch.cat((values[..., recent:, :], values[..., :n_global, :]), -2),
-                    torch.cat((positions[recent:], positions[:n_global])),
-                )
-                self.trailing_globals = n_global
-        if kept[0].shape[-2] * 2 < keys.shape[-2]:  # do not pin a long prefill's keys in memory
-            kept = tuple(t.clone() for t in kept)
-        self.keys, self.values, self.positions = kept
+        start, n = self.seen_tokens, key_states.shape[-2]
+        end = start + n
+        if start < self.global_tokens:
+            take = min(n, self.global_tokens - start)
+            self.global_keys = torch.cat((self.global_keys, key_states[..., :take, :]), -2)
+            self.global_values = torch.cat((self.global_values, value_states[..., :take, :]), -2)
+        device = key_states.device
+        rotated = _rotate(key_states, *self._binding.exact_cos_sin(start, n, device))
+        rotated = rotated.to(key_states.dtype)
+        if n > 1:
+            window_start = max(0, start - self.local_window + 1)
+            old_keys, old_values = self._ordered(window_start, start)
+            keys = torch.cat((old_keys, rotated), -2)
+            values = torch.cat((old_values, value_states), -2)
+        self._store(rotated, value_states, start)
+        self.seen_tokens = end
+        if n == 1:
+            held = min(end, self.local_window)
+            window_start = end - held
+            keys, values = self.keys[..., :held, :], self.values[..., :held, :]
+        self.last_window = _KeyWindow(window_start, end, self.global_keys, self.global_values)
         return keys, values
+
+    def _slots(self, first: int, stop: int) -> list[tuple[int, int]]:
+        """Ring slot ranges holding positions first .. stop - 1, in position order."""
+        if stop <= first:
+            return [(0, 0)]
+        begin = first % self.local_window
+        count = stop - first
+        head = min(count, self.local_window - begin)
+        return [(begin, begin + head)] + ([(0, count - head)] if count > head else [])
+
+    def _ordered(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self._slots(first, stop)
+        if len(slots) == 1:
+            ((a, b),) = slots
+            return self.keys[..., a:b, :], self.values[..., a:b, :]
+        return (
+            torch.cat([self.keys[..., a:b, :] for a, b in slots], -2),
+            torch.cat([self.values[..., a:b, :] for a, b in slots], -2),
+        )
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        end = start + keys.shape[-2]
+        needed = min(end, self.local_window)
+        capacity = self.keys.shape[-2]
+        if capacity < needed:  # below W slots, position p sits in slot p: grow in order
+            size = min(self.local_window, max(needed, 2 * capacity))
+            grown_keys = self.keys.new_empty((*self.keys.shape[:-2], size, self.keys.shape[-1]))
+            grown_values = self.values.new_empty(
+                (*self.values.shape[:-2], size, self.values.shape[-1])
+            )
+            grown_keys[..., : self.seen_tokens, :] = self.keys[..., : self.seen_tokens, :]
+            grown_values[..., : self.seen_tokens, :] = self.values[..., : self.seen_tokens, :]
+            self.keys, self.values = grown_keys, grown_values
+        kept = min(keys.shape[-2], self.local_window)
+        offset = keys.shape[-2] - kept
+        for a, b in self._slots(end - kept, end):
+            self.keys[..., a:b, :] = keys[..., offset : offset + b - a, :]
+            self.values[..., a:b, :] = values[..., offset : offset + b - a, :]
+            offset += b - a
+
+    def held_positions(self) -> list[int]:
+        """Positions whose keys this layer keeps: the global tokens, then the ring's window."""
+        n_global = 0 if self.global_keys is None else self.global_keys.shape[-2]
+        ring = min(self.seen_tokens, self.local_window)
+        return [*range(n_global), *range(self.seen_tokens - ring, self.seen_tokens)]
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
@@ -453,10 +580,27 @@ class LMInfiniteLayer(DynamicLayer):
         return self.global_tokens + self.local_window
 
     def reset(self) -> None:
-        super().reset()
+        self.keys = self.values = self.global_keys = self.global_values = None
+        self.last_window = None
         self.seen_tokens = 0
-        self.positions = None
-        self.trailing_globals = 0
+        self.is_initialized = False
+
+    def _map_batch(self, select: Any) -> None:
+        if self.is_initialized:
+            self.keys, self.values = select(self.keys), select(self.values)
+            self.global_keys, self.global_values = (
+                select(self.global_keys),
+                select(self.global_values),
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise LMInfiniteError(
@@ -466,7 +610,7 @@ class LMInfiniteLayer(DynamicLayer):
 
 
 class LMInfiniteCache(Cache):
-    """A cache whose every layer holds at most ``global_tokens + local_window`` unrotated keys.
+    """A cache whose every layer holds at most ``global_tokens + local_window`` keys.
 
     Build it with :func:`make_cache` and pass it as ``past_key_values`` to ``model(...)`` or
     ``model.generate(...)``; it stays bounded however long the conversation runs.
@@ -482,14 +626,9 @@ class LMInfiniteCache(Cache):
                 "icmem.lm_infinite.enable(model) (or use `with enabled(model):`) first"
             )
         self.config = binding.config
-        self._rotary = binding.rotary
+        self._binding = binding
         self._modules = modules
-        super().__init__(
-            layers=[
-                LMInfiniteLayer(self.config.global_tokens, self.config.local_window)
-                for _ in modules
-            ]
-        )
+        super().__init__(layers=[LMInfiniteLayer(binding) for _ in modules])
 
     def update(
         self,
@@ -499,14 +638,14 @@ class LMInfiniteCache(Cache):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unrotate the new keys (they sit at the next positions), store them, and tell the
-        layer's attention function which positions the returned keys hold."""
+        """Undo the model's rotation of the new keys (they sit at the next positions), store
+        them, and tell the layer's attention function what the returned keys hold."""
         layer = self.layers[layer_idx]
-        start = layer.get_seq_length()
-        positions = torch.arange(key_states.shape[-2], device=key_states.device) + start
-        raw = _unrotate(key_states, *_cos_sin(self._rotary, positions, key_states.dtype))
-        keys, values = layer.update(raw, value_states)
-        _HANDOFF[self._modules[layer_idx]] = layer.returned_positions
+        cos_sin = self._binding.model_cos_sin(
+            layer.get_seq_length(), key_states.shape[-2], key_states.dtype, key_states.device
+        )
+        keys, values = layer.update(_unrotate(key_states, *cos_sin), value_states)
+        _HANDOFF[self._modules[layer_idx]] = layer.last_window
         return keys, values
 
 
@@ -585,7 +724,7 @@ def enable(
         top_k_middle=top_k_middle,
         query_block=query_block,
     )
-    binding = _Binding(config=config, rotary=_rotary_module(base))
+    binding = _Binding(config, _rotary_module(base))
     modules = _attention_modules(base)
     if base not in _PREVIOUS_IMPLEMENTATION:
         _PREVIOUS_IMPLEMENTATION[base] = base.config._attn_implementation

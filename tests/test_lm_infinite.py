@@ -23,8 +23,8 @@ def naive_lm_infinite_logits(
 ) -> torch.Tensor:
     """O(n²) forward written from the model's weights: the Λ mask and the distance cap by hand.
 
-    Every (query i, key j) pair gets its own rotation by min(i - j, window); the pair is visible
-    when 0 <= i - j <= window or j < global_tokens (and j <= i).
+    Every (query i, key j) pair gets its own rotation by min(i - j, window - 1); the pair is
+    visible when 0 <= i - j < window or j < global_tokens (and j <= i).
     """
     config = model.config
     core = model.model
@@ -39,8 +39,9 @@ def naive_lm_infinite_logits(
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     distance = i - j
-    visible = (distance >= 0) & ((distance <= window) | (j < global_tokens))
-    angles = distance.clamp(0, window)[..., None].float() * inv_freq  # (n, n, D/2)
+    visible = (distance >= 0) & ((distance < window) | (j < global_tokens))
+    angles = distance.clamp(0, window - 1)[..., None].double() * inv_freq.double()
+    angles = angles.float()  # (n, n, D/2)
     cos, sin = angles.cos(), angles.sin()
 
     def rms_norm(x, norm):
@@ -104,8 +105,8 @@ def llama():
 
 
 @torch.no_grad()
-def test_matches_stock_attention_up_to_window_plus_one(model):
-    tokens = ids(WINDOW + 1, batch=2)
+def test_matches_stock_attention_up_to_window(model):
+    tokens = ids(WINDOW, batch=2)
     stock = model(tokens).logits
     with enabled(model) as config:
         assert config.local_window == WINDOW  # read from max_position_embeddings
@@ -124,8 +125,10 @@ def test_matches_naive_reference_far_past_window(model, global_tokens, query_blo
     with enabled(model, global_tokens=global_tokens, query_block=query_block):
         full = model(tokens).logits
         chunked, _ = chunked_logits(model, tokens, [5, 11, 23])
+        stepwise, _ = chunked_logits(model, tokens, [1])
     torch.testing.assert_close(full, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepwise, reference, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
@@ -137,12 +140,13 @@ def test_reference_agrees_with_stock_inside_window(model):
 
 
 @torch.no_grad()
-def test_key_at_distance_exactly_window_is_inside_window():
-    """One layer, no global tokens: the last query sees exactly the last WINDOW + 1 tokens."""
+def test_window_holds_the_last_window_tokens_query_included():
+    """One layer, no global tokens: the last query sees exactly the last WINDOW tokens, so a
+    key at distance WINDOW - 1 is inside and one at distance WINDOW is not."""
     model = tiny_model("llama", layers=1, max_positions=WINDOW)
-    tokens = ids(WINDOW + 2)
-    last_window = model(tokens[:, 1:]).logits[:, -1]  # keys at distances 0..WINDOW
-    with_first = model(tokens).logits[:, -1]  # also the key at distance WINDOW + 1
+    tokens = ids(WINDOW + 1)
+    last_window = model(tokens[:, 1:]).logits[:, -1]  # keys at distances 0..WINDOW - 1
+    with_first = model(tokens).logits[:, -1]  # also the key at distance WINDOW
     with enabled(model, global_tokens=0):
         ours = model(tokens).logits[:, -1]
     torch.testing.assert_close(ours, last_window)
@@ -176,10 +180,11 @@ def test_cache_stays_bounded_while_generating_far_past_window(llama):
     assert out.shape[1] == prompt.shape[1] + 4 * WINDOW
     assert config.cache_capacity == 4 + WINDOW
     for layer in cache.layers:
-        assert layer.keys.shape[-2] == config.cache_capacity
-        assert layer.values.shape[-2] == config.cache_capacity
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == WINDOW  # the ring
+        assert layer.global_keys.shape[-2] == layer.global_values.shape[-2] == 4
         window = list(range(layer.seen_tokens - WINDOW, layer.seen_tokens))
-        assert layer.positions.tolist() == [*window, 0, 1, 2, 3]  # [window | globals]
+        assert layer.held_positions() == [0, 1, 2, 3, *window]
+        assert len(layer.held_positions()) == config.cache_capacity
 
 
 @torch.no_grad()
@@ -198,6 +203,16 @@ def test_generate_with_bounded_cache_matches_default_cache(llama, do_sample):
         )
     assert torch.equal(bounded, default)
     assert torch.equal(chunked, default)
+
+
+@torch.no_grad()
+def test_beam_search_reorders_the_bounded_cache(llama):
+    prompt = ids(WINDOW - 3)
+    kwargs = dict(max_new_tokens=WINDOW, min_new_tokens=WINDOW, num_beams=3, do_sample=False)
+    with enabled(llama, global_tokens=2):
+        default = llama.generate(prompt, **kwargs)
+        bounded = llama.generate(prompt, past_key_values=make_cache(llama), **kwargs)
+    assert torch.equal(bounded, default)
 
 
 @torch.no_grad()
@@ -246,7 +261,7 @@ def test_peft_model_with_adapter_disabled(llama):
         cache = make_cache(lora)
         got = lora(input_ids=tokens, past_key_values=cache).logits
     torch.testing.assert_close(got, expected)
-    assert cache.layers[0].keys.shape[-2] == 2 + WINDOW
+    assert len(cache.layers[0].held_positions()) == 2 + WINDOW
 
 
 def test_enable_disable_restore_attention_implementation(llama):
