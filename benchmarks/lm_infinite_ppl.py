@@ -17,18 +17,11 @@ import statistics
 from lm_infinite_common import gutenberg_play_files, gutenberg_plays, write_result
 
 from icmem import load_model
-from icmem.evals.long_context import perplexity_by_bucket
+from icmem.evals.long_context import bucket_summary, perplexity_by_bucket
 
 
 def summarise(lm_infinite: dict, vanilla: dict | None, split: int) -> dict:
-    below = [b["ppl"] for b in lm_infinite["buckets"] if b["end"] <= split]
-    above = [b for b in lm_infinite["buckets"] if b["start"] >= split]
-    mean_below = statistics.fmean(below) if below else None
-    summary = {"lm_infinite_mean_below": mean_below, "split": split}
-    if mean_below and above:
-        worst = max(abs(b["ppl"] / mean_below - 1) for b in above)
-        summary["lm_infinite_worst_deviation_above"] = worst
-        summary["target_met"] = worst <= 0.10
+    summary = bucket_summary(lm_infinite["buckets"], split)
     if vanilla is not None:
         summary["vanilla_over_lm_infinite"] = [
             v["ppl"] / o["ppl"]
@@ -85,7 +78,7 @@ def main() -> None:
 
 def average_runs(runs: list[dict]) -> dict:
     """Per-bucket perplexity over several texts: exp of the mean log perplexity."""
-    average = {key: value for key, value in runs[0].items() if key != "buckets"}
+    average = {k: v for k, v in runs[0].items() if k not in ("buckets", "summary")}
     average["buckets"] = [
         {**first, "ppl": math.exp(statistics.fmean(math.log(r["buckets"][i]["ppl"]) for r in runs))}
         for i, first in enumerate(runs[0]["buckets"])

@@ -29,6 +29,14 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _globals(layer):
+    """LM-Infinite layers keep the global tokens apart from their window; vanilla has none."""
+    import torch
+
+    empty = torch.empty(0, 0, 0, 0)
+    return getattr(layer, "global_keys", empty), getattr(layer, "global_values", empty)
+
+
 def measure(model_name: str, context: int, mode: str, steps: int, threads: int) -> dict:
     """One configuration, in this process: fill the cache, then time greedy decoding."""
     import torch
@@ -68,14 +76,17 @@ def measure(model_name: str, context: int, mode: str, steps: int, threads: int) 
             logits = model(token, past_key_values=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
             timings.append(time.perf_counter() - start)
-    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
+    held = [
+        tensor for layer in cache.layers for tensor in (layer.keys, layer.values, *_globals(layer))
+    ]
+    entries = cache.layers[0].keys.shape[-2] + _globals(cache.layers[0])[0].shape[-2]
     return {
         "context": context,
         "mode": mode,
         "threads": torch.get_num_threads(),
         "tokens_per_s": 1 / statistics.median(timings[2:]),  # the median resists load spikes
-        "cache_entries_per_layer": int(cache.layers[0].keys.shape[-2]),
-        "cache_mb": held / 2**20,
+        "cache_entries_per_layer": int(entries),
+        "cache_mb": sum(t.numel() * t.element_size() for t in held) / 2**20,
         "rss_before_cache_mb": rss_before,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

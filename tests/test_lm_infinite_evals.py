@@ -159,6 +159,9 @@ def test_cli_prints_json_for_both_evaluations(model, tokenizer, tmp_path, monkey
     assert args.func(args) == 0
     ppl = json.loads(capsys.readouterr().out)
     assert ppl["mode"] == "lm_infinite" and len(ppl["buckets"]) == 2
+    assert ppl["summary"]["split"] == 32  # the tiny model's pretraining length
+    expected = ppl["buckets"][1]["ppl"] / ppl["buckets"][0]["ppl"] - 1
+    assert ppl["summary"]["deviation_past"] == pytest.approx([expected])
 
     args = parser.parse_args(
         [
@@ -184,3 +187,19 @@ def test_cli_rejects_bad_depths():
     long_context.register_cli(parser.add_subparsers())
     with pytest.raises(SystemExit):
         parser.parse_args(["passkey", "--tokens", "10", "--depths", "half"])
+
+
+def test_bucket_summary_measures_deviation_past_the_split():
+    buckets = [
+        {"start": 0, "end": 8, "ppl": 30.0},
+        {"start": 8, "end": 16, "ppl": 34.0},  # mean below 16: 32
+        {"start": 16, "end": 24, "ppl": 33.6},  # +5%
+        {"start": 24, "end": 32, "ppl": 27.2},  # -15%
+    ]
+    summary = long_context.bucket_summary(buckets, split=16)
+    assert summary["mean_below"] == pytest.approx(32.0)
+    assert summary["deviation_past"] == pytest.approx([0.05, -0.15])
+    assert summary["worst_deviation_past"] == pytest.approx(0.15)
+    assert summary["within_10_percent"] is False
+    assert long_context.bucket_summary(buckets[:3], split=16)["within_10_percent"] is True
+    assert "worst_deviation_past" not in long_context.bucket_summary(buckets[:2], split=16)

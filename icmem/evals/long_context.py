@@ -142,13 +142,32 @@ def perplexity_by_bucket(
             buckets.append(
                 {"start": low, "end": min(low + bucket, tokens), "ppl": ppl, "count": count}
             )
+    split = model.config.get_text_config(decoder=True).max_position_embeddings
     return {
         **_settings(model, lm_infinite, global_tokens, local_window),
         "tokens": tokens,
         "bucket": bucket,
         "chunk": chunk,
         "buckets": buckets,
+        "summary": bucket_summary(buckets, split),
     }
+
+
+def bucket_summary(buckets: Sequence[dict[str, Any]], split: int) -> dict[str, Any]:
+    """How far each bucket past ``split`` (the pretraining length) strays from the mean of the
+    buckets below it: LM-Infinite should stay within 10%, where vanilla explodes."""
+    below = [b["ppl"] for b in buckets if b["end"] <= split]
+    past = [b["ppl"] for b in buckets if b["start"] >= split]
+    summary: dict[str, Any] = {"split": split, "mean_below": None}
+    if below:
+        mean_below = sum(below) / len(below)
+        summary["mean_below"] = mean_below
+        if past:
+            deviations = [ppl / mean_below - 1 for ppl in past]
+            summary["deviation_past"] = deviations
+            summary["worst_deviation_past"] = max(abs(d) for d in deviations)
+            summary["within_10_percent"] = summary["worst_deviation_past"] <= 0.10
+    return summary
 
 
 def passkey_prompt(tokenizer: Any, *, tokens: int, depth: float, key: str) -> tuple[str, int]:
@@ -315,6 +334,12 @@ def ppl_command(args: argparse.Namespace) -> int:
         print(f"{result['mode']}: perplexity per {args.bucket}-token bucket")
         for b in result["buckets"]:
             print(f"  [{b['start']:>6}, {b['end']:>6})  {b['ppl']:10.2f}")
+        summary = result["summary"]
+        if "worst_deviation_past" in summary:
+            print(
+                f"  past {summary['split']}: worst {summary['worst_deviation_past']:.1%} from the "
+                f"mean below it ({summary['mean_below']:.2f})"
+            )
     return 0
 
 
