@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument(
         "--local-window", type=int, default=None, help="default: the pretraining length"
     )
+    parser.add_argument("--name", default="lm_infinite_passkey", help="results/NAME.json")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
@@ -46,7 +47,7 @@ def main() -> None:
                 local_window=args.local_window,
             )
             result["runs"].append(run)
-            write_result("lm_infinite_passkey", result)
+            write_result(args.name, result)
     print(json.dumps(result))
 
 
