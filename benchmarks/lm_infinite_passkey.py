@@ -1,6 +1,6 @@
 """Passkey retrieval at several prompt lengths and depths, vanilla against LM-Infinite.
 
-    nice -n 10 .venv/bin/python benchmarks/lm_infinite_passkey.py --lengths 4096,8192,16384,32768
+    nice -n 10 .venv/bin/python benchmarks/lm_infinite_passkey.py --lengths 4096,8192 --trials 2
 
 Prints one JSON object (also written to benchmarks/results/lm_infinite_passkey.json after each
 run). Under the Λ mask the question sees the needle directly only when it lies within the last
@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--lengths", default="4096,8192,16384,32768")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument(
+        "--trials", default="3", help="trials per depth: one number, or one per length"
+    )
     parser.add_argument("--modes", default="vanilla,lm_infinite")
     parser.add_argument(
         "--local-window", type=int, default=None, help="default: the pretraining length"
@@ -35,14 +37,20 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     depths = tuple(float(d) for d in args.depths.split(","))
     result: dict = {"benchmark": "lm_infinite_passkey", "model": args.model, "runs": []}
-    for length in [int(n) for n in args.lengths.split(",")]:
+    lengths = [int(n) for n in args.lengths.split(",")]
+    trials = [int(n) for n in args.trials.split(",")]
+    if len(trials) == 1:
+        trials *= len(lengths)
+    if len(trials) != len(lengths):
+        parser.error(f"--trials gives {len(trials)} counts for {len(lengths)} lengths")
+    for length, length_trials in zip(lengths, trials, strict=True):
         for mode in args.modes.split(","):
             run = passkey_accuracy(
                 model,
                 tokenizer,
                 tokens=length,
                 depths=depths,
-                trials=args.trials,
+                trials=length_trials,
                 lm_infinite=mode == "lm_infinite",
                 local_window=args.local_window,
             )
