@@ -348,5 +348,21 @@ def test_bfloat16_model_matches_stock_inside_window(llama):
     stock = model(tokens).logits.float()
     with enabled(model):
         ours = model(tokens, past_key_values=make_cache(model)).logits
-    assert ours.dtype == torch.bfloat16
+        stepwise, _ = chunked_logits(model, tokens, [1])  # the decoding path, in bfloat16
+    assert ours.dtype == stepwise.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), stock, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(stepwise.float(), stock, rtol=0.05, atol=0.05)
+
+
+@torch.no_grad()
+def test_relative_angles_stay_exact_at_huge_positions(llama):
+    """RoPE depends on distances only, but float32 angles drift with the position: ten million
+    positions in, stock attention's logits move; LM-Infinite's float64 rotations do not."""
+    tokens = ids(WINDOW)
+    far = torch.arange(WINDOW)[None] + 10_000_000
+    stock_drift = (llama(tokens).logits - llama(tokens, position_ids=far).logits).abs().max()
+    assert stock_drift > 1e-5  # the drift this test guards against is really there
+    with enabled(llama, global_tokens=0):
+        near = llama(tokens).logits
+        moved = llama(tokens, position_ids=far).logits
+    torch.testing.assert_close(moved, near, rtol=1e-5, atol=1e-5)
