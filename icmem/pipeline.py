@@ -218,11 +218,12 @@ class MemoryPipeline:
         *,
         namespace: Sequence[str] = DEFAULT_NAMESPACE,
         k: int = 4,
+        filter: Mapping[str, Any] | None = None,
         max_new_tokens: int = 128,
         **sampling: Any,
     ) -> Iterator[str]:
         """`ask`, yielding text pieces as they are decoded."""
-        recalled = self.recall(question, namespace=namespace, k=k)
+        recalled = self.recall(question, namespace=namespace, k=k, filter=filter)
         if recalled.memory:
             yield from self.icae.generate(
                 recalled.memory, question, max_new_tokens=max_new_tokens, stream=True, **sampling

@@ -95,6 +95,20 @@ def test_ask_decodes_from_recalled_memory(pipeline, icae):
     assert streamed == expected
 
 
+def test_ask_and_stream_answer_recall_only_what_the_filter_admits(pipeline, icae):
+    for key, text in DOCS.items():
+        pipeline.ingest(text, namespace=NS, document_id=key, metadata={"topic": key})
+    only = {"topic": "fox"}
+    answer = pipeline.ask("capital of France?", namespace=NS, k=3, filter=only, max_new_tokens=3)
+    assert answer.hits and {h.document_id for h in answer.hits} == {"fox"}
+    recalled = pipeline.recall("capital of France?", namespace=NS, k=3, filter=only)
+    expected = icae.generate(recalled.memory, "capital of France?", max_new_tokens=3)
+    streamed = pipeline.stream_answer(
+        "capital of France?", namespace=NS, k=3, filter=only, max_new_tokens=3
+    )
+    assert answer.text == "".join(streamed) == expected
+
+
 def test_empty_document_is_not_stored(pipeline):
     assert pipeline.ingest("   \n", namespace=NS, document_id="blank") is None
     assert pipeline.store.stats().documents == 0
