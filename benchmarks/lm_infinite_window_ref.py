@@ -1,6 +1,6 @@
 """Sliding-window vanilla reference for the per-bucket perplexity past the pretraining length.
 
-    nice -n 10 .venv/bin/python benchmarks/lm_infinite_window_ref.py --tokens 16384
+    nice -n 10 .venv/bin/python benchmarks/lm_infinite_window_ref.py --tokens 32768
 
 Each 2k bucket past `--window` is scored by stock attention on the `--window` tokens of text that
 end with the bucket (positions from 0, so always in distribution). LM-Infinite should track these
