@@ -135,10 +135,12 @@ class _Binding:
         self, start: int, length: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cos/sin the model itself rotated positions start.. with (to undo its rotation)."""
-        positions = torch.arange(start, start + length, device=device)
-        return self._remember(
-            ("model", start, length, dtype, device), lambda: _cos_sin(self.rotary, positions, dtype)
-        )
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            positions = torch.arange(start, start + length, device=device)
+            return _cos_sin(self.rotary, positions, dtype)
+
+        return self._remember(("model", start, length, dtype, device), compute)
 
     def exact_cos_sin(
         self, start: int, length: int, device: torch.device
@@ -381,7 +383,7 @@ def _window_from_model_keys(
     window_keys = key[:, :, start - oldest :]
     raw = _unrotate(window_keys, *binding.model_cos_sin(start, end - start, key.dtype, key.device))
     rotated = _rotate(raw, *binding.exact_cos_sin(start, end - start, key.device)).to(key.dtype)
-    n_global = min(config.global_tokens, max(0, end - config.local_window))
+    n_global = min(config.global_tokens, total)  # _lambda_attention picks those beyond the window
     global_keys = _unrotate(
         key[:, :, :n_global], *binding.model_cos_sin(0, n_global, key.dtype, key.device)
     )
