@@ -103,6 +103,8 @@ class UnknownSpanError(StoreError, KeyError):
         return str(self.args[0])
 
 
+_NAMESPACE_COLUMNS = (NamespaceRow.tenant, NamespaceRow.agent, NamespaceRow.thread)
+
 # Statements on the search path are built once: composing a select() costs more than running it.
 _NAMESPACES_UNDER_PREFIX = [
     select(
@@ -113,12 +115,7 @@ _NAMESPACES_UNDER_PREFIX = [
         NamespaceRow.generation,
     )
     .where(
-        *(
-            column == bindparam(f"part{i}")
-            for i, column in enumerate(
-                (NamespaceRow.tenant, NamespaceRow.agent, NamespaceRow.thread)[:parts]
-            )
-        )
+        *(column == bindparam(f"part{i}") for i, column in enumerate(_NAMESPACE_COLUMNS[:parts]))
     )
     .order_by(NamespaceRow.id)
     for parts in range(4)
@@ -427,7 +424,7 @@ class MemoryStore:
         if namespace is not None:
             ns = validate_namespace(namespace, allow_prefix=True)
             statement = statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
-            for column, part in zip(_namespace_columns(), ns, strict=False):
+            for column, part in zip(_NAMESPACE_COLUMNS, ns, strict=False):
                 statement = statement.where(column == part)
         with self._read() as session:
             found = {row.span_id: row for row in session.execute(statement)}
@@ -752,7 +749,7 @@ class MemoryStore:
         )
         return session.scalar(
             select(NamespaceRow.id).where(
-                *(c == p for c, p in zip(_namespace_columns(), ns, strict=True))
+                *(c == p for c, p in zip(_NAMESPACE_COLUMNS, ns, strict=True))
             )
         )
 
@@ -981,10 +978,6 @@ class MemoryStore:
 
 def _shard_name(ns_id: int) -> str:
     return f"namespace-{ns_id}"
-
-
-def _namespace_columns() -> tuple[Any, Any, Any]:
-    return NamespaceRow.tenant, NamespaceRow.agent, NamespaceRow.thread
 
 
 def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
