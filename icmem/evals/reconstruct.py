@@ -299,7 +299,12 @@ def _target_nll(icae: ICAE, memory: MemorySlots, task: str, target: list[int]) -
 
     prefix = icae.decoder_inputs([memory], task, [])  # (P, d)
     embeds = torch.cat([prefix, icae.model.get_input_embeddings()(_ids(icae, target))])
-    logits = icae.decoder_logits(embeds[None])[0]  # (P + T, V)
+    positions = icae.decoder_positions(
+        [(len(target) if memory.token_count is None else memory.token_count, memory.num_slots)],
+        task,
+        len(target),
+    )
+    logits = icae.decoder_logits(embeds[None], positions)[0]  # (P + T, V)
     return _mean_ce(logits[prefix.shape[0] - 1 : -1], target)
 
 

@@ -4,7 +4,8 @@ A checkpoint directory holds
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA adapter exactly as ``peft``
   writes it, so ``PeftModel.from_pretrained(base, directory)`` loads it without icmem;
-- ``icae_embeddings.safetensors``: the memory-token and special-token embeddings;
+- ``icae_embeddings.safetensors``: the memory-token and special-token embeddings, and the slot
+  head's tensors when the config has one;
 - ``icae_config.json`` (written last, so a half-written directory is never mistaken for a
   checkpoint): the ``ICAEConfig``, the base model's fingerprint and a SHA-256 of every file,
   so truncation or bit rot is caught before any tensor is used.
@@ -70,10 +71,7 @@ def save_checkpoint(icae: ICAE, directory: str | os.PathLike[str]) -> Path:
     (target / MANIFEST).unlink(missing_ok=True)  # the directory is not a checkpoint until done
     icae.model.save_pretrained(str(target))  # adapter_config.json + adapter_model.safetensors
     save_file(
-        {
-            "memory_embeddings": icae.memory_embeddings.detach().contiguous(),
-            "special_embeddings": icae.special_embeddings.detach().contiguous(),
-        },
+        {name: t.detach().contiguous() for name, t in icae.own_tensors().items()},
         target / EMBEDDINGS,
     )
     manifest = {
@@ -178,10 +176,7 @@ def _load_embeddings(icae: ICAE, path: Path) -> None:
     import torch
 
     tensors = _load_tensors(path)
-    params = {
-        "memory_embeddings": icae.memory_embeddings,
-        "special_embeddings": icae.special_embeddings,
-    }
+    params = icae.own_tensors()
     _check_shapes(path, tensors, {k: tuple(v.shape) for k, v in params.items()})
     with torch.no_grad():
         for name, param in params.items():

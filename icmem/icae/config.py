@@ -14,6 +14,8 @@ from icmem.icae.errors import ICAEConfigError
 
 DTYPES = ("float32", "bfloat16")
 SHORT_SPAN_POLICIES = ("proportional", "fixed")
+SLOT_POSITIONS = ("sequential", "spread")
+SLOT_HEADS = ("none", "scale", "affine")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,21 @@ class ICAEConfig:
     ``k'`` memory tokens; because attention is causal, they are exactly what the full-length
     encoder would produce at those positions, so one set of memory embeddings serves every
     length. ``"fixed"`` always spends ``k`` slots, as the paper does.
+
+    Recipe options (the defaults reproduce the first shipped checkpoint):
+
+    - ``slot_positions="spread"`` ("Position IDs Matter", arXiv 2409.14364) gives span tokens
+      positions ``1..L`` and memory token ``j`` the position at the centre of the ``L/k'``
+      tokens it stands for; the decoder keeps those positions for the slots, so under RoPE each
+      slot sits beside the text it must reproduce. ``"sequential"`` numbers everything in
+      reading order, as the original ICAE does.
+    - ``slot_layer`` reads slots from the residual stream after that many decoder layers
+      instead of the final normed output (the encoder then stops there, which also saves
+      compute); ``None`` is the last layer.
+    - ``slot_head`` maps encoder states to decoder inputs: ``"none"`` passes them through,
+      ``"scale"`` RMS-normalises each slot and multiplies by a learned per-dimension gain that
+      starts at the token embeddings' RMS (the final norm otherwise delivers slots at about 16x
+      token scale), ``"affine"`` adds a learned linear map that starts as the identity.
     """
 
     base_model: str = "smollm2-135m-instruct"
@@ -42,6 +59,9 @@ class ICAEConfig:
     dtype: str = "float32"
     short_span_policy: str = "proportional"
     min_memory_tokens: int = 8
+    slot_positions: str = "sequential"
+    slot_layer: int | None = None
+    slot_head: str = "none"
 
     def __post_init__(self) -> None:
         # JSON has no tuples; accept lists and store tuples so configs compare equal.
@@ -84,6 +104,22 @@ class ICAEConfig:
                 f"short_span_policy={self.short_span_policy!r}; use one of {SHORT_SPAN_POLICIES}"
             )
 
+        if self.slot_positions not in SLOT_POSITIONS:
+            raise ICAEConfigError(
+                f"slot_positions={self.slot_positions!r}; use one of {SLOT_POSITIONS}"
+            )
+        if self.slot_head not in SLOT_HEADS:
+            raise ICAEConfigError(f"slot_head={self.slot_head!r}; use one of {SLOT_HEADS}")
+        if self.slot_layer is not None and (
+            not isinstance(self.slot_layer, int)
+            or isinstance(self.slot_layer, bool)
+            or self.slot_layer < 1
+        ):
+            raise ICAEConfigError(
+                f"slot_layer={self.slot_layer!r}; use a layer count of at least 1, or None for "
+                "the last layer"
+            )
+
     @property
     def compression_ratio(self) -> float:
         """Tokens per slot for a full span."""
@@ -102,6 +138,18 @@ class ICAEConfig:
             return self.num_memory_tokens
         proportional = math.ceil(token_count / self.compression_ratio)
         return min(self.num_memory_tokens, max(self.min_memory_tokens, proportional))
+
+    def slot_positions_for(self, token_count: int, num_slots: int) -> list[int]:
+        """Positions of a span's slots relative to the position before its first token.
+
+        ``sequential``: ``L + j`` (0-based span tokens, memory after them). ``spread``: the
+        centre of the ``L / num_slots`` tokens slot ``j`` stands for, counting span tokens
+        from 1 (``2, 6, 10, ...`` at 4x).
+        """
+        if self.slot_positions == "sequential":
+            return [token_count + j for j in range(num_slots)]
+        ratio = token_count / num_slots
+        return [1 + max(0, math.floor(ratio * j + (ratio - 1) / 2)) for j in range(num_slots)]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,8 +1,9 @@
 """The In-Context Autoencoder (Ge et al., ICLR 2024) around one causal LM.
 
 Encoder: the LM with a LoRA adapter reads ``[span tokens][k memory tokens]``; under causal
-attention the memory tokens see the whole span, and the last layer's (normed) hidden states at
-their positions are the span's memory slots.
+attention the memory tokens see the whole span, and the hidden states at their positions (the
+last layer's normed output, or a chosen layer's residual stream, optionally through a small
+learned head) are the span's memory slots.
 
 Decoder: the same LM with the adapter switched off and every weight frozen reads
 ``[slots of span 1]..[slots of span n][special][prompt]`` as input embeddings. The special
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -134,6 +137,18 @@ class ICAE(nn.Module):
 
         self.memory_embeddings = draw(config.num_memory_tokens)  # (k, d)
         self.special_embeddings = draw(len(config.special_tokens))  # (n_special, d)
+        self.slot_gain: nn.Parameter | None = None
+        self.slot_proj: nn.Linear | None = None
+        if config.slot_head != "none":
+            # Decoder inputs should look like token embeddings: start the gain at their RMS.
+            token_rms = table.pow(2).mean().sqrt()
+            self.slot_gain = nn.Parameter(torch.full((self.hidden_size,), float(token_rms)))
+        if config.slot_head == "affine":
+            self.slot_proj = nn.Linear(self.hidden_size, self.hidden_size)
+            with torch.no_grad():
+                self.slot_proj.weight.copy_(torch.eye(self.hidden_size))
+                self.slot_proj.bias.zero_()
+        self._early_exit = _EarlyExit(self.model.get_base_model(), config.slot_layer)
         self._stop_ids = _stop_token_ids(model, tokenizer)
 
     # ----------------------------------------------------------------- construction
@@ -181,6 +196,19 @@ class ICAE(nn.Module):
         """LoRA weights plus memory and special embeddings; the base model stays frozen."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def own_tensors(self) -> dict[str, nn.Parameter]:
+        """The trained tensors outside the LoRA adapter, by the name checkpoints store them."""
+        tensors = {
+            "memory_embeddings": self.memory_embeddings,
+            "special_embeddings": self.special_embeddings,
+        }
+        if self.slot_gain is not None:
+            tensors["slot_gain"] = self.slot_gain
+        if self.slot_proj is not None:
+            tensors["slot_proj.weight"] = self.slot_proj.weight
+            tensors["slot_proj.bias"] = self.slot_proj.bias
+        return tensors
+
     # ----------------------------------------------------------------- properties
 
     @property
@@ -202,51 +230,86 @@ class ICAE(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         *,
-        num_slots: int | None = None,
+        num_slots: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Compress a padded batch of spans into memory slots, differentiably.
 
         ``input_ids`` and ``attention_mask`` are ``(B, T)`` with left or right padding (or any
         mask; the real tokens of a row are taken in order). Each row is repacked as
-        ``[its tokens][memory tokens][padding]`` so that positions start at 0 and padding only
-        ever follows what it could leak into. Returns ``(B, m, d)`` where ``m = num_slots``
-        (default k): the first ``m`` memory tokens, exactly what a longer run would give at
-        those positions, since attention is causal.
+        ``[its tokens][memory tokens][padding]`` so that positions start where a lone span's
+        would and padding only ever follows what it could leak into. ``num_slots`` is one count
+        for every row (default k) or one per row. Returns ``(B, m, d)`` with ``m`` the largest
+        count; a row with fewer slots is zero past its count. A span gets the same slots alone
+        or in any batch: each row sees only its own tokens, its own memory tokens, and the
+        positions ``config.slot_positions_for`` gives its length and count.
         """
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
             raise ICAEConfigError(
                 f"input_ids {tuple(input_ids.shape)} and attention_mask "
                 f"{tuple(attention_mask.shape)} must both be (B, T)"
             )
-        slots_wanted = self.config.num_memory_tokens if num_slots is None else num_slots
-        if not 1 <= slots_wanted <= self.config.num_memory_tokens:
+        batch = input_ids.shape[0]
+        k = self.config.num_memory_tokens
+        if num_slots is None or isinstance(num_slots, int):
+            counts = [k if num_slots is None else num_slots] * batch
+        else:
+            counts = [int(c) for c in num_slots]
+        if len(counts) != batch or not all(1 <= c <= k for c in counts):
             raise ICAEConfigError(
-                f"num_slots={num_slots}; use 1..{self.config.num_memory_tokens} (k)"
+                f"num_slots={num_slots}; use 1..{k} (k), one count or one per row of the batch"
             )
         keep = attention_mask.bool()
-        lengths = keep.sum(1)  # (B,)
-        if int(lengths.min()) < 1:
+        lengths = keep.sum(1).tolist()  # (B,)
+        if min(lengths) < 1:
             raise ICAEConfigError("a row of the batch has no tokens; drop empty spans first")
-        if int(lengths.max()) > self.config.span_tokens:
+        if max(lengths) > self.config.span_tokens:
             raise ICAEConfigError(
-                f"a span has {int(lengths.max())} tokens, more than span_tokens="
+                f"a span has {max(lengths)} tokens, more than span_tokens="
                 f"{self.config.span_tokens}; split it with ICAE.split_spans"
             )
         token_embeds = self._embed(input_ids.to(self.device))  # (B, T, d)
-        memory = self.memory_embeddings[:slots_wanted].to(self.dtype)  # (m, d)
-        width = int(lengths.max()) + slots_wanted
-        rows, masks = [], []
-        for row_embeds, row_keep, n in zip(token_embeds, keep, lengths.tolist(), strict=True):
-            pad = row_embeds.new_zeros(width - n - slots_wanted, self.hidden_size)
-            rows.append(torch.cat([row_embeds[row_keep.to(self.device)], memory, pad]))
-            masks.append(torch.arange(width) < n + slots_wanted)
-        embeds = torch.stack(rows)  # (B, n_max + m, d)
-        mask = torch.stack(masks).long().to(self.device)  # (B, n_max + m)
-        backbone = _backbone(self.model.get_base_model())
-        hidden = backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        index = lengths.to(self.device)[:, None] + torch.arange(slots_wanted, device=self.device)
-        index = index[:, :, None].expand(-1, -1, self.hidden_size)  # (B, m, d)
-        return hidden.gather(1, index)  # (B, m, d)
+        memory = self.memory_embeddings.to(self.dtype)  # (k, d)
+        width = max(n + m for n, m in zip(lengths, counts, strict=True))
+        first = 1 if self.config.slot_positions == "spread" else 0
+        rows, masks, positions = [], [], []
+        for row_embeds, row_keep, n, m in zip(token_embeds, keep, lengths, counts, strict=True):
+            pad = row_embeds.new_zeros(width - n - m, self.hidden_size)
+            rows.append(torch.cat([row_embeds[row_keep.to(self.device)], memory[:m], pad]))
+            masks.append(torch.arange(width) < n + m)
+            slot_at = self.config.slot_positions_for(n, m)
+            positions.append(list(range(first, first + n)) + slot_at + [0] * (width - n - m))
+        embeds = torch.stack(rows)  # (B, n + m max, d)
+        # An explicit mask always: without one, transformers reads non-monotonic positions as
+        # packed sequences and blocks attention between the "packs".
+        mask = torch.stack(masks).long().to(self.device)
+        position_ids = torch.tensor(positions, device=self.device)
+        hidden = self._early_exit.run(
+            _backbone(self.model.get_base_model()),
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+        )  # (B, n + m max, d)
+        m_max = max(counts)
+        index = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(
+            m_max, device=self.device
+        )
+        index = index.clamp(max=width - 1)[:, :, None].expand(-1, -1, self.hidden_size)
+        slots = self._slot_head(hidden.gather(1, index))  # (B, m_max, d)
+        beyond = (
+            torch.arange(m_max, device=self.device)[None, :]
+            >= torch.tensor(counts, device=self.device)[:, None]
+        )
+        return slots.masked_fill(beyond[:, :, None], 0.0)
+
+    def _slot_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Encoder states ``(B, m, d)`` to decoder input embeddings (see ``ICAEConfig``)."""
+        if self.slot_gain is None:
+            return hidden
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.slot_gain
+        if self.slot_proj is not None:
+            x = self.slot_proj(x)
+        return x.to(self.dtype)
 
     def split_spans(self, token_ids: Sequence[int]) -> list[list[int]]:
         """Cut a document into consecutive spans of at most ``span_tokens`` tokens."""
@@ -291,7 +354,7 @@ class ICAE(nn.Module):
         for row, span in enumerate(spans):
             ids[row, : len(span)] = torch.tensor(span, dtype=torch.long)
             mask[row, : len(span)] = 1
-        slots = self.encode(ids, mask, num_slots=max(counts))  # (B, m, d)
+        slots = self.encode(ids, mask, num_slots=counts)  # (B, m, d)
         return [row[:count] for row, count in zip(slots, counts, strict=True)]
 
     def _documents(self, source: Any) -> list[list[list[int]]]:
@@ -358,25 +421,42 @@ class ICAE(nn.Module):
                 owners.append(index)
                 spans.append(span)
         span_slots = self._encode_spans(spans)
-        rows, labels = [], []
+        rows, labels, positions = [], [], []
         for index, example in enumerate(examples):
-            memory = torch.cat([s for s, o in zip(span_slots, owners, strict=True) if o == index])
+            mine = [
+                (s, span)
+                for s, span, o in zip(span_slots, spans, owners, strict=True)
+                if o == index
+            ]
+            memory = torch.cat([s for s, _ in mine])
             target = self._with_eos(example.target_ids or example.context_ids)
             prefix = torch.cat(
                 [memory, self._special(example.task), self._embed_list(example.prompt_ids)]
             )
             rows.append(torch.cat([prefix, self._embed_list(target)]))
             labels.append([_IGNORE] * prefix.shape[0] + target)
+            positions.append(
+                self.decoder_positions(
+                    [(len(span), s.shape[0]) for s, span in mine],
+                    example.task,
+                    len(example.prompt_ids) + len(target),
+                )
+            )
         width = max(row.shape[0] for row in rows)
         embeds = torch.stack(
             [torch.cat([r, r.new_zeros(width - r.shape[0], self.hidden_size)]) for r in rows]
         )  # (B, L, d)
         mask = torch.tensor([[1] * r.shape[0] + [0] * (width - r.shape[0]) for r in rows])
         label_ids = torch.tensor([lab + [_IGNORE] * (width - len(lab)) for lab in labels])
+        extra = {}
+        if positions[0] is not None:
+            extra["position_ids"] = torch.tensor(
+                [pos + [0] * (width - len(pos)) for pos in positions], device=self.device
+            )
         with self.model.disable_adapter():
             base = self.model.get_base_model()
             hidden = _backbone(base)(
-                inputs_embeds=embeds, attention_mask=mask.to(self.device)
+                inputs_embeds=embeds, attention_mask=mask.to(self.device), **extra
             ).last_hidden_state  # (B, L, d)
         # Position t predicts token t + 1; the vocabulary head runs on target positions only.
         targets = label_ids[:, 1:].to(self.device)  # (B, L - 1)
@@ -416,8 +496,15 @@ class ICAE(nn.Module):
         prompt_ids = self.format_prompt(prompt) if task == "ft" else self.tokenize(prompt)
         with torch.no_grad():
             embeds = self.decoder_inputs(memory, task, prompt_ids)  # (n, d)
+        positions = self.decoder_positions(
+            [(_known_token_count(s), s.num_slots) for s in memory]
+            if self.config.slot_positions == "spread"
+            else [],
+            task,
+            len(prompt_ids),
+        )
         pieces = self._stream_text(
-            self._generate_ids(embeds, max_new_tokens, settings, stream=stream)
+            self._generate_ids(embeds, max_new_tokens, settings, stream=stream, positions=positions)
         )
         return pieces if stream else "".join(pieces)
 
@@ -451,15 +538,55 @@ class ICAE(nn.Module):
         parts += [self._special(task), self._embed_list(prompt_ids)]
         return torch.cat(parts)
 
-    def decoder_logits(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``(B, L, V)`` of the frozen decoder (adapter off) on embeddings."""
+    def decoder_positions(
+        self, spans: Sequence[tuple[int, int]], task: str, following: int
+    ) -> list[int] | None:
+        """Position ids of ``[slots...][special][following tokens]`` for the decoder, or None
+        for reading order (``slot_positions="sequential"``).
+
+        ``spans`` holds ``(token_count, num_slots)`` per span in memory order. Under
+        ``"spread"`` span i covers the positions after the spans before it, its slots where the
+        encoder put them; ``[AE]`` sits at 0 so the reconstruction walks the spans' own
+        positions again, while any other task continues after the last span's text.
+        """
+        if self.config.slot_positions == "sequential":
+            return None
+        positions, offset = [], 0
+        for token_count, num_slots in spans:
+            relative = self.config.slot_positions_for(token_count, num_slots)
+            positions += [offset + p for p in relative]
+            offset += token_count
+        start = 0 if task == "ae" else offset
+        return positions + list(range(start, start + 1 + following))
+
+    def decoder_logits(
+        self, embeds: torch.Tensor, positions: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Next-token logits ``(B, L, V)`` of the frozen decoder (adapter off) on embeddings;
+        ``positions`` (from ``decoder_positions``, shared by every row) places them."""
+        placed: dict[str, torch.Tensor] = {}
+        if positions is not None:
+            placed["position_ids"] = torch.tensor([list(positions)], device=self.device)
+            placed["attention_mask"] = torch.ones(
+                embeds.shape[:2], dtype=torch.long, device=self.device
+            )
         with self.model.disable_adapter():
-            return self.model(inputs_embeds=embeds, use_cache=False).logits
+            return self.model(inputs_embeds=embeds, use_cache=False, **placed).logits
 
     def _generate_ids(
-        self, embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling, *, stream: bool
+        self,
+        embeds: torch.Tensor,
+        max_new_tokens: int,
+        sampling: Sampling,
+        *,
+        stream: bool,
+        positions: list[int] | None = None,
     ) -> Iterator[int]:
         """Yield sampled token ids, stopping at EOS.
+
+        ``positions`` (from ``decoder_positions``) places the prefix; each new token then takes
+        the next position. LM-Infinite needs consecutive positions, so a long decode reads a
+        spread prefix in reading order (with a warning: the slots lose their layout).
 
         The decoder state (adapter off, LM-Infinite on when the sequence can outgrow the
         model's window) is entered once for a whole non-streamed answer. A stream sets it
@@ -477,6 +604,23 @@ class ICAE(nn.Module):
         def each_call() -> AbstractContextManager[None]:
             return self._decoder(long_context) if stream else nullcontext()
 
+        if positions is not None and long_context:
+            warnings.warn(
+                "memory + prompt + new tokens exceed the model's window, so LM-Infinite decodes "
+                "and the spread slot positions are replaced by reading order; answers may be "
+                "worse. Recall fewer spans or ask for fewer new tokens to keep the layout.",
+                stacklevel=3,
+            )
+            positions = None
+        # Custom positions need an explicit mask (see ``encode``); it grows by one per token.
+        placed: dict[str, Any] = {}
+        if positions is not None:
+            placed = {
+                "position_ids": torch.tensor([positions], device=self.device),
+                "attention_mask": torch.ones(
+                    1, len(positions), dtype=torch.long, device=self.device
+                ),
+            }
         with whole:
             with each_call():
                 cache = _lm_infinite().make_cache(self.model) if long_context else None
@@ -485,6 +629,7 @@ class ICAE(nn.Module):
                     past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **placed,
                 )
             for _ in range(max_new_tokens):
                 token = _pick(out.logits[0, -1].float(), sampling, generator)
@@ -492,9 +637,20 @@ class ICAE(nn.Module):
                     return
                 yield token
                 step = torch.tensor([[token]], device=self.device)
+                if placed:
+                    placed["position_ids"] = placed["position_ids"][:, -1:] + 1
+                    placed["attention_mask"] = torch.ones(
+                        1,
+                        placed["attention_mask"].shape[1] + 1,
+                        dtype=torch.long,
+                        device=self.device,
+                    )
                 with each_call():
                     out = self.model(
-                        input_ids=step, past_key_values=out.past_key_values, use_cache=True
+                        input_ids=step,
+                        past_key_values=out.past_key_values,
+                        use_cache=True,
+                        **placed,
                     )
 
     @contextmanager
@@ -543,6 +699,63 @@ def _lm_infinite() -> Any:
     return lm_infinite
 
 
+class _StopForward(Exception):
+    """Raised by the slot-layer hook to end an encoder forward early."""
+
+
+class _EarlyExit:
+    """Runs the encoder only up to ``config.slot_layer`` and returns that layer's output.
+
+    A forward hook on the chosen layer ends the forward by raising; it acts only inside
+    ``run`` on the calling thread, so decoder forwards (and other threads) run every layer.
+    """
+
+    def __init__(self, causal_lm: nn.Module, layer: int | None) -> None:
+        self.layer = layer
+        self._local = threading.local()
+        if layer is None:
+            return
+        layers = _decoder_layers(causal_lm)
+        if layer >= len(layers):
+            raise ICAEConfigError(
+                f"slot_layer={layer}, but the base model has {len(layers)} layers; use 1.."
+                f"{len(layers) - 1}, or None for the last layer's output"
+            )
+        layers[layer - 1].register_forward_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if getattr(self._local, "active", False):
+            self._local.captured = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+    def run(self, backbone: nn.Module, **inputs: Any) -> torch.Tensor:
+        """``(B, T, d)`` hidden states: the slot layer's residual stream, or the last layer's
+        normed output when no slot layer is set."""
+        if self.layer is None:
+            return backbone(**inputs).last_hidden_state
+        self._local.active = True
+        try:
+            backbone(**inputs)
+        except _StopForward:
+            return self._local.captured
+        finally:
+            self._local.active = False
+            captured = getattr(self._local, "captured", None)
+            self._local.captured = None
+            del captured
+        raise ICAEConfigError(f"slot_layer={self.layer} was never reached by the encoder")
+
+
+def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    layers = getattr(_backbone(causal_lm), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ICAEConfigError(
+            "slot_layer needs a model whose body keeps its blocks in `.layers` (Llama, Mistral, "
+            "Qwen2 and most decoder-only models); leave slot_layer None for this one"
+        )
+    return layers
+
+
 def _backbone(causal_lm: nn.Module) -> nn.Module:
     """The transformer body of a causal LM (hidden states without the vocabulary head)."""
     return getattr(causal_lm, causal_lm.base_model_prefix)
@@ -562,6 +775,15 @@ def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator |
         drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the first past p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def _known_token_count(slots: MemorySlots) -> int:
+    if slots.token_count is None:
+        raise ICAEConfigError(
+            f"memory slots of span {slots.span_id!r} carry no token_count, which this ICAE's "
+            "spread slot positions need; pass token_count= when rebuilding MemorySlots"
+        )
+    return slots.token_count
 
 
 def _stop_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:

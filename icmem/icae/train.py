@@ -72,7 +72,9 @@ class TrainConfig:
     fine-tuning. `icae` overrides `ICAEConfig` fields of a fresh ICAE; `init_from` instead starts
     from a saved ICAE (how fine-tuning continues a pretrained one). `span_tokens` is an int or a
     `[low, high]` range sampled per example (a short-span curriculum); `ae_only_steps` trains on
-    `[AE]` alone before mixing in `[LM]` at `ae_fraction`.
+    `[AE]` alone before mixing in `[LM]` at `ae_fraction`. `embedding_learning_rate` gives the
+    ICAE's own tensors (memory and task embeddings, slot head) a rate of their own; the LoRA
+    adapter keeps `learning_rate`. Both follow the same schedule.
     """
 
     stage: str
@@ -86,6 +88,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     learning_rate: float = 1e-4
+    embedding_learning_rate: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -129,6 +132,11 @@ class TrainConfig:
                 raise TrainingConfigError(f"{name}={value!r}; use 0 (off) or a positive integer")
         if self.learning_rate <= 0:
             raise TrainingConfigError(f"learning_rate={self.learning_rate}; it must be positive")
+        if self.embedding_learning_rate is not None and self.embedding_learning_rate <= 0:
+            raise TrainingConfigError(
+                f"embedding_learning_rate={self.embedding_learning_rate}; it must be positive, "
+                "or null to use learning_rate"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainingConfigError(f"min_lr_ratio={self.min_lr_ratio}; use a value in [0, 1]")
         if not 0.0 <= self.ae_fraction <= 1.0:
@@ -264,7 +272,7 @@ def train(
     stream = _example_stream(config, icae)
     params = icae.trainable_parameters()
     optimizer = torch.optim.AdamW(
-        params,
+        _parameter_groups(icae, config),
         lr=config.learning_rate,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
@@ -394,6 +402,18 @@ def _objective(icae: ICAE) -> torch.nn.Module:
             return self.icae.training_loss(examples)
 
     return Objective(icae)
+
+
+def _parameter_groups(icae: ICAE, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group, or two when the ICAE's own tensors have a learning rate of their own."""
+    if config.embedding_learning_rate is None:
+        return [{"params": icae.trainable_parameters()}]
+    own = {id(t) for t in icae.own_tensors().values()}
+    adapter = [p for p in icae.trainable_parameters() if id(p) not in own]
+    return [
+        {"params": adapter},
+        {"params": list(icae.own_tensors().values()), "lr": config.embedding_learning_rate},
+    ]
 
 
 def _build_icae(config: TrainConfig) -> ICAE:
