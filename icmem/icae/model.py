@@ -288,6 +288,7 @@ class ICAE(nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=position_ids,
+            use_cache=False,
         )  # (B, n + m max, d)
         m_max = max(counts)
         index = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(
@@ -456,7 +457,10 @@ class ICAE(nn.Module):
         with self.model.disable_adapter():
             base = self.model.get_base_model()
             hidden = _backbone(base)(
-                inputs_embeds=embeds, attention_mask=mask.to(self.device), **extra
+                inputs_embeds=embeds,
+                attention_mask=mask.to(self.device),
+                use_cache=False,
+                **extra,
             ).last_hidden_state  # (B, L, d)
         # Position t predicts token t + 1; the vocabulary head runs on target positions only.
         targets = label_ids[:, 1:].to(self.device)  # (B, L - 1)
@@ -722,6 +726,14 @@ class _EarlyExit:
                 f"{len(layers) - 1}, or None for the last layer's output"
             )
         layers[layer - 1].register_forward_hook(self._hook)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Thread-local state is per process; a copied or pickled model starts idle.
+        return {"layer": self.layer}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.layer = state["layer"]
+        self._local = threading.local()
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         if getattr(self._local, "active", False):

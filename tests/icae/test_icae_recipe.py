@@ -1,0 +1,264 @@
+"""The ICAE recipe options: spread slot positions, the slot read-out layer and the slot head.
+
+Each is checked against a hand-built reference on a tiny model, and checkpoints must carry them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from icae_testing import randomise_trained_tensors
+from tiny_models import TINY_ICAE_CONFIG, tiny_icae
+
+from icmem.icae import ICAE, ICAEConfig, ICAEConfigError, ICAEExample, MemorySlots
+from icmem.icae.checkpoint import DEFAULT_CHECKPOINT, EMBEDDINGS, MANIFEST
+
+SPAN = TINY_ICAE_CONFIG["span_tokens"]  # 32
+K = TINY_ICAE_CONFIG["num_memory_tokens"]  # 8
+SPREAD = {"slot_positions": "spread"}
+
+
+def spans_of(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 500, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture
+def make(tokenizer):
+    def build(seed: int = 0, **overrides) -> ICAE:
+        icae = tiny_icae(tokenizer, seed=seed, **overrides)
+        randomise_trained_tensors(icae)
+        return icae.eval()
+
+    return build
+
+
+def causal_4d(length: int) -> torch.Tensor:
+    """An additive causal mask: given as 4D, transformers uses it as is (no inference)."""
+    blocked = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    return torch.zeros(1, 1, length, length).masked_fill(blocked, torch.finfo(torch.float32).min)
+
+
+# ------------------------------------------------------------------------- positions
+
+
+def test_spread_positions_sit_at_the_centre_of_the_tokens_each_slot_stands_for():
+    config = ICAEConfig(slot_positions="spread")
+    full = config.slot_positions_for(512, 128)
+    assert full[:3] == [2, 6, 10] and full[-1] == 510  # tokens 4j+1..4j+4, centre 4j+2
+    assert config.slot_positions_for(40, 10) == list(range(2, 40, 4))
+    assert config.slot_positions_for(5, 2) == [1, 4]  # r = 2.5: floor(0.75), floor(3.25)
+    assert config.slot_positions_for(5, 8)[0] == 1  # more slots than tokens: never before 1
+    assert ICAEConfig().slot_positions_for(16, 4) == [16, 17, 18, 19]  # sequential: after
+
+
+def test_decoder_positions_of_multi_span_memory(make):
+    icae = make(**SPREAD)
+    spans = [(32, 8), (5, 2)]
+    first = list(range(2, 32, 4))  # span 1 covers 1..32
+    second = [32 + 1, 32 + 4]  # span 2 covers 33..37
+    assert icae.decoder_positions(spans, "ae", 3) == [*first, *second, 0, 1, 2, 3]
+    # other tasks continue after the text: the special token at 37, what follows from 38
+    assert icae.decoder_positions(spans, "ft", 3) == [*first, *second, 37, 38, 39, 40]
+    assert make().decoder_positions(spans, "ae", 3) is None  # sequential: reading order
+
+
+# ------------------------------------------------------------------------- encoder
+
+
+def test_spread_encoder_matches_a_hand_built_reference(make):
+    """Custom positions go with an explicit mask; a 4D mask is taken literally, so it is a
+    reference that no packed-sequence inference can touch."""
+    icae = make(**SPREAD)
+    (span,) = spans_of([20], seed=1)
+    m = icae.config.slots_for(20)
+    merged = copy.deepcopy(icae.model).merge_and_unload()
+    with torch.no_grad():
+        embeds = torch.cat(
+            [merged.get_input_embeddings()(torch.tensor(span)), icae.memory_embeddings[:m]]
+        )[None]
+        positions = [*range(1, 21), *icae.config.slot_positions_for(20, m)]
+        hidden = merged.model(
+            inputs_embeds=embeds,
+            position_ids=torch.tensor([positions]),
+            attention_mask=causal_4d(len(positions)),
+        ).last_hidden_state[0]
+        (slots,) = icae.compress([span])
+    torch.testing.assert_close(slots.tensor, hidden[20:], rtol=1e-4, atol=1e-5)
+
+
+def test_every_spread_slot_reads_the_first_token(make):
+    """transformers reads a drop in position ids as the start of a new packed sequence when no
+    mask is given; the slots (placed back at 2, 6, ...) would then not see the span at all."""
+    icae = make(**SPREAD)
+    (span,) = spans_of([SPAN], seed=2)
+    changed = [span[0] + 1, *span[1:]]
+    with torch.no_grad():
+        a, b = (icae.compress([s])[0].tensor for s in (span, changed))
+    assert bool(((a - b).abs().amax(-1) > 1e-4).all())
+
+
+def test_spread_slots_do_not_depend_on_the_batch(make):
+    icae = make(**SPREAD)
+    spans = spans_of([32, 5, 17, 32, 9, 1], seed=3)  # different slot counts in one batch
+    alone = icae.compress(spans, batch_size=1)
+    together = icae.compress(spans, batch_size=6)
+    for a, b in zip(alone, together, strict=True):
+        assert a.num_slots == b.num_slots
+        torch.testing.assert_close(a.tensor, b.tensor, rtol=1e-3, atol=1e-5)
+
+
+def test_scale_head_delivers_slots_at_token_embedding_scale(tokenizer):
+    icae = tiny_icae(tokenizer, slot_head="scale")  # untrained: gain at its initial value
+    table = icae.model.get_input_embeddings().weight.detach()
+    (slots,) = icae.compress(spans_of([SPAN], seed=4))
+    rms = slots.tensor.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, float(table.pow(2).mean().sqrt())))
+
+
+def test_affine_head_is_the_scale_head_until_trained(tokenizer):
+    spans = spans_of([SPAN, 7], seed=5)
+    scale = tiny_icae(tokenizer, slot_head="scale").compress(spans)
+    affine = tiny_icae(tokenizer, slot_head="affine").compress(spans)
+    for a, b in zip(scale, affine, strict=True):
+        torch.testing.assert_close(a.tensor, b.tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_slot_layer_reads_that_layers_residual_stream(make):
+    icae = make(slot_layer=1)
+    (span,) = spans_of([12], seed=6)
+    m = icae.config.slots_for(12)
+    merged = copy.deepcopy(icae.model).merge_and_unload()
+    with torch.no_grad():
+        embeds = torch.cat(
+            [merged.get_input_embeddings()(torch.tensor(span)), icae.memory_embeddings[:m]]
+        )[None]
+        states = merged.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        (slots,) = icae.compress([span])
+    # hidden_states[0] is the embeddings, [1] the stream after layer 1, [-1] the normed output
+    torch.testing.assert_close(slots.tensor, states[1][0, 12:], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(slots.tensor, states[-1][0, 12:], atol=1e-3)
+
+
+def test_the_decoder_runs_every_layer_when_slots_come_from_a_middle_one(make):
+    early, full = make(slot_layer=1), make()  # same seed: same base weights
+    embeds = torch.randn(1, 10, early.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(early.decoder_logits(embeds), full.decoder_logits(embeds))
+
+
+def test_slot_layer_must_lie_inside_the_model(tokenizer):
+    with pytest.raises(ICAEConfigError, match="has 2 layers"):
+        tiny_icae(tokenizer, slot_layer=2)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"slot_positions": "diagonal"},
+        {"slot_head": "mlp"},
+        {"slot_layer": 0},
+        {"slot_layer": True},
+        {"slot_layer": 1.5},
+    ],
+)
+def test_bad_recipe_values_are_refused(bad):
+    (name,) = bad
+    with pytest.raises(ICAEConfigError, match=name):
+        ICAEConfig(**bad)
+
+
+# ------------------------------------------------------------------------- decoder
+
+
+def test_spread_training_loss_is_the_hand_computed_cross_entropy(make):
+    icae = make(**SPREAD)
+    (span,) = spans_of([24], seed=7)
+    loss = icae.training_loss([ICAEExample(context_ids=span, task="ae", target_ids=span)])
+    (slots,) = icae.compress([span])
+    target = [*span, icae.tokenizer.eos_token_id]
+    with torch.no_grad():
+        prefix = icae.decoder_inputs([slots], "ae", [])
+        embeds = torch.cat([prefix, icae.model.get_input_embeddings()(torch.tensor(target))])
+        positions = icae.decoder_positions([(24, slots.num_slots)], "ae", len(target))
+        logits = icae.decoder_logits(embeds[None], positions)[0]
+    expected = torch.nn.functional.cross_entropy(
+        logits[prefix.shape[0] - 1 : -1], torch.tensor(target)
+    )
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+    # and the layout matters: read in plain order, the same inputs give another loss
+    with torch.no_grad():
+        plain = icae.decoder_logits(embeds[None])[0]
+    assert (plain - logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("task", ["ae", "lm"])
+def test_spread_generation_equals_a_cache_free_greedy_loop(make, task):
+    icae = make(**SPREAD)
+    memory = icae.compress(spans_of([32, 9], seed=8))
+    prompt = "" if task == "ae" else "The quick"
+    prompt_ids = icae.tokenize(prompt)
+    got = icae.tokenize(icae.generate(memory, prompt, task=task, max_new_tokens=12))
+    with torch.no_grad():
+        embeds = icae.decoder_inputs(memory, task, prompt_ids)
+        spans = [(s.token_count, s.num_slots) for s in memory]
+        expected: list[int] = []
+        for _ in range(12):
+            positions = icae.decoder_positions(spans, task, len(prompt_ids) + len(expected))
+            logits = icae.decoder_logits(embeds[None], positions)[0, -1]
+            token = int(logits.argmax())
+            if token == icae.tokenizer.eos_token_id:
+                break
+            expected.append(token)
+            embeds = torch.cat([embeds, icae.model.get_input_embeddings()(torch.tensor([token]))])
+    assert got == icae.tokenize(icae.tokenizer.decode(expected, skip_special_tokens=True))
+
+
+def test_spread_memory_without_a_token_count_is_refused(make):
+    icae = make(**SPREAD)
+    (slots,) = icae.compress(spans_of([16], seed=9))
+    blind = MemorySlots(slots.tensor, None, None, slots.fingerprint)
+    with pytest.raises(ICAEConfigError, match="token_count"):
+        icae.generate([blind], "hi", max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+def test_a_recipe_survives_a_checkpoint_round_trip(make, tokenizer, tmp_path):
+    from tiny_models import tiny_icae_base
+
+    recipe = {"slot_positions": "spread", "slot_head": "affine", "slot_layer": 1}
+    icae = make(**recipe)
+    icae.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / EMBEDDINGS)) == {
+        "memory_embeddings",
+        "special_embeddings",
+        "slot_gain",
+        "slot_proj.weight",
+        "slot_proj.bias",
+    }
+    loaded = ICAE.from_pretrained(tmp_path, base_model=(tiny_icae_base(0), tokenizer))
+    assert loaded.config == icae.config
+    spans = spans_of([32, 11], seed=10)
+    for a, b in zip(icae.compress(spans), loaded.compress(spans), strict=True):
+        torch.testing.assert_close(a.tensor, b.tensor)
+
+
+def test_the_first_shipped_config_reads_as_todays_recipe():
+    """Configs written before the recipe options existed keep their behaviour."""
+    saved = json.loads((DEFAULT_CHECKPOINT / MANIFEST).read_text())["config"]
+    legacy = {
+        k: v for k, v in saved.items() if k not in {"slot_positions", "slot_head", "slot_layer"}
+    }
+    config = ICAEConfig.from_dict(legacy)
+    assert (config.slot_positions, config.slot_head, config.slot_layer) == (
+        "sequential",
+        "none",
+        None,
+    )
