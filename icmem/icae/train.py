@@ -806,6 +806,18 @@ def register_cli(subparsers: Any) -> None:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.add_argument("--until-step", type=int, default=None, help="stop (checkpointed) here")
         p.set_defaults(func=_cli_runner(entry))
+    p = stages.add_parser("campaign", help="continue the default ICAE's training campaign")
+    p.add_argument(
+        "action",
+        choices=["start", "run", "stop", "status", "report"],
+        help="start: in the background at nice 19; run: here, in the foreground; stop: "
+        "checkpoint and end it; status: where it stands; report: append metrics, re-draw "
+        "the curve in TRAINING.md and promote the checkpoint if held-out loss improved",
+    )
+    p.add_argument("--config", default="configs/campaign-smollm2-135m-k128.json")
+    p.add_argument("--until-step", type=int, default=None, help="run: stop (checkpointed) here")
+    p.add_argument("--no-promote", action="store_true", help="report: never replace the export")
+    p.set_defaults(func=_campaign_command)
     p = stages.add_parser("corpus", help="write a pretraining corpus from text on this machine")
     p.add_argument("--out", required=True, help="folder to write .txt documents into")
     p.add_argument("--man-pages", type=int, default=300, help="rendered man pages to include")
@@ -830,6 +842,58 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--held-out-fraction", type=float, default=0.05, help="as in pretraining")
     p.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
     p.set_defaults(func=_instructions_command)
+
+
+def _campaign_command(args: argparse.Namespace) -> int:
+    from icmem.icae import campaign
+
+    config = TrainConfig.from_file(args.config)
+    if args.action == "start":
+        plan = campaign.plan_campaign(config)
+        pid = campaign.start_in_background(args.config)
+        log = Path(config.output_dir) / campaign.LOG_FILE
+        print(
+            json.dumps({"started": pid, "mode": plan.mode, "reason": plan.reason, "log": str(log)})
+        )
+    elif args.action == "run":
+        result = campaign.run_campaign(config, until_step=args.until_step)
+        print(json.dumps({"steps": result.steps, "tokens_seen": result.tokens_seen}))
+    elif args.action == "stop":
+        print(json.dumps({"stopped": campaign.stop_background(config.output_dir)}))
+    elif args.action == "status":
+        history = (
+            campaign.held_out_history(config.output_dir)
+            if (Path(config.output_dir) / "metrics.jsonl").is_file()
+            else []
+        )
+        print(
+            json.dumps(
+                {
+                    "running": campaign.background_pid(config.output_dir),
+                    "next_start": campaign.plan_campaign(config).mode,
+                    "last_held_out": history[-1] if history else None,
+                }
+            )
+        )
+    else:
+        record = _campaign_report(config, promote=not args.no_promote)
+        print(json.dumps(record))
+    return 0
+
+
+def _campaign_report(config: TrainConfig, *, promote: bool) -> dict[str, Any]:
+    from icmem.icae import campaign
+
+    results = Path("benchmarks/results")
+    log = results / "icae_campaign_metrics.jsonl"
+    added = campaign.append_metrics(config, log)
+    curve = campaign.campaign_curve(log)
+    if curve:
+        campaign.render_curve(curve, "TRAINING.md", results / "icae_campaign_curve.png")
+    record: dict[str, Any] = {"metrics_added": added, "evaluations": len(curve)}
+    if promote:
+        record["promotion"] = campaign.promote_if_better(config)
+    return record
 
 
 def _corpus_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,309 @@
+"""The training campaign of the default ICAE: one run that any session can continue.
+
+Sessions come and go; the campaign goes on with whatever cores they leave idle. Starting it
+either resumes the run directory exactly (when it survived) or, on a fresh clone, warm-starts
+a new run from the committed export, so no session's training is lost. Before a session
+stops, `report` appends the run's metrics to the committed log and re-draws the curve, and
+`promote` replaces the committed export only when held-out quality improved on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from icmem.icae.checkpoint import DEFAULT_CHECKPOINT, MANIFEST
+from icmem.icae.config import ICAEConfig
+from icmem.icae.train import (
+    TrainConfig,
+    TrainingConfigError,
+    TrainResult,
+    export_checkpoint,
+    latest_checkpoint,
+    read_metrics,
+    train,
+)
+
+DEFAULT_CONFIG = Path("configs/campaign-smollm2-135m-k128.json")
+PID_FILE = "campaign.pid"
+LOG_FILE = "campaign.log"
+
+
+@dataclass(frozen=True)
+class CampaignPlan:
+    """How the next start continues: "resume" (exact), "warm-start" (from the export) or
+    "fresh" (the export was trained with another recipe, so nothing of it fits)."""
+
+    mode: str
+    config: TrainConfig
+    reason: str
+
+
+def plan_campaign(config: TrainConfig, export_dir: str | Path = DEFAULT_CHECKPOINT) -> CampaignPlan:
+    """Decide how to continue the campaign described by `config`."""
+    out = Path(config.output_dir)
+    if latest_checkpoint(out) is not None:
+        saved = TrainConfig.from_file(out / "config.json")
+        resumed = dataclasses.replace(
+            saved, max_steps=config.max_steps, num_threads=config.num_threads
+        )
+        return CampaignPlan("resume", resumed, f"{out} holds checkpoints; resuming exactly")
+    export = Path(export_dir)
+    manifest_path = export / MANIFEST
+    if not manifest_path.is_file():
+        return CampaignPlan("fresh", config, f"no export in {export}; starting from the base model")
+    manifest = json.loads(manifest_path.read_text())
+    exported = ICAEConfig.from_dict(manifest["config"])
+    wanted = ICAEConfig(base_model=config.base_model, **config.icae)
+    if _recipe(exported) != _recipe(wanted):
+        return CampaignPlan(
+            "fresh",
+            config,
+            f"the export in {export} was trained with another recipe; starting from the base model",
+        )
+    # A new data seed per export: a warm start must not replay the examples already trained on.
+    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+    warm = dataclasses.replace(
+        config, init_from=str(export), icae={}, seed=config.seed + int(digest[:7], 16)
+    )
+    return CampaignPlan("warm-start", warm, f"warm-starting from the export in {export}")
+
+
+def _recipe(config: ICAEConfig) -> dict[str, Any]:
+    """What must match for an export's tensors to fit a run (precision may differ)."""
+    return {k: v for k, v in config.to_dict().items() if k != "dtype"}
+
+
+def run_campaign(
+    config: TrainConfig | str | Path = DEFAULT_CONFIG,
+    *,
+    export_dir: str | Path = DEFAULT_CHECKPOINT,
+    until_step: int | None = None,
+) -> TrainResult:
+    """Continue the campaign in this process (see `plan_campaign`)."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_file(config)
+    plan = plan_campaign(config, export_dir)
+    print(json.dumps({"campaign": plan.mode, "reason": plan.reason}), file=sys.stderr, flush=True)
+    return train(plan.config, resume=plan.mode == "resume", until_step=until_step)
+
+
+def start_in_background(config_path: str | Path = DEFAULT_CONFIG, *, niceness: int = 19) -> int:
+    """Start the campaign as a detached process at `nice` `niceness`; returns its pid.
+
+    It outlives the calling shell, logs to `output_dir/campaign.log` and is stopped (with a
+    checkpoint) by `stop_background`. A campaign already running is refused, not doubled.
+    """
+    config = TrainConfig.from_file(config_path)
+    out = Path(config.output_dir)
+    running = background_pid(out)
+    if running is not None:
+        raise TrainingConfigError(
+            f"the campaign is already running (pid {running}); stop it with "
+            "`icmem train campaign --stop` first"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "icmem.cli",
+        "train",
+        "campaign",
+        "--config",
+        str(config_path),
+        "--foreground",
+    ]
+    with (out / LOG_FILE).open("a") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: os.nice(niceness),
+        )
+    (out / PID_FILE).write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def background_pid(output_dir: str | Path) -> int | None:
+    """The pid of a live campaign process of this run, or None."""
+    path = Path(output_dir) / PID_FILE
+    if not path.is_file():
+        return None
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def stop_background(output_dir: str | Path, *, timeout: float = 600.0) -> bool:
+    """SIGTERM the campaign (it checkpoints, then exits) and wait; False if none ran."""
+    import time
+
+    pid = background_pid(output_dir)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(1.0)
+    raise TrainingConfigError(f"the campaign (pid {pid}) did not stop within {timeout:.0f} s")
+
+
+def held_out_history(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The held-out evaluations of a run, in step order."""
+    return [r for r in read_metrics(output_dir) if "held_out_ae_loss" in r]
+
+
+def held_out_loss(config: TrainConfig, icae_dir: str | Path) -> float:
+    """Held-out `[AE]` loss of a saved ICAE on the run's own held-out examples (the numbers in
+    its metrics), so that two checkpoints of any recipe are compared on the same spans."""
+    import torch
+
+    from icmem.icae.model import ICAE
+    from icmem.icae.train import _HeldOutEval
+
+    icae = ICAE.from_pretrained(icae_dir)
+    with torch.no_grad():
+        return _HeldOutEval(config, icae).losses()["held_out_ae_loss"]
+
+
+def promote_if_better(
+    config: TrainConfig, export_dir: str | Path = DEFAULT_CHECKPOINT
+) -> dict[str, Any]:
+    """Export the run's latest checkpoint over `export_dir` when its held-out `[AE]` loss is
+    lower than the export's, both measured now on the same held-out spans."""
+    checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is None:
+        return {"promoted": False, "reason": f"{config.output_dir} has no checkpoint yet"}
+    candidate = held_out_loss(config, checkpoint / "icae")
+    export = Path(export_dir)
+    committed = held_out_loss(config, export) if (export / MANIFEST).is_file() else None
+    record = {
+        "checkpoint": str(checkpoint),
+        "candidate_loss": round(candidate, 4),
+        "committed_loss": None if committed is None else round(committed, 4),
+    }
+    if committed is not None and candidate >= committed:
+        return {"promoted": False, "reason": "no better than the committed export", **record}
+    export_checkpoint(checkpoint, export)
+    return {"promoted": True, **record}
+
+
+# --------------------------------------------------------------------------- the committed record
+
+CURVE_START = "<!-- campaign-curve:start -->"
+CURVE_END = "<!-- campaign-curve:end -->"
+GOAL_CE = 0.2  # held-out [AE] nats/token where reconstructions become near exact (UPL's logs)
+
+
+def append_metrics(config: TrainConfig, log: str | Path) -> int:
+    """Append the run's records that `log` lacks, tagged with the run's data seed (one segment
+    per warm start); returns how many were added."""
+    path = Path(log)
+    old = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    seen = {(r["segment"], r["step"], "held_out_ae_loss" in r) for r in old}
+    new = [
+        {"segment": config.seed, **r}
+        for r in read_metrics(config.output_dir)
+        if (config.seed, r["step"], "held_out_ae_loss" in r) not in seen
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in new)
+    return len(new)
+
+
+def campaign_curve(log: str | Path) -> list[dict[str, Any]]:
+    """Held-out evaluations across every segment, tokens counted from the campaign's start
+    (each segment starts where the segments before it ended)."""
+    records = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    reached: dict[int, int] = {}  # segment -> tokens it processed, in order of appearance
+    for record in records:
+        reached[record["segment"]] = max(reached.get(record["segment"], 0), record["tokens_seen"])
+    offsets, total = {}, 0
+    for segment, tokens in reached.items():
+        offsets[segment], total = total, total + tokens
+    return [
+        {
+            "tokens": offsets[r["segment"]] + r["tokens_seen"],
+            "step": r["step"],
+            "segment": r["segment"],
+            "held_out_ae_loss": r["held_out_ae_loss"],
+        }
+        for r in records
+        if "held_out_ae_loss" in r
+    ]
+
+
+def tokens_to_goal(curve: list[dict[str, Any]], goal: float = GOAL_CE) -> float | None:
+    """Where a straight line through the last evaluations (loss against log tokens) reaches
+    `goal`; None while the curve is not falling."""
+    import math
+
+    points = [(math.log(p["tokens"]), p["held_out_ae_loss"]) for p in curve[-6:] if p["tokens"]]
+    if len(points) < 3:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    if slope >= 0:
+        return None
+    return math.exp(mx + (goal - my) / slope)
+
+
+def render_curve(curve: list[dict[str, Any]], training_md: str | Path, png: str | Path) -> None:
+    """Re-draw the campaign's curve: a PNG, and a table between the markers in TRAINING.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([p["tokens"] for p in curve], [p["held_out_ae_loss"] for p in curve], marker=".")
+    ax.axhline(GOAL_CE, color="green", linestyle=":", label=f"goal proxy ({GOAL_CE} nats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens processed (span + target), all segments")
+    ax.set_ylabel("held-out [AE] cross-entropy (nats/token)")
+    ax.set_title("ICAE training campaign")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+    goal = tokens_to_goal(curve)
+    rows = ["| tokens | segment | step | held-out AE CE |", "|---:|---:|---:|---:|"]
+    rows += [
+        f"| {p['tokens']:,} | {p['segment']} | {p['step']} | {p['held_out_ae_loss']:.3f} |"
+        for p in curve
+    ]
+    estimate = (
+        "The curve is not falling yet, so it names no token count for the goal."
+        if goal is None
+        else f"A straight line through the last evaluations (loss against log tokens) reaches "
+        f"{GOAL_CE} nats at about {goal:,.0f} tokens."
+    )
+    block = "\n".join([CURVE_START, "", *rows, "", estimate, "", CURVE_END])
+    path = Path(training_md)
+    text = path.read_text()
+    if CURVE_START in text and CURVE_END in text:
+        before, rest = text.split(CURVE_START, 1)
+        text = before + block + rest.split(CURVE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## The campaign's curve\n\n" + block + "\n"
+    path.write_text(text)
