@@ -9,8 +9,10 @@ import math
 import pytest
 import sacrebleu
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_icae_base
 
 from icmem.evals.reconstruct import (
     EvaluationError,
@@ -143,3 +145,120 @@ def test_cli_parses_eval_reconstruct():
     args = parser.parse_args(["reconstruct", "--text", "held.txt", "--json", "--k", "32", "128"])
     assert args.checkpoint is None and args.text == "held.txt" and args.json
     assert args.k == [32, 128] and args.lengths == [64, 128, 256, 512]
+
+
+# --------------------------------------------------------------------------- known values
+# The tests below pin exact numbers worked out by hand. Range checks alone let mutants through
+# (the median swapped for the max, 1 minus the prefix ratio, the prior read with the wrong
+# context), because random tiny ICAEs reconstruct nothing and every BLEU was 0.0.
+
+
+@pytest.mark.parametrize(
+    ("hypothesis", "reference", "expected"),
+    [
+        # One wrong last token, equal lengths (brevity penalty 1). Matches / n-grams per order:
+        # 7/8, 6/7, 5/6, 4/5; their product telescopes to 4/8, so BLEU = (1/2) ** (1/4).
+        ([1, 2, 3, 4, 5, 6, 7, 9], [1, 2, 3, 4, 5, 6, 7, 8], 0.5**0.25),
+        # A 6-token prefix of an 8-token reference: every precision is 1, so BLEU is the
+        # brevity penalty alone, exp(1 - 8/6) = exp(-1/3).
+        ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8], math.exp(-1 / 3)),
+        # Two extra tokens: no penalty for length (a longer hypothesis pays in precision
+        # instead): 8/10 * 7/9 * 6/8 * 5/7 = 1/3, so BLEU = (1/3) ** (1/4).
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8], (1 / 3) ** 0.25),
+        # Zero-match orders are smoothed: 1-grams 4/4; 2-grams 0 of 3 -> 1/(2*3);
+        # 3-grams 0 of 2 -> 1/(4*2); 4-grams 0 of 1 -> 1/(8*1). BLEU = (1/384) ** (1/4).
+        ([1, 3, 2, 4], [1, 2, 3, 4], (1 / 384) ** 0.25),
+        # Too short for 4-grams, so the mean runs over orders 1-3 only (effective order):
+        # 1-grams 3/3; 2-grams (1,2) of (1,2),(2,4) -> 1/2; 3-grams 0 of 1 -> 1/(2*1). Times
+        # the brevity penalty exp(1 - 4/3): BLEU = exp(-1/3) * (1/4) ** (1/3).
+        ([1, 2, 4], [1, 2, 3, 4], math.exp(-1 / 3) * 0.25 ** (1 / 3)),
+    ],
+    ids=["one-wrong-token", "brevity-penalty", "longer", "smoothed", "effective-order"],
+)
+def test_bleu4_hand_computed_values(hypothesis, reference, expected):
+    assert bleu4(hypothesis, reference) == pytest.approx(expected, rel=1e-12)
+
+
+def test_exact_prefix_ratio_is_the_share_right_before_the_first_error():
+    """3 of 4 tokens right before the first mistake is 0.75 (a `1 - ratio` mutant gives 0.25);
+    tokens after the first mistake do not count even when they match."""
+    assert exact_prefix_ratio([1, 2, 3, 9], [1, 2, 3, 4]) == 0.75
+    assert exact_prefix_ratio([1, 9, 3, 4], [1, 2, 3, 4]) == 0.25
+    assert exact_prefix_ratio([1, 2, 3, 4, 5, 6, 7, 8, 9, 0], list(range(1, 11))) == 0.9
+
+
+DOCUMENT = (
+    "Alice met Bob in London on a quiet day in March; the quick brown fox jumps over the lazy dog. "
+) * 4
+LENGTH, K, CONTINUATION = 24, 4, 2
+
+
+def _spans_of_one_document(icae, count: int) -> list[list[int]]:
+    """The spans `evaluate_reconstruction` reads from one document, by hand: consecutive
+    windows of LENGTH + CONTINUATION tokens, of which the first LENGTH are the span."""
+    ids = icae.tokenize(DOCUMENT)
+    window = LENGTH + CONTINUATION
+    return [ids[i * window : i * window + LENGTH] for i in range(count)]
+
+
+def test_bucket_reports_the_median_bleu_and_mean_exact_prefix(make_icae, monkeypatch):
+    """Three spans reconstructed (by a stand-in for the decoder) as: the exact text (BLEU 1,
+    prefix 1), nothing (BLEU 0, prefix 0), and its first 18 of 24 tokens (BLEU = brevity
+    penalty exp(1 - 24/18) = exp(-1/3) ~ 0.717, prefix 0.75). The median is the last one; the
+    mean (~0.572) or the max (1.0) would differ, and so would a mean prefix of 1 - ratio."""
+    icae = make_icae()
+    tokenizer = icae.tokenizer
+    spans = _spans_of_one_document(icae, 3)
+    references = [icae.tokenize(tokenizer.decode(span)) for span in spans]
+    part = 18
+    texts = [tokenizer.decode(references[0]), "", tokenizer.decode(references[2][:part])]
+    assert icae.tokenize(texts[2]) == references[2][:part]  # the cut survives re-tokenizing
+    with torch.no_grad():
+        encoded = [_encode(icae, span, K).tensor for span in spans]
+
+    def reconstruct(memory, *, max_new_tokens=None):
+        (slots,) = memory
+        (index,) = [i for i, t in enumerate(encoded) if torch.equal(t, slots.tensor)]
+        return texts[index]
+
+    monkeypatch.setattr(icae, "reconstruct", reconstruct)
+    result = evaluate_reconstruction(
+        icae, [DOCUMENT], lengths=(LENGTH,), ks=(K,), spans_per_length=3,
+        continuation_tokens=CONTINUATION,
+    )  # fmt: skip
+    (bucket,) = result["reconstruction"]
+    partial = math.exp(1 - LENGTH / part)
+    assert bucket["spans"] == 3
+    assert bucket["bleu4_median"] == pytest.approx(partial, rel=1e-9)
+    assert bucket["bleu4_mean"] == pytest.approx((1.0 + 0.0 + partial) / 3, rel=1e-9)
+    assert bucket["exact_prefix_mean"] == pytest.approx((1.0 + 0.0 + part / LENGTH) / 3)
+
+
+def test_prior_is_the_base_model_reading_each_span_from_its_first_token(make_icae):
+    """`prior_ce` is what the span costs with no memory: the bare base model's mean
+    cross-entropy of span[1:] given span[:1] (teacher forcing), averaged over spans. It is
+    recomputed here on an untouched copy of the base model; the ICAE's LoRA is randomised so
+    that reading the prior with the adapter on, or with any other context, gives another
+    number."""
+    icae = make_icae()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in icae.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    spans = _spans_of_one_document(icae, 2)
+    base = tiny_icae_base(0)
+
+    def base_ce(span: list[int]) -> float:
+        logits = base(input_ids=torch.tensor([span])).logits[0]  # row i predicts token i + 1
+        return float(F.cross_entropy(logits[:-1], torch.tensor(span[1:])))
+
+    with torch.no_grad():
+        by_hand = [base_ce(span) for span in spans]
+    result = evaluate_reconstruction(
+        icae, [DOCUMENT], lengths=(LENGTH,), ks=(K,), spans_per_length=2,
+        continuation_tokens=CONTINUATION, generate=False,
+    )  # fmt: skip
+    (bucket,) = result["reconstruction"]
+    assert bucket["spans"] == 2
+    assert bucket["prior_ce"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
