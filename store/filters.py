@@ -124,7 +124,10 @@ class _SqliteJson:
     """JSON1 functions; the path is a bound parameter, the key was checked to need no escaping."""
 
     def __init__(self) -> None:
-        self.column: Any = DocumentRow.metadata_
+        # Stores written before metadata was validated may hold NaN, which SQLite's JSON functions
+        # reject with an error that would fail the whole search: such metadata reads as empty.
+        column = DocumentRow.metadata_
+        self.column: Any = case((func.json_valid(column) == 1, column))
 
     def _path(self, key: str) -> Any:
         return literal(f'$."{key}"')

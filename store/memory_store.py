@@ -83,6 +83,7 @@ from .schema import (
     SlotRow,
     SpanRow,
 )
+from .validation import MAX_KEY_CHARS, check_metadata, check_text
 
 __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
 
@@ -144,6 +145,7 @@ _HIT_ROWS = (
 class _PreparedDocument:
     record: DocumentRecord
     key: str
+    metadata: dict[str, Any]  # a plain-JSON copy, checked the same way for every backend
     vectors: np.ndarray  # (n_spans, dim) float32
     slot_headers: tuple[Any, ...]
 
@@ -667,7 +669,8 @@ class MemoryStore:
                 if header is not None:
                     fingerprints.add(header.fingerprint)
                 headers.append(header)
-            prepared.append(_PreparedDocument(doc, key, vectors, tuple(headers)))
+            metadata = check_metadata(doc.metadata, f"metadata of document {key!r}")
+            prepared.append(_PreparedDocument(doc, key, metadata, vectors, tuple(headers)))
         if len(fingerprints) > 1:
             raise ForeignSlotsError(
                 f"one call mixes slots from several base models {sorted(fingerprints)}; a store "
@@ -773,7 +776,7 @@ class MemoryStore:
                 namespace_id=ns_id,
                 key=doc.key,
                 source=record.source,
-                metadata_=dict(record.metadata),
+                metadata_=doc.metadata,
                 content_hash=record.content_hash,
             )
             session.add(row)
@@ -787,7 +790,7 @@ class MemoryStore:
         old_spans = self._span_ids_of_documents(session, [existing.id])
         session.execute(delete(SpanRow).where(SpanRow.document_id == existing.id))
         existing.source = record.source
-        existing.metadata_ = dict(record.metadata)
+        existing.metadata_ = doc.metadata
         existing.content_hash = record.content_hash
         session.flush()
         return existing.id, old_spans
@@ -991,6 +994,8 @@ def _document_keys(document_ids: Iterable[str]) -> list[str]:
     keys = list(document_ids)
     if not all(isinstance(k, str) and k for k in keys):
         raise InvalidRecordError(f"document ids must be non-empty strings, got {keys!r}")
+    for key in keys:
+        check_text(key, "document id", max_chars=MAX_KEY_CHARS)
     return keys
 
 

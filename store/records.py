@@ -26,6 +26,14 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidRecordError
+from .validation import (
+    MAX_CONTENT_HASH_CHARS,
+    MAX_CONTENT_ID_CHARS,
+    MAX_KEY_CHARS,
+    check_count,
+    check_metadata,
+    check_text,
+)
 
 __all__ = [
     "AddedDocument",
@@ -46,7 +54,7 @@ NAMESPACE_PARTS = ("tenant", "agent", "thread")
 
 def content_id_of(text: str) -> str:
     """The id of a span's content: equal texts share it, so their slots can be reused."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(check_text(text, "span text").encode("utf-8")).hexdigest()
 
 
 def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) -> tuple[str, ...]:
@@ -60,6 +68,8 @@ def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) 
             f"namespace must be {wanted} (tenant, agent, thread) of non-empty strings, "
             f"got {namespace!r}"
         )
+    for name, part in zip(NAMESPACE_PARTS, parts, strict=False):
+        check_text(part, f"namespace {name}", max_chars=MAX_KEY_CHARS)
     return parts
 
 
@@ -77,11 +87,8 @@ class SpanRecord:
     content_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.position < 0 or self.token_count < 0:
-            raise InvalidRecordError(
-                f"span position and token_count must be >= 0, got {self.position}, "
-                f"{self.token_count}"
-            )
+        for name in ("position", "char_start", "char_end", "token_count"):
+            object.__setattr__(self, name, check_count(getattr(self, name), f"span {name}"))
         if not 0 <= self.char_start <= self.char_end:
             raise InvalidRecordError(
                 f"span char offsets must satisfy 0 <= char_start <= char_end, got "
@@ -92,8 +99,16 @@ class SpanRecord:
                 "span slots must be bytes from icmem.codec.encode_slots (or MemorySlots.to_bytes), "
                 f"got {type(self.slots).__name__}"
             )
+        check_text(self.text, f"text of span {self.position}")
         if self.content_id is None:
             object.__setattr__(self, "content_id", content_id_of(self.text))
+        else:
+            check_text(
+                self.content_id,
+                f"content_id of span {self.position}",
+                max_chars=MAX_CONTENT_ID_CHARS,
+                empty=False,
+            )
 
 
 @dataclass(frozen=True)
@@ -111,10 +126,13 @@ class DocumentRecord:
             raise InvalidRecordError(
                 f"document id must be a non-empty string or None, got {self.id!r}"
             )
-        if not isinstance(self.metadata, Mapping) or not all(
-            isinstance(k, str) for k in self.metadata
-        ):
-            raise InvalidRecordError("document metadata must be a mapping with string keys")
+        if self.id is not None:
+            check_text(self.id, "document id", max_chars=MAX_KEY_CHARS)
+        name = f"document {self.id!r}" if self.id is not None else "document"
+        check_text(self.source, f"source of {name}")
+        check_text(self.content_hash, f"content_hash of {name}", max_chars=MAX_CONTENT_HASH_CHARS)
+        # Checked again when the document is written: the mapping may change after this.
+        check_metadata(self.metadata, f"metadata of {name}")
         positions = [s.position for s in self.spans]
         if len(set(positions)) != len(positions):
             raise InvalidRecordError(
