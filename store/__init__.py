@@ -6,6 +6,7 @@ Nothing here imports torch or model code: it stores arrays, bytes and rows. Star
 """
 
 from .errors import (
+    DamagedStoreError,
     DimensionMismatchError,
     ForeignSlotsError,
     IndexFileError,
@@ -14,8 +15,10 @@ from .errors import (
     NotAStoreError,
     ReadOnlyStoreError,
     SchemaVersionError,
+    StoreDamageWarning,
     StoreError,
     StoreFullError,
+    StoreReadError,
     StoreWriteError,
 )
 from .index import IndexPolicy
@@ -28,12 +31,14 @@ from .records import (
     SearchHit,
     SpanRecord,
     SpanSlots,
+    StoreCheck,
     StoreStats,
     content_id_of,
 )
 
 __all__ = [
     "AddedDocument",
+    "DamagedStoreError",
     "DimensionMismatchError",
     "DocumentInfo",
     "DocumentRecord",
@@ -51,8 +56,11 @@ __all__ = [
     "SearchHit",
     "SpanRecord",
     "SpanSlots",
+    "StoreCheck",
+    "StoreDamageWarning",
     "StoreError",
     "StoreFullError",
+    "StoreReadError",
     "StoreStats",
     "StoreWriteError",
     "UnknownSpanError",

@@ -28,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action.add_argument("--dim", type=int, required=True, help="embedding dimension")
         action.add_argument("--index-dir", default=None, help="index files (URL stores only)")
         action.add_argument("--namespace", default=None, help="tenant[/agent[/thread]] prefix")
+        if name == "stats":
+            action.add_argument(
+                "--check",
+                action="store_true",
+                help="also read every row and list damaged slots, embeddings and pages "
+                "(exit status 1 when any are found)",
+            )
         action.set_defaults(func=func)
 
 
@@ -42,8 +49,12 @@ def _prefix(args: argparse.Namespace) -> tuple[str, ...] | None:
 def stats_command(args: argparse.Namespace) -> int:
     with _open(args, read_only=True) as store:
         stats = store.stats(_prefix(args))
-    print(json.dumps({**asdict(stats), "bytes_on_disk": stats.bytes_on_disk}))
-    return 0
+        report = {**asdict(stats), "bytes_on_disk": stats.bytes_on_disk}
+        check = store.check(_prefix(args)) if args.check else None
+    if check is not None:
+        report["check"] = {**asdict(check), "ok": check.ok}
+    print(json.dumps(report))
+    return 0 if check is None or check.ok else 1
 
 
 def namespaces_command(args: argparse.Namespace) -> int:

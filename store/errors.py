@@ -5,6 +5,7 @@ from __future__ import annotations
 from icmem.errors import IcmemError
 
 __all__ = [
+    "DamagedStoreError",
     "DimensionMismatchError",
     "ForeignSlotsError",
     "IndexFileError",
@@ -13,8 +14,10 @@ __all__ = [
     "NotAStoreError",
     "ReadOnlyStoreError",
     "SchemaVersionError",
+    "StoreDamageWarning",
     "StoreError",
     "StoreFullError",
+    "StoreReadError",
     "StoreWriteError",
 ]
 
@@ -61,3 +64,16 @@ class StoreFullError(StoreWriteError):
 
 class IndexFileError(StoreError):
     """A FAISS index file is missing, stale or corrupt; the store rebuilds it from the rows."""
+
+
+class StoreReadError(StoreError):
+    """The database refused a read for a reason other than damage (see the message)."""
+
+
+class DamagedStoreError(StoreError):
+    """The database file is damaged (unreadable pages); recover it or restore a backup."""
+
+
+class StoreDamageWarning(UserWarning):
+    """Some stored rows are damaged and were skipped so the rest of the store stays usable; list
+    them with ``MemoryStore.check()`` or ``icmem store stats --check``."""

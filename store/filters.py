@@ -14,19 +14,22 @@ the key.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, or_, true, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 
-from .errors import InvalidFilterError
+from .errors import InvalidFilterError, InvalidRecordError
 from .schema import DocumentRow
+from .validation import INT64_MAX, INT64_MIN, check_text
 
 __all__ = ["compile_filter"]
 
 _RANGE = {"$gt", "$gte", "$lt", "$lte"}
 _OPERATORS = {"$eq", "$ne", "$in", "$nin", "$exists", *_RANGE}
+MAX_FILTER_DEPTH = 32  # nested $and/$or levels; deeper filters exhaust SQL parsers' stacks
 
 
 def compile_filter(filter_: Mapping[str, Any] | None, dialect: str) -> ColumnElement[bool]:
@@ -38,18 +41,23 @@ def compile_filter(filter_: Mapping[str, Any] | None, dialect: str) -> ColumnEle
             f"a metadata filter must be a mapping, got {type(filter_).__name__}"
         )
     json = _PostgresJson() if dialect == "postgresql" else _SqliteJson()
-    return _compile(filter_, json)
+    return _compile(filter_, json, 0)
 
 
-def _compile(filter_: Mapping[str, Any], json: _SqliteJson) -> ColumnElement[bool]:
+def _compile(filter_: Mapping[str, Any], json: _SqliteJson, depth: int) -> ColumnElement[bool]:
+    if depth > MAX_FILTER_DEPTH:
+        raise InvalidFilterError(
+            f"the filter is nested more than {MAX_FILTER_DEPTH} $and/$or levels deep; flatten it "
+            "(a single $and/$or takes any number of sub-filters)"
+        )
     clauses = []
     for key, condition in filter_.items():
         if key in ("$and", "$or"):
             if not isinstance(condition, list | tuple) or not condition:
                 raise InvalidFilterError(f"{key} takes a non-empty list of filters")
-            parts = [_compile(_as_mapping(sub), json) for sub in condition]
+            parts = [_compile(_as_mapping(sub), json, depth + 1) for sub in condition]
             clauses.append(and_(*parts) if key == "$and" else or_(*parts))
-        elif key.startswith("$"):
+        elif isinstance(key, str) and key.startswith("$"):
             raise InvalidFilterError(f"unknown filter operator {key!r} at the top level")
         else:
             _check_key(key)
@@ -85,6 +93,7 @@ def _compile_key(key: str, condition: Any, json: _SqliteJson) -> ColumnElement[b
         else:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidFilterError(f"{op} for {key!r} compares numbers only, got {value!r}")
+            value = _number(key, value)
             number = json.number(key)
             comparison = {
                 "$gt": number > value,
@@ -108,13 +117,36 @@ def _check_key(key: Any) -> None:
             f"metadata filter keys must be non-empty strings without quotes or backslashes, "
             f"got {key!r}"
         )
+    _check_string(key, "metadata filter key")
+
+
+def _check_string(value: str, what: str) -> str:
+    try:
+        return check_text(value, what)
+    except InvalidRecordError as exc:
+        raise InvalidFilterError(str(exc)) from None
+
+
+def _number(key: str, value: int | float) -> int | float:
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidFilterError(
+            f"filter value {value} for {key!r} is outside the 64-bit integer range that stored "
+            "metadata can hold; no document can match it"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidFilterError(
+            f"cannot filter {key!r} on {value} (NaN or infinity): stored metadata never holds it"
+        )
+    return value
 
 
 def _scalar(key: str, value: Any) -> str | int | float | bool:
-    if isinstance(value, str | bool | int | float):
-        if isinstance(value, float) and value != value:
-            raise InvalidFilterError(f"cannot filter {key!r} on NaN")
+    if isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _check_string(value, f"filter value for {key!r}")
+    if isinstance(value, int | float):
+        return _number(key, value)
     raise InvalidFilterError(
         f"filter value for {key!r} must be a string, number or boolean, got {type(value).__name__}"
     )

@@ -20,6 +20,7 @@ import functools
 import os
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from icmem import __version__
 from icmem.codec import SlotCodecError, read_slot_header
 
 from .errors import (
+    DamagedStoreError,
     DimensionMismatchError,
     ForeignSlotsError,
     IndexFileError,
@@ -55,8 +57,10 @@ from .errors import (
     NotAStoreError,
     ReadOnlyStoreError,
     SchemaVersionError,
+    StoreDamageWarning,
     StoreError,
     StoreFullError,
+    StoreReadError,
     StoreWriteError,
 )
 from .filters import compile_filter
@@ -68,6 +72,7 @@ from .records import (
     Namespace,
     SearchHit,
     SpanSlots,
+    StoreCheck,
     StoreStats,
     validate_namespace,
 )
@@ -83,7 +88,8 @@ from .schema import (
     SlotRow,
     SpanRow,
 )
-from .validation import MAX_KEY_CHARS, check_metadata, check_text
+from .slots import verify_slot_blob
+from .validation import INT64_MAX, MAX_KEY_CHARS, check_metadata, check_text
 
 __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
 
@@ -91,6 +97,9 @@ DATABASE_FILE = "store.sqlite"
 INDEX_DIR = "index"
 _IN_CHUNK = 900  # ids per IN (...) clause, below SQLite's default parameter limit
 _PG_INIT_LOCK = 0x1C3E30  # advisory lock key serialising schema creation across workers
+# Embeddings longer than this overflow float32 inner products (the product of two norms must stay
+# below float32's 3.4e38); real embeddings are unit length or close to it.
+MAX_VECTOR_NORM = 1e19
 
 
 class DuplicateDocumentError(StoreError):
@@ -346,9 +355,10 @@ class MemoryStore:
         ``namespace`` is a full (tenant, agent, thread) or a prefix of it; only spans under it are
         ever considered, also when a metadata ``filter`` is given (see ``store.filters``).
         """
-        query = self._check_vectors(np.asarray(vector).reshape(1, -1), "query vector")
-        if not isinstance(k, int) or k <= 0:
+        query = self._check_vectors(_numeric(vector, "query vector").reshape(1, -1), "query vector")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise InvalidRecordError(f"k must be a positive int, got {k!r}")
+        k = int(k)
         ns = validate_namespace(namespace, allow_prefix=True)
         where = compile_filter(filter, self.dialect)
         with self._read() as session:
@@ -406,7 +416,7 @@ class MemoryStore:
 
         Give ``namespace`` (or a prefix) to refuse spans that live elsewhere.
         """
-        wanted = [int(i) for i in span_ids]
+        wanted = _span_ids(span_ids)
         if not wanted:
             return []
         statement = (
@@ -524,6 +534,53 @@ class MemoryStore:
             embedding_bytes=int(embedding_bytes),
             database_bytes=database_bytes,
             index_bytes=self._files.nbytes(),
+        )
+
+    def check(self, namespace: Sequence[str] | None = None) -> StoreCheck:
+        """Read every stored row (of the store, or of a namespace prefix) and report what is
+        damaged: slot blobs that fail their checksum, unusable embeddings, metadata that is not
+        JSON and, for a whole SQLite store, pages its ``quick_check`` finds broken. Changes
+        nothing; reads every slot blob, so it takes a while on a large store."""
+        ns = () if namespace is None else validate_namespace(namespace, allow_prefix=True)
+        damaged_slots: list[int] = []
+        damaged_embeddings: list[int] = []
+        invalid_metadata: list[tuple[Namespace, str]] = []
+        problems: list[str] = []
+        with self._read() as session:
+            if not ns and self.dialect == "sqlite":
+                found = [row[0] for row in session.exec_driver_sql("PRAGMA quick_check")]
+                problems = [] if found == ["ok"] else [str(p) for p in found]
+            namespaces = self._select_namespaces(session, ns)
+            names = {row.id: (row.tenant, row.agent, row.thread) for row in namespaces}
+            streaming = session.execution_options(yield_per=64)
+            for chunk in _chunks(list(names)):
+                slots = streaming.execute(
+                    select(SlotRow.span_id, SlotRow.blob, SlotRow.codec, SlotRow.rows, SlotRow.cols)
+                    .join(SpanRow, SlotRow.span_id == SpanRow.id)
+                    .where(SpanRow.namespace_id.in_(chunk))
+                )
+                damaged_slots.extend(row.span_id for row in slots if _slot_is_damaged(row))
+                vectors = streaming.execute(
+                    select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
+                        EmbeddingRow.namespace_id.in_(chunk)
+                    )
+                )
+                damaged_embeddings.extend(
+                    span_id for span_id, vector in vectors if self._embedding_is_damaged(vector)
+                )
+                if self.dialect == "sqlite":
+                    invalid = session.execute(
+                        select(DocumentRow.namespace_id, DocumentRow.key).where(
+                            DocumentRow.namespace_id.in_(chunk),
+                            func.json_valid(DocumentRow.metadata_) == 0,
+                        )
+                    )
+                    invalid_metadata.extend((names[ns_id], key) for ns_id, key in invalid)
+        return StoreCheck(
+            damaged_slots=tuple(sorted(damaged_slots)),
+            damaged_embeddings=tuple(sorted(damaged_embeddings)),
+            invalid_metadata=tuple(invalid_metadata),
+            database_problems=tuple(problems),
         )
 
     # ------------------------------------------------------------------ index upkeep
@@ -679,12 +736,7 @@ class MemoryStore:
         return prepared, next(iter(fingerprints), None)
 
     def _span_vector(self, embedding: Any, key: str, position: int) -> np.ndarray:
-        try:
-            vector = np.asarray(embedding, dtype=np.float32).ravel()
-        except (TypeError, ValueError) as exc:
-            raise InvalidRecordError(
-                f"embedding of document {key!r} span {position} is not a numeric array: {exc}"
-            ) from exc
+        vector = _numeric(embedding, f"embedding of document {key!r} span {position}").ravel()
         if vector.shape != (self.dim,):
             raise DimensionMismatchError(
                 f"embedding of document {key!r} span {position} has length {vector.size} but "
@@ -707,6 +759,12 @@ class MemoryStore:
         if not np.isfinite(matrix).all():
             raise InvalidRecordError(
                 f"{what} contains NaN or infinity; check the embedding model's output"
+            )
+        norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+        if len(norms) and norms.max() > MAX_VECTOR_NORM:
+            raise InvalidRecordError(
+                f"{what} has norm {norms.max():.3g}, too large: inner products with it overflow "
+                f"float32 (the limit is {MAX_VECTOR_NORM:.0e}); normalise the embeddings"
             )
         return np.ascontiguousarray(matrix)
 
@@ -897,17 +955,29 @@ class MemoryStore:
         missing = np.setdiff1d(stored, indexed, assume_unique=True)
         ids: list[int] = []
         vectors: list[bytes] = []
+        damaged: list[int] = []
         for chunk in _chunks(missing.tolist()):
             for span_id, vector in session.execute(
                 select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
                     EmbeddingRow.span_id.in_(chunk)
                 )
             ):
+                if self._embedding_is_damaged(vector):
+                    damaged.append(span_id)
+                    continue
                 ids.append(span_id)
                 vectors.append(vector)
+        if damaged:
+            _warn_damaged("embeddings", damaged, "left out of searches")
         if ids:
             matrix = np.frombuffer(b"".join(vectors), dtype="<f4").reshape(len(ids), self.dim)
             shard.add(np.asarray(ids, np.int64), matrix)
+
+    def _embedding_is_damaged(self, vector: bytes | None) -> bool:
+        if vector is None or len(vector) != 4 * self.dim:
+            return True
+        values = np.frombuffer(vector, dtype="<f4").astype(np.float64)
+        return not np.isfinite(values).all() or float(np.linalg.norm(values)) > MAX_VECTOR_NORM
 
     def _apply_delta(
         self,
@@ -959,8 +1029,8 @@ class MemoryStore:
         try:
             with self._engine.connect() as connection, connection.begin():
                 yield connection
-        except OperationalError as exc:
-            raise _translate(exc) from exc
+        except DatabaseError as exc:
+            raise _translate(exc, reading=True) from exc
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
@@ -983,6 +1053,41 @@ def _shard_name(ns_id: int) -> str:
     return f"namespace-{ns_id}"
 
 
+def _numeric(values: Any, what: str) -> np.ndarray:
+    """An array of real numbers as float32: complex, text, bool or object input is refused
+    rather than silently cast (numpy drops imaginary parts and parses strings)."""
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRecordError(f"{what} is not a numeric array: {exc}") from exc
+    if array.dtype.kind == "c":
+        raise InvalidRecordError(
+            f"{what} is complex ({array.dtype}); embeddings must be real numbers"
+        )
+    if array.dtype.kind not in "iuf":
+        raise InvalidRecordError(
+            f"{what} must hold numbers (int or float), got an array of dtype {array.dtype}"
+        )
+    return array.astype(np.float32)
+
+
+def _span_ids(span_ids: Any) -> list[int]:
+    if isinstance(span_ids, str | bytes) or not isinstance(span_ids, Iterable):
+        raise InvalidRecordError(
+            f"span ids must be a list of ints (from search hits), got {type(span_ids).__name__}"
+        )
+    wanted = []
+    for span_id in span_ids:
+        if isinstance(span_id, bool) or not isinstance(span_id, int | np.integer):
+            raise InvalidRecordError(
+                f"span ids are ints (from search hits), got span id {span_id!r}"
+            )
+        if not 0 < span_id <= INT64_MAX:
+            raise InvalidRecordError(f"span id {span_id} is not a valid span id (1 to 2**63 - 1)")
+        wanted.append(int(span_id))
+    return wanted
+
+
 def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
     for start in range(0, len(items), _IN_CHUNK):
         yield items[start : start + _IN_CHUNK]
@@ -991,6 +1096,10 @@ def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
 def _document_keys(document_ids: Iterable[str]) -> list[str]:
     if isinstance(document_ids, str):
         raise InvalidRecordError("document_ids must be a list of ids, not one string")
+    if not isinstance(document_ids, Iterable):
+        raise InvalidRecordError(
+            f"document_ids must be a list of ids, got {type(document_ids).__name__}"
+        )
     keys = list(document_ids)
     if not all(isinstance(k, str) and k for k in keys):
         raise InvalidRecordError(f"document ids must be non-empty strings, got {keys!r}")
@@ -999,7 +1108,28 @@ def _document_keys(document_ids: Iterable[str]) -> list[str]:
     return keys
 
 
-def _translate(exc: SQLAlchemyError) -> StoreError:
+def _slot_is_damaged(row: Any) -> bool:
+    """Whether a stored slot blob fails its header or checksum, or disagrees with its row."""
+    try:
+        header = verify_slot_blob(row.blob)
+    except SlotCodecError:
+        return True
+    return header.codec != row.codec or header.shape != (row.rows, row.cols)
+
+
+def _warn_damaged(what: str, span_ids: Sequence[int], effect: str) -> None:
+    shown = sorted(span_ids)[:20]
+    more = f" and {len(span_ids) - len(shown)} more" if len(span_ids) > len(shown) else ""
+    warnings.warn(
+        f"the stored {what} of span ids {shown}{more} are damaged and were {effect}; the rest of "
+        "the store is unaffected. List every damaged row with `icmem store stats --check` (or "
+        "MemoryStore.check()) and re-add the documents they belong to",
+        StoreDamageWarning,
+        stacklevel=4,
+    )
+
+
+def _translate(exc: SQLAlchemyError, *, reading: bool = False) -> StoreError:
     message = str(getattr(exc, "orig", exc)).lower()
     code = getattr(getattr(exc, "orig", None), "sqlstate", None)
     if "disk is full" in message or "disk full" in message or code == "53100":
@@ -1017,11 +1147,24 @@ def _translate(exc: SQLAlchemyError) -> StoreError:
             "another process held the store's write lock past the busy timeout; retry, or raise "
             "busy_timeout_s in MemoryStore.open"
         )
-    if "not a database" in message or "malformed" in message:
+    if "malformed json" in message:
+        return DamagedStoreError(
+            f"a document's stored metadata is not valid JSON ({message}); find it with "
+            "`icmem store stats --check` and re-add that document"
+        )
+    if "malformed" in message or "corrupt" in message:
+        return DamagedStoreError(
+            f"the store's database file is damaged ({message}); nothing was changed. Copy the "
+            "store directory aside, then run `sqlite3 store.sqlite .recover` on the copy to "
+            "salvage the rows, or restore the directory from a backup"
+        )
+    if "not a database" in message:
         return NotAStoreError(
             f"the store's database file is not a readable SQLite database ({message}); restore it "
             "from a backup or open another directory"
         )
+    if reading:
+        return StoreReadError(f"the database refused a read: {message}")
     return StoreWriteError(f"the database refused the operation: {message}")
 
 

@@ -19,7 +19,7 @@ assigned by the store, never reused, and are what search hits and ``get_slots`` 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "SearchHit",
     "SpanRecord",
     "SpanSlots",
+    "StoreCheck",
     "StoreStats",
     "content_id_of",
     "validate_namespace",
@@ -60,7 +61,9 @@ def content_id_of(text: str) -> str:
 def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) -> tuple[str, ...]:
     """Check a namespace tuple; searches and listings may give a (tenant,) or (tenant, agent)
     prefix."""
-    parts = tuple(namespace) if not isinstance(namespace, str) else None
+    parts = None
+    if not isinstance(namespace, str | bytes) and isinstance(namespace, Iterable):
+        parts = tuple(namespace)
     valid_length = parts is not None and (1 <= len(parts) <= 3 if allow_prefix else len(parts) == 3)
     if not valid_length or not all(isinstance(p, str) and p for p in parts):
         wanted = "a 1- to 3-tuple prefix of" if allow_prefix else "a tuple"
@@ -204,3 +207,22 @@ class StoreStats:
     @property
     def bytes_on_disk(self) -> int:
         return self.database_bytes + self.index_bytes
+
+
+@dataclass(frozen=True)
+class StoreCheck:
+    """What ``MemoryStore.check`` found damaged; every field empty means nothing is."""
+
+    damaged_slots: tuple[int, ...] = ()  # span ids whose slot blob fails its header or checksum
+    damaged_embeddings: tuple[int, ...] = ()  # span ids whose embedding bytes are unusable
+    invalid_metadata: tuple[tuple[Namespace, str], ...] = ()  # (namespace, document id)
+    database_problems: tuple[str, ...] = ()  # SQLite's quick_check findings
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.damaged_slots
+            or self.damaged_embeddings
+            or self.invalid_metadata
+            or self.database_problems
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 from conftest import DIM, make_document
@@ -38,3 +40,26 @@ def test_stats_namespaces_and_reindex(tmp_path, capsys) -> None:
     with MemoryStore.open(path, dim=DIM) as store:
         assert store.index_repairs == 0
         np.testing.assert_array_equal(store.index_ids(NS), store.span_ids(NS))
+
+
+def test_stats_check_lists_damaged_rows(tmp_path, capsys) -> None:
+    path = str(tmp_path / "store")
+    with MemoryStore.open(path, dim=DIM) as store:
+        added = store.add([make_document("a", 3)], namespace=NS)
+    assert _run(["store", "stats", path, "--dim", str(DIM), "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["check"]["ok"] and report["documents"] == 1
+    damaged = added[0].span_ids[1]
+    with sqlite3.connect(Path(path) / "store.sqlite") as connection:
+        (blob,) = connection.execute(
+            "SELECT blob FROM icmem_slots WHERE span_id = ?", (damaged,)
+        ).fetchone()
+        flipped = bytearray(blob)
+        flipped[-3] ^= 0x10  # one payload bit: the header still parses
+        connection.execute(
+            "UPDATE icmem_slots SET blob = ? WHERE span_id = ?", (bytes(flipped), damaged)
+        )
+    assert _run(["store", "stats", path, "--dim", str(DIM), "--check"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["check"]["damaged_slots"] == [damaged]
+    assert not report["check"]["ok"]

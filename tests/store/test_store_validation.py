@@ -6,14 +6,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
-from conftest import DIM, embedding, make_document
+from conftest import DIM, StoreLocation, embedding, make_document
 from icmem.store import (
+    DamagedStoreError,
     DocumentRecord,
+    InvalidFilterError,
     InvalidRecordError,
     MemoryStore,
     SpanRecord,
+    StoreDamageWarning,
+    StoreError,
 )
+from icmem.store.schema import EmbeddingRow
+from sqlalchemy import update
 
 NS = ("t", "a", "th")
 
@@ -143,3 +150,165 @@ def test_legacy_non_finite_metadata_does_not_break_filtered_search(tmp_path) -> 
             assert [h.document_id for h in hits] == ["good"]
         unfiltered = {h.document_id for h in store.search(embedding(0), 5, namespace=NS)}
         assert unfiltered == {"good", "legacy"}
+
+
+def _deep(levels: int, leaf: object = 1) -> object:
+    value = leaf
+    for _ in range(levels):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        pytest.param({"tags": {"a", "b"}}, "is a set, which is not JSON", id="set"),
+        pytest.param({"raw": b"\x00\x01"}, "is a bytes, which is not JSON", id="bytes"),
+        pytest.param({"n": np.int64(3)}, r"int64.*\.item\(\)", id="numpy-int"),
+        pytest.param({"n": np.float32(0.5)}, r"float32.*\.item\(\)", id="numpy-float32"),
+        pytest.param({"n": 2**70}, "64-bit", id="2**70"),
+        pytest.param({"deep": _deep(5_000)}, "nested more than 32 levels", id="5000-deep"),
+        pytest.param({"x": [[[]]] * 2, "y": {1: "a"}}, "keys must be strings", id="int-key"),
+    ],
+)
+def test_non_json_metadata_is_an_invalid_record(
+    store: MemoryStore, metadata: dict, message: str
+) -> None:
+    with pytest.raises(InvalidRecordError, match=message):
+        store.add([make_document("a", 1, metadata=metadata)], namespace=NS)
+    assert store.stats().documents == 0
+
+
+def test_numpy_float64_metadata_is_a_float(store: MemoryStore) -> None:
+    store.add([make_document("a", 1, metadata={"score": np.float64(0.25)})], namespace=NS)
+    hits = store.search(embedding(0), 1, namespace=NS, filter={"score": {"$lt": 0.5}})
+    assert hits[0].metadata == {"score": 0.25}
+
+
+def _deep_filter(levels: int) -> dict:
+    filter_: dict = {"lang": "en"}
+    for _ in range(levels):
+        filter_ = {"$and": [filter_]}
+    return filter_
+
+
+@pytest.mark.parametrize(
+    ("filter_", "message"),
+    [
+        pytest.param({1: "a"}, "keys must be non-empty strings", id="int-key"),
+        pytest.param({"$or": [{2: "a"}]}, "keys must be non-empty strings", id="int-key-in-or"),
+        pytest.param({"n": 2**70}, "64-bit", id="eq-2**70"),
+        pytest.param({"n": {"$gt": 2**70}}, "64-bit", id="gt-2**70"),
+        pytest.param({"n": {"$in": [1, 2**70]}}, "64-bit", id="in-2**70"),
+        pytest.param({"n": math.inf}, "NaN or infinity", id="eq-inf"),
+        pytest.param({"n": {"$lt": math.nan}}, "NaN or infinity", id="lt-nan"),
+        pytest.param({"n": "a\x00"}, "NUL", id="nul-value"),
+        pytest.param({"n\x00": 1}, "NUL", id="nul-key"),
+        pytest.param(_deep_filter(500), "nested more than", id="500-deep"),
+        pytest.param({"n": np.int64(1)}, "string, number or boolean", id="numpy-value"),
+    ],
+)
+def test_bad_filters_are_invalid_filter_errors(
+    store: MemoryStore, filter_: dict, message: str
+) -> None:
+    store.add([make_document("a", 1, metadata={"lang": "en", "n": 1})], namespace=NS)
+    with pytest.raises(InvalidFilterError, match=message):
+        store.search(embedding(0), 3, namespace=NS, filter=filter_)
+
+
+def test_filters_nested_within_the_limit_work(store: MemoryStore) -> None:
+    store.add([make_document("a", 1, metadata={"lang": "en"})], namespace=NS)
+    hits = store.search(embedding(0), 3, namespace=NS, filter=_deep_filter(30))
+    assert [h.document_id for h in hits] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(lambda s: s.search(embedding(0), True, namespace=NS), "k must", id="k-True"),
+        pytest.param(lambda s: s.search(embedding(0), 2.0, namespace=NS), "k must", id="k-float"),
+        pytest.param(
+            lambda s: s.search(embedding(0), 3, namespace=None), "namespace", id="ns-None"
+        ),
+        pytest.param(lambda s: s.search(embedding(0), 3, namespace=7), "namespace", id="ns-int"),
+        pytest.param(
+            lambda s: s.delete(namespace=NS, document_ids=7), "document_ids", id="ids-int"
+        ),
+        pytest.param(lambda s: s.get_slots([2**70]), "span id", id="span-2**70"),
+        pytest.param(lambda s: s.get_slots(["1"]), "span id", id="span-str"),
+        pytest.param(lambda s: s.get_slots("12"), "span id", id="spans-str"),
+        pytest.param(
+            lambda s: s.search(np.full(DIM, 3e38, np.float32), 3, namespace=NS),
+            "too large",
+            id="query-3e38",
+        ),
+        pytest.param(
+            lambda s: s.search(embedding(0) * 1j, 3, namespace=NS), "complex", id="query-complex"
+        ),
+        pytest.param(
+            lambda s: s.search(np.array(["1"] * DIM), 3, namespace=NS), "numbers", id="query-str"
+        ),
+    ],
+)
+def test_bad_arguments_are_store_errors(store: MemoryStore, call, message: str) -> None:
+    store.add([make_document("a", 1)], namespace=NS)
+    with pytest.raises(StoreError, match=message):
+        call(store)
+
+
+@pytest.mark.parametrize(
+    ("vector", "message"),
+    [
+        pytest.param(np.full(DIM, 3e38, np.float32), "too large", id="3e38"),
+        pytest.param(embedding(5).astype(np.complex64), "complex", id="complex"),
+        pytest.param(np.array([str(x) for x in embedding(5)]), "numbers", id="strings"),
+        pytest.param(np.ones(DIM, bool), "numbers", id="bools"),
+    ],
+)
+def test_unusable_embeddings_are_refused_not_stored(
+    store: MemoryStore, vector: np.ndarray, message: str
+) -> None:
+    with pytest.raises(InvalidRecordError, match=message):
+        store.add([make_document("a", 1, vector=lambda _seed: vector)], namespace=NS)
+    assert store.stats().spans == 0
+
+
+def test_truncated_embedding_row_is_skipped_with_a_warning(location: StoreLocation) -> None:
+    with location.open() as store:
+        added = store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
+    damaged = added[1].span_ids[0]
+    with location.open() as store, store.engine.begin() as connection:
+        connection.execute(
+            update(EmbeddingRow).where(EmbeddingRow.span_id == damaged).values(vector=b"\x00" * 7)
+        )
+    for path in location.index_dir.iterdir():
+        path.unlink()
+    with location.open() as store:
+        with pytest.warns(StoreDamageWarning, match=f"span ids \\[{damaged}\\]"):
+            hits = store.search(embedding(100), 6, namespace=NS)
+        assert damaged not in {h.span_id for h in hits} and len(hits) == 5
+        assert len(store.search(embedding(101), 6, namespace=NS)) == 5  # and every later one
+        assert store.check().damaged_embeddings == (damaged,)
+
+
+def test_damaged_database_pages_are_a_store_error(tmp_path) -> None:
+    path = tmp_path / "s"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"d{i}", 3, seed=i) for i in range(200)], namespace=NS)
+        with store.engine.connect() as connection:
+            page_size = connection.exec_driver_sql("PRAGMA page_size").scalar()
+            roots = connection.exec_driver_sql(
+                "SELECT rootpage FROM sqlite_master WHERE name IN ('icmem_spans', 'icmem_slots')"
+            ).scalars()
+            roots = list(roots)
+            connection.rollback()
+    database = path / "store.sqlite"
+    with open(database, "r+b") as handle:  # overwrite the root pages of two tables
+        for root in roots:
+            handle.seek((root - 1) * page_size)
+            handle.write(b"\xa5" * page_size)
+    with MemoryStore.open(path, dim=DIM, read_only=True) as store:
+        with pytest.raises(DamagedStoreError, match=r"damaged.*backup"):
+            store.stats()
+        with pytest.raises(DamagedStoreError, match="damaged"):
+            store.search(embedding(0), 3, namespace=NS)
