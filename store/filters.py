@@ -14,11 +14,26 @@ the key.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, or_, true, type_coerce
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    case,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from .errors import InvalidFilterError, InvalidRecordError
@@ -84,7 +99,7 @@ def _compile_key(key: str, condition: Any, json: _SqliteJson) -> ColumnElement[b
         elif op in ("$in", "$nin"):
             if not isinstance(value, list | tuple) or not value:
                 raise InvalidFilterError(f"{op} for {key!r} takes a non-empty list of values")
-            matches = or_(*(json.equals(key, _scalar(key, v)) for v in value))
+            matches = json.in_(key, [_scalar(key, v) for v in value])
             clauses.append(matches if op == "$in" else or_(json.missing(key), not_(matches)))
         elif op == "$exists":
             if not isinstance(value, bool):
@@ -185,6 +200,29 @@ class _SqliteJson:
             )
         )
 
+    def in_(self, key: str, values: list[str | int | float | bool]) -> ColumnElement[bool]:
+        """Equality with any of ``values``, type-strict, as one bound JSON array per type: an
+        OR of equalities fails past ~990 values ("expression tree is too large") and bound
+        IN lists past SQLite's variable limit."""
+        kinds = _by_kind(values)
+        extracted = func.json_extract(self.column, self._path(key))
+        clauses = []
+        if kinds.booleans:
+            names = ["true" if b else "false" for b in kinds.booleans]
+            clauses.append(self._type(key).in_(names))
+        if kinds.strings:
+            clauses.append(
+                and_(self._type(key) == "text", extracted.in_(_json_array(kinds.strings)))
+            )
+        if kinds.numbers:
+            clauses.append(
+                and_(
+                    self._type(key).in_(("integer", "real")),
+                    extracted.in_(_json_array(kinds.numbers)),
+                )
+            )
+        return func.coalesce(or_(*clauses), false())
+
 
 class _PostgresJson(_SqliteJson):
     """JSONB operators: containment for equality, a typeof guard before casting to a number."""
@@ -201,3 +239,34 @@ class _PostgresJson(_SqliteJson):
     def number(self, key: str) -> Any:
         element = self.column[key]
         return case((func.jsonb_typeof(element) == "number", element.as_float()))
+
+    def in_(self, key: str, values: list[str | int | float | bool]) -> ColumnElement[bool]:
+        # jsonb equality is type-strict and numeric (1 = 1.0, 1 <> "1", 1 <> true) like SQLite's.
+        array = literal(list(values), JSONB())
+        elements = select(func.jsonb_array_elements(array).column_valued()).scalar_subquery()
+        return func.coalesce(self.column[key].in_(elements), false())
+
+
+@dataclass
+class _Kinds:
+    booleans: list[bool] = field(default_factory=list)
+    strings: list[str] = field(default_factory=list)
+    numbers: list[int | float] = field(default_factory=list)
+
+
+def _by_kind(values: list[str | int | float | bool]) -> _Kinds:
+    kinds = _Kinds()
+    for value in values:
+        if isinstance(value, bool):
+            kinds.booleans.append(value)
+        elif isinstance(value, str):
+            kinds.strings.append(value)
+        else:
+            kinds.numbers.append(value)
+    return kinds
+
+
+def _json_array(values: list[Any]) -> Any:
+    """``SELECT value FROM json_each(:array)``: any number of values in one bound parameter."""
+    table = func.json_each(literal(json.dumps(values), String())).table_valued("value")
+    return select(table.c.value).scalar_subquery()

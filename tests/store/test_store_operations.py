@@ -257,3 +257,36 @@ def test_concurrent_async_calls_from_one_process(store: MemoryStore) -> None:
     assert all(len(hits) >= 2 and all(h.namespace == NS for h in hits) for hits in results[6:])
     assert store.stats(NS).spans == 2 + 6 * 3
     np.testing.assert_array_equal(store.index_ids(NS), store.span_ids(NS))
+
+
+@pytest.mark.parametrize("size", [993, 5_000, 40_000])
+def test_large_in_and_nin_lists(store: MemoryStore, size: int) -> None:
+    store.add(
+        [make_document(k, 1, seed=i, metadata=m) for i, (k, m) in enumerate(FILTER_DOCS.items())],
+        namespace=NS,
+    )
+    # Many values of every JSON type, none of which matches by accident: 2023 the number matches
+    # b only, "de" matches b, 1 the number matches e's count but not its lang "1".
+    filler = [f"v{i}" for i in range(size // 2)] + list(range(10_000, 10_000 + size // 2))
+    cases = [
+        ({"lang": {"$in": [*filler, "de", "fr"]}}, {"b", "d"}),
+        ({"year": {"$in": [*filler, 2023, True]}}, {"b"}),
+        ({"year": {"$in": [*filler, 2024.5, "2023"]}}, {"c", "d"}),
+        ({"lang": {"$in": [*filler, 1]}}, set()),
+        ({"draft": {"$in": [*filler, True]}}, {"b"}),
+        ({"count": {"$in": [*filler, 1.0]}}, {"e"}),
+        ({"lang": {"$nin": [*filler, "de", "fr"]}}, {"a", "c", "e"}),
+    ]
+    for filter_, expected in cases:
+        hits = store.search(embedding(0), 10, namespace=NS, filter=filter_)
+        assert {h.document_id for h in hits} == expected, filter_
+
+
+def test_equality_never_matches_inside_arrays(store: MemoryStore) -> None:
+    # Postgres' containment would let {"tags": "a"} match ["a", "b"]; SQLite's json_extract would
+    # not. Both backends must agree: equality compares whole values.
+    store.add([make_document("t", 1, metadata={"tags": ["a", "b"], "n": [1]})], namespace=NS)
+    store.add([make_document("u", 1, seed=1, metadata={"tags": "a", "n": 1})], namespace=NS)
+    for filter_ in ({"tags": "a"}, {"tags": {"$in": ["a"]}}, {"n": 1}, {"n": {"$in": [1]}}):
+        hits = store.search(embedding(0), 10, namespace=NS, filter=filter_)
+        assert {h.document_id for h in hits} == {"u"}, filter_
