@@ -232,9 +232,14 @@ class MemoryStore:
             engine = create_engine(url, pool_pre_ping=True)
         else:
             directory = Path(text)
-            database_path = _prepare_directory(directory, read_only)
-            engine = _sqlite_engine(database_path, read_only, busy_timeout_s)
             index_dir = directory / INDEX_DIR if index_dir is None else index_dir
+            database_path = _prepare_directory(directory, read_only)
+            if not database_path.exists():
+                _create_database(database_path, dim, model_fingerprint, busy_timeout_s)
+            elif _is_emptied(database_path):
+                # Refused before SQLite opens it: a writable open would write a fresh header.
+                raise _not_a_store_any_more(database_path)
+            engine = _sqlite_engine(database_path, read_only, busy_timeout_s)
         index_path = Path(index_dir)
         if not read_only:
             try:
@@ -246,7 +251,9 @@ class MemoryStore:
                     "permissions or open with read_only=True"
                 ) from exc
         try:
-            settings = _initialise(engine, dim, model_fingerprint, read_only)
+            settings = _initialise(
+                engine, dim, model_fingerprint, read_only, index_dir=index_path, create=False
+            )
         except BaseException:
             engine.dispose()
             raise
@@ -1178,7 +1185,16 @@ def _prepare_directory(directory: Path, read_only: bool) -> Path:
     if not database.exists():
         if read_only:
             raise NotAStoreError(f"no store at {directory} ({DATABASE_FILE} is missing)")
-        if directory.is_dir() and any(directory.iterdir()):
+        if (directory / INDEX_DIR).exists():
+            raise NotAStoreError(
+                f"{directory} holds an {INDEX_DIR}/ but no {DATABASE_FILE}: the store's database "
+                "was deleted or moved, and the index alone cannot restore documents. Put "
+                f"{DATABASE_FILE} back (restore it from a backup); to start a new store, use a new "
+                "directory"
+            )
+        if directory.is_dir() and any(
+            not _is_creation_leftover(p.name) for p in directory.iterdir()
+        ):
             raise NotAStoreError(
                 f"{directory} is not empty and holds no {DATABASE_FILE}, so it is not a store; "
                 "create the store in a new or empty directory"
@@ -1196,6 +1212,44 @@ def _prepare_directory(directory: Path, read_only: bool) -> Path:
                 f"cannot create store directory {directory}: {exc.strerror}"
             ) from exc
     return database
+
+
+def _is_creation_leftover(name: str) -> bool:
+    return name.startswith(f".{DATABASE_FILE}.") and ".new" in name
+
+
+def _create_database(
+    database: Path, dim: int, model_fingerprint: str | None, busy_timeout_s: float
+) -> None:
+    """Create a new store's database atomically: build it whole under a temporary name, then link
+    it into place. So ``store.sqlite`` never exists without its schema, and a file there without
+    one (emptied, truncated, replaced) is always damage, never a store to initialise."""
+    temporary = database.with_name(f".{DATABASE_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new")
+    engine = _sqlite_engine(temporary, False, busy_timeout_s)
+    try:
+        _initialise(engine, dim, model_fingerprint, False, index_dir=None, create=True)
+    finally:
+        engine.dispose()
+    try:
+        os.link(temporary, database)  # fails if another process created the store first
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links: rename, checking first
+        if not database.exists():
+            os.replace(temporary, database)
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{temporary}{suffix}").unlink(missing_ok=True)
+    try:
+        descriptor = os.open(database.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)  # the new directory entry survives a power cut
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _sqlite_engine(database: Path, read_only: bool, busy_timeout_s: float) -> Engine:
@@ -1237,9 +1291,16 @@ def _sqlite_engine(database: Path, read_only: bool, busy_timeout_s: float) -> En
 
 
 def _initialise(
-    engine: Engine, dim: int, model_fingerprint: str | None, read_only: bool
+    engine: Engine,
+    dim: int,
+    model_fingerprint: str | None,
+    read_only: bool,
+    *,
+    index_dir: Path | None,
+    create: bool,
 ) -> dict[str, str]:
-    """Create the schema on first open; otherwise check its version and settings."""
+    """Create the schema (a new SQLite file, or a Postgres database on first open); otherwise
+    check its version and settings."""
     try:
         options = {} if read_only else {"icmem_write": True}
         with engine.connect().execution_options(**options) as connection, connection.begin():
@@ -1247,12 +1308,21 @@ def _initialise(
                 connection.execute(select(func.pg_advisory_xact_lock(_PG_INIT_LOCK)))
             tables = set(inspect(connection).get_table_names())
             if SchemaVersionRow.__tablename__ not in tables:
-                if read_only:
-                    raise NotAStoreError("the database holds no icmem store (no schema table)")
                 if engine.dialect.name == "sqlite" and tables:
                     raise NotAStoreError(
                         f"the SQLite file holds other tables ({', '.join(sorted(tables)[:5])}) "
                         "and no icmem store; create the store in a new directory"
+                    )
+                if engine.dialect.name == "sqlite" and not create:
+                    database = engine.url.database.removeprefix("file:").split("?")[0]
+                    raise _not_a_store_any_more(Path(database))
+                if read_only:
+                    raise NotAStoreError("the database holds no icmem store (no schema table)")
+                if index_dir is not None and any(Path(index_dir).glob("*.json")):
+                    raise NotAStoreError(
+                        f"the database holds no icmem store, but {index_dir} holds index files "
+                        "of one: the database was emptied or replaced. Restore it from a backup; "
+                        f"to start a new store here, empty {index_dir} first"
                     )
                 Base.metadata.create_all(connection)
                 connection.execute(
@@ -1271,6 +1341,25 @@ def _initialise(
             return settings
     except DatabaseError as exc:
         raise _translate(exc) from exc
+
+
+def _is_emptied(database: Path) -> bool:
+    """A 0-byte database file whose WAL (if any) holds nothing either."""
+    wal = database.with_name(database.name + "-wal")
+    try:
+        return database.stat().st_size == 0 and (not wal.exists() or wal.stat().st_size == 0)
+    except OSError:
+        return False
+
+
+def _not_a_store_any_more(path: Path) -> NotAStoreError:
+    size = path.stat().st_size if path.exists() else 0
+    state = "empty (0 bytes)" if size == 0 else f"a SQLite database ({size} bytes) with no tables"
+    return NotAStoreError(
+        f"{path} is {state}: the store's database was emptied or replaced (a failed copy, a full "
+        "disk). icmem never initialises a new store over an existing file, so nothing was "
+        "changed: restore the file from a backup, or move it away to start a new store"
+    )
 
 
 def _check_version(connection: Connection, read_only: bool) -> None:

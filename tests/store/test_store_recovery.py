@@ -1,0 +1,106 @@
+"""Damaged, emptied, restored and read-only stores: the store never mistakes one for a new store,
+never trusts an index built from another database, and never lets one bad row take reads down."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import DIM, StoreLocation, embedding, make_document
+from icmem.store import MemoryStore, NotAStoreError
+from icmem.store.cli import register
+
+NS = ("t", "a", "th")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_emptied_database_is_never_recreated(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
+    (path / "store.sqlite").write_bytes(b"")  # emptied by a bad copy, a full disk, a tool
+    before = _files(path)
+    for read_only in (False, True):
+        with pytest.raises(NotAStoreError, match=r"empty \(0 bytes\).*backup"):
+            MemoryStore.open(path, dim=DIM, read_only=read_only)
+    with pytest.raises(NotAStoreError, match="empty"):
+        _cli(["store", "reindex", str(path), "--dim", str(DIM)])
+    assert _files(path) == before  # nothing was initialised, the index is untouched
+
+
+def test_index_without_database_is_not_a_new_store(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document("a", 2)], namespace=NS)
+    (path / "store.sqlite").unlink()
+    before = _files(path)
+    with pytest.raises(NotAStoreError, match=r"index/ but no store\.sqlite.*backup"):
+        MemoryStore.open(path, dim=DIM)
+    assert _files(path) == before
+
+
+@pytest.mark.postgres
+def test_url_store_with_an_emptied_database_keeps_its_index(postgres_server, tmp_path) -> None:
+    """A Postgres database whose tables were dropped, next to this worker's index files of the
+    old store: refused rather than initialised as a new store."""
+    location = StoreLocation("postgres", postgres_server.create_database(), tmp_path / "index")
+    with location.open() as store:
+        store.add([make_document("a", 2)], namespace=NS)
+    with location.open() as store, store.engine.begin() as connection:
+        for table in ("icmem_embeddings", "icmem_slots", "icmem_spans", "icmem_documents"):
+            connection.exec_driver_sql(f"DROP TABLE {table}")
+        for table in ("icmem_namespaces", "icmem_settings", "icmem_schema_version"):
+            connection.exec_driver_sql(f"DROP TABLE {table}")
+    with pytest.raises(NotAStoreError, match="index files"):
+        location.open()
+
+
+CREATE_RACE = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[3])
+    from conftest import DIM, make_document
+    from icmem.store import MemoryStore
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+    with MemoryStore.open(sys.argv[1], dim=DIM) as store:
+        store.add([make_document(None, 1)], namespace=("t", "a", "th"))
+    """
+)
+
+
+def test_processes_racing_to_create_one_store_all_succeed(tmp_path: Path) -> None:
+    import time
+
+    path, start = tmp_path / "new-store", time.time() + 3.0
+    tests_dir = str(Path(__file__).parent)
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CREATE_RACE, str(path), str(start), tests_dir],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for racer in racers:
+        _, err = racer.communicate(timeout=120)
+        assert racer.returncode == 0, err
+    with MemoryStore.open(path, dim=DIM) as store:
+        assert store.stats().documents == 4
+        assert len(store.search(embedding(0), 10, namespace=NS)) == 4
+    assert sorted(p.name for p in path.iterdir()) == ["index", "store.sqlite"]
