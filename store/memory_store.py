@@ -46,7 +46,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from icmem import __version__
-from icmem.codec import SlotCodecError, read_slot_header
+from icmem.codec import SlotCodecError
 
 from .errors import (
     DamagedStoreError,
@@ -421,7 +421,10 @@ class MemoryStore:
     ) -> list[SpanSlots]:
         """The encoded memory slots of the given spans, in the order asked, in one query.
 
-        Give ``namespace`` (or a prefix) to refuse spans that live elsewhere.
+        Give ``namespace`` (or a prefix) to refuse spans that live elsewhere. Every blob is
+        verified against its checksum; a damaged one is left out of the answer with a
+        ``StoreDamageWarning`` (so match the answer to its spans by ``span_id``), and listed by
+        ``check()``.
         """
         wanted = _span_ids(span_ids)
         if not wanted:
@@ -447,6 +450,9 @@ class MemoryStore:
                 statement = statement.where(column == part)
         with self._read() as session:
             found = {row.span_id: row for row in session.execute(statement)}
+        damaged = [span_id for span_id, row in found.items() if _slot_is_damaged(row)]
+        if damaged:
+            _warn_damaged("slots", damaged, "left out of the answer", stacklevel=3)
         missing = [i for i in wanted if i not in found]
         if missing:
             raise UnknownSpanError(
@@ -463,6 +469,7 @@ class MemoryStore:
                 shape=(found[i].rows, found[i].cols),
             )
             for i in wanted
+            if i not in damaged
         ]
 
     def list_documents(self, namespace: Sequence[str]) -> list[DocumentInfo]:
@@ -779,7 +786,7 @@ class MemoryStore:
         if blob is None:
             return None
         try:
-            header = read_slot_header(blob)
+            header = verify_slot_blob(blob)  # the checksum too: a flipped bit must not be stored
         except SlotCodecError as exc:
             raise InvalidRecordError(
                 f"slots of document {key!r} span {position} are not a valid slot blob: {exc}"
@@ -1124,7 +1131,7 @@ def _slot_is_damaged(row: Any) -> bool:
     return header.codec != row.codec or header.shape != (row.rows, row.cols)
 
 
-def _warn_damaged(what: str, span_ids: Sequence[int], effect: str) -> None:
+def _warn_damaged(what: str, span_ids: Sequence[int], effect: str, stacklevel: int = 4) -> None:
     shown = sorted(span_ids)[:20]
     more = f" and {len(span_ids) - len(shown)} more" if len(span_ids) > len(shown) else ""
     warnings.warn(
@@ -1132,7 +1139,7 @@ def _warn_damaged(what: str, span_ids: Sequence[int], effect: str) -> None:
         "the store is unaffected. List every damaged row with `icmem store stats --check` (or "
         "MemoryStore.check()) and re-add the documents they belong to",
         StoreDamageWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 

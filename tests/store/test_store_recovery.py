@@ -10,9 +10,20 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import DIM, StoreLocation, embedding, make_document
-from icmem.store import MemoryStore, NotAStoreError
+from conftest import DIM, FINGERPRINT, StoreLocation, embedding, make_document
+from icmem.store import (
+    DocumentRecord,
+    InvalidRecordError,
+    MemoryStore,
+    NotAStoreError,
+    SpanRecord,
+    StoreDamageWarning,
+)
 from icmem.store.cli import register
+from icmem.store.schema import SlotRow
+from sqlalchemy import select, update
+
+from icmem.codec import decode_slots
 
 NS = ("t", "a", "th")
 
@@ -104,3 +115,44 @@ def test_processes_racing_to_create_one_store_all_succeed(tmp_path: Path) -> Non
         assert store.stats().documents == 4
         assert len(store.search(embedding(0), 10, namespace=NS)) == 4
     assert sorted(p.name for p in path.iterdir()) == ["index", "store.sqlite"]
+
+
+def _flip_payload_bit(blob: bytes) -> bytes:
+    damaged = bytearray(blob)
+    damaged[-5] ^= 0x04  # inside the payload: the header still parses
+    return bytes(damaged)
+
+
+def test_slot_blob_with_a_flipped_payload_bit_is_refused_at_write(store: MemoryStore) -> None:
+    store.add([make_document("kept", 1)], namespace=NS)
+    good = make_document("bad", 2, seed=5)
+    span = good.spans[1]
+    fields = {f: getattr(span, f) for f in span.__dataclass_fields__}
+    bad_span = SpanRecord(**{**fields, "slots": _flip_payload_bit(span.slots)})
+    bad = DocumentRecord(id="bad", spans=[good.spans[0], bad_span])
+    for write in (store.add, store.upsert):
+        with pytest.raises(InvalidRecordError, match="checksum"):
+            write([make_document("other", 1, seed=9), bad], namespace=NS)
+    assert [d.id for d in store.list_documents(NS)] == ["kept"]
+
+
+def test_damaged_stored_slots_are_skipped_not_fatal(location: StoreLocation) -> None:
+    with location.open() as store:
+        added = store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
+        wanted = [added[0].span_ids[0], added[1].span_ids[1], added[2].span_ids[0]]
+        damaged = wanted[1]
+        with store.engine.begin() as connection:
+            blob = connection.scalar(select(SlotRow.blob).where(SlotRow.span_id == damaged))
+            connection.execute(
+                update(SlotRow)
+                .where(SlotRow.span_id == damaged)
+                .values(blob=_flip_payload_bit(bytes(blob)))
+            )
+        with pytest.warns(StoreDamageWarning, match=rf"slots of span ids \[{damaged}\]"):
+            slots = store.get_slots(wanted, namespace=NS)
+        assert [s.span_id for s in slots] == [wanted[0], wanted[2]]
+        for s in slots:
+            decode_slots(s.blob, expected_fingerprint=FINGERPRINT)  # what is returned is whole
+        assert store.check().damaged_slots == (damaged,)
+        assert store.check(("t", "a")).damaged_slots == (damaged,)
+        assert store.check(("other",)).ok
