@@ -100,6 +100,11 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         {"learning_rate": 1e-3},
         "spread, slots from layer 15 (rescaled), lr 1e-3",
     ),
+    "spread_pooled_lr1e3": (
+        {"slot_positions": "spread", "slot_head": "scale", "slot_residual": "pooled"},
+        {"learning_rate": 1e-3},
+        "spread, rescaled plus each group's mean token embedding, lr 1e-3",
+    ),
 }
 
 

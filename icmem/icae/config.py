@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16")
 SHORT_SPAN_POLICIES = ("proportional", "fixed")
 SLOT_POSITIONS = ("sequential", "spread")
 SLOT_HEADS = ("none", "scale", "affine")
+SLOT_RESIDUALS = ("none", "pooled")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class ICAEConfig:
       ``"scale"`` RMS-normalises each slot and multiplies by a learned per-dimension gain that
       starts at the token embeddings' RMS (the final norm otherwise delivers slots at about 16x
       token scale), ``"affine"`` adds a learned linear map that starts as the identity.
+    - ``slot_residual="pooled"`` adds to slot ``j`` the mean embedding of the ``L/k'`` tokens it
+      stands for (the head's gain then starts at a quarter of token scale). The frozen decoder
+      reads such a bag of nearby tokens from the first step, so the encoder starts from a
+      memory that already carries the span's words and learns what the mean loses (their
+      order and what they mean together) instead of discovering a code from nothing.
     """
 
     base_model: str = "smollm2-135m-instruct"
@@ -62,6 +68,7 @@ class ICAEConfig:
     slot_positions: str = "sequential"
     slot_layer: int | None = None
     slot_head: str = "none"
+    slot_residual: str = "none"
 
     def __post_init__(self) -> None:
         # JSON has no tuples; accept lists and store tuples so configs compare equal.
@@ -110,6 +117,15 @@ class ICAEConfig:
             )
         if self.slot_head not in SLOT_HEADS:
             raise ICAEConfigError(f"slot_head={self.slot_head!r}; use one of {SLOT_HEADS}")
+        if self.slot_residual not in SLOT_RESIDUALS:
+            raise ICAEConfigError(
+                f"slot_residual={self.slot_residual!r}; use one of {SLOT_RESIDUALS}"
+            )
+        if self.slot_residual == "pooled" and self.slot_head == "none":
+            raise ICAEConfigError(
+                'slot_residual="pooled" adds token embeddings to the slots, so the slots must be '
+                'at token scale too: set slot_head to "scale" or "affine"'
+            )
         if self.slot_layer is not None and (
             not isinstance(self.slot_layer, int)
             or isinstance(self.slot_layer, bool)
@@ -150,6 +166,16 @@ class ICAEConfig:
             return [token_count + j for j in range(num_slots)]
         ratio = token_count / num_slots
         return [1 + max(0, math.floor(ratio * j + (ratio - 1) / 2)) for j in range(num_slots)]
+
+    def slot_groups(self, token_count: int, num_slots: int) -> list[tuple[int, int]]:
+        """``(first, end)`` 0-based token ranges slot ``j`` stands for: consecutive groups of
+        about ``L / num_slots`` tokens (one token at least, when slots outnumber tokens)."""
+        ratio = token_count / num_slots
+        groups = []
+        for j in range(num_slots):
+            first = min(math.floor(ratio * j), token_count - 1)
+            groups.append((first, max(first + 1, math.floor(ratio * (j + 1)))))
+        return groups
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

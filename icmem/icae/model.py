@@ -141,8 +141,10 @@ class ICAE(nn.Module):
         self.slot_proj: nn.Linear | None = None
         if config.slot_head != "none":
             # Decoder inputs should look like token embeddings: start the gain at their RMS.
-            token_rms = table.pow(2).mean().sqrt()
-            self.slot_gain = nn.Parameter(torch.full((self.hidden_size,), float(token_rms)))
+            token_rms = float(table.pow(2).mean().sqrt())
+            if config.slot_residual == "pooled":
+                token_rms /= 4  # the pooled token embeddings carry the first steps
+            self.slot_gain = nn.Parameter(torch.full((self.hidden_size,), token_rms))
         if config.slot_head == "affine":
             self.slot_proj = nn.Linear(self.hidden_size, self.hidden_size)
             with torch.no_grad():
@@ -296,11 +298,32 @@ class ICAE(nn.Module):
         )
         index = index.clamp(max=width - 1)[:, :, None].expand(-1, -1, self.hidden_size)
         slots = self._slot_head(hidden.gather(1, index))  # (B, m_max, d)
+        if self.config.slot_residual == "pooled":
+            slots = slots + self._pooled(token_embeds, keep, lengths, m_max, counts)
         beyond = (
             torch.arange(m_max, device=self.device)[None, :]
             >= torch.tensor(counts, device=self.device)[:, None]
         )
         return slots.masked_fill(beyond[:, :, None], 0.0)
+
+    def _pooled(
+        self,
+        token_embeds: torch.Tensor,
+        keep: torch.Tensor,
+        lengths: list[int],
+        m_max: int,
+        counts: list[int],
+    ) -> torch.Tensor:
+        """``(B, m_max, d)``: per slot, the mean embedding of its group of span tokens."""
+        pooled = token_embeds.new_zeros(len(lengths), m_max, self.hidden_size)
+        for row, (embeds, row_keep, n, m) in enumerate(
+            zip(token_embeds, keep, lengths, counts, strict=True)
+        ):
+            weights = torch.zeros(m, n, dtype=embeds.dtype, device=self.device)
+            for j, (first, end) in enumerate(self.config.slot_groups(n, m)):
+                weights[j, first:end] = 1.0 / (end - first)
+            pooled[row, :m] = weights @ embeds[row_keep.to(self.device)]
+        return pooled
 
     def _slot_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Encoder states ``(B, m, d)`` to decoder input embeddings (see ``ICAEConfig``)."""

@@ -262,3 +262,32 @@ def test_the_first_shipped_config_reads_as_todays_recipe():
         "none",
         None,
     )
+
+
+# ------------------------------------------------------------------------- pooled residual
+
+
+def test_slot_groups_cover_the_span_in_order():
+    config = ICAEConfig()
+    assert config.slot_groups(8, 2) == [(0, 4), (4, 8)]
+    assert config.slot_groups(5, 2) == [(0, 2), (2, 5)]
+    assert config.slot_groups(2, 4) == [(0, 1), (0, 1), (1, 2), (1, 2)]  # one token at least
+
+
+def test_pooled_slots_add_the_mean_embedding_of_each_group(tokenizer):
+    recipe = {"slot_positions": "spread", "slot_head": "scale"}
+    plain = tiny_icae(tokenizer, **recipe)
+    pooled = tiny_icae(tokenizer, **recipe, slot_residual="pooled")
+    with torch.no_grad():
+        pooled.slot_gain.copy_(plain.slot_gain)  # the pooled recipe starts its gain lower
+    (span,) = spans_of([13], seed=11)
+    (a,) = plain.compress([span])
+    (b,) = pooled.compress([span])
+    embeds = plain.model.get_input_embeddings().weight.detach()[torch.tensor(span)]
+    means = torch.stack([embeds[i:j].mean(0) for i, j in plain.config.slot_groups(13, a.num_slots)])
+    torch.testing.assert_close(b.tensor, a.tensor + means, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_residual_needs_slots_at_token_scale():
+    with pytest.raises(ICAEConfigError, match="slot_head"):
+        ICAEConfig(slot_residual="pooled")
