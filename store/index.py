@@ -11,8 +11,9 @@ flat when it shrinks below half the threshold. Filtered searches on IVF probe ev
 are exact.
 
 Files: ``<name>.faiss`` (faiss's own serialisation, never pickle) and ``<name>.json`` (format,
-kind, dim, generation, vector count, SHA-256 of the index file). Both are replaced atomically,
-index first; a crash between the two leaves a checksum mismatch, which reads as "rebuild".
+kind, dim, token, generation, vector count, SHA-256 of the index file). Both are replaced
+atomically, index first; a crash between the two leaves a checksum mismatch, which reads as
+"rebuild". The token ties the files to the database they were built from (``MemoryStore``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class NamespaceIndex:
         self.dim = dim
         self.policy = policy
         self.generation = generation
+        # The token of the saved files this index was loaded from or last saved to; the database
+        # holds it while it still descends from the state those files reflect (see MemoryStore).
+        self.token: str | None = None
         self.trained_on = 0
         self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._row_id_cache: np.ndarray | None = None  # flat only: row -> span id
@@ -267,15 +271,20 @@ class IndexFiles:
             raise IndexFileError(f"index file {index_path} could not be read: {exc}") from exc
         if shard.ntotal != manifest.get("ntotal"):
             raise IndexFileError(f"index file {index_path} holds a different number of vectors")
+        token = manifest.get("token")
+        shard.token = token if isinstance(token, str) else None
         return shard
 
-    def save(self, name: str, shard: NamespaceIndex) -> None:
+    def save(self, name: str, shard: NamespaceIndex, token: str | None = None) -> None:
+        """Write the index and its manifest (with ``token``, which ties the files to the
+        database state they reflect); ``shard.token`` is only updated by the caller."""
         index_path, manifest_path = self.paths(name)
         data = shard.to_bytes()
         manifest = {
             "format": MANIFEST_FORMAT,
             "dim": self.dim,
             "kind": shard.kind,
+            "token": token,
             "generation": shard.generation,
             "ntotal": shard.ntotal,
             "trained_on": shard.trained_on,

@@ -5,7 +5,10 @@ slots and embeddings land together or not at all. Each namespace carries a gener
 the same transaction increments; the FAISS index of a namespace records the generation it
 reflects, so any process (or a reopened store) can tell that its index is behind and catch up by
 comparing id sets, or rebuild it from ``icmem_embeddings`` when the index file is missing or
-corrupt. See ``store.records`` for the values passed in and out, ``store.index`` for when the index
+corrupt. Saved index files carry a token that the database records right after writing them; an index
+whose token the database lacks (the database was restored from a backup, or the files come from
+another store) is rebuilt, never caught up, since span ids may have been handed out again. See
+``store.records`` for the values passed in and out, ``store.index`` for when the index
 is exact and when it is IVF, and ``store.filters`` for the metadata filter language.
 
 SQLite runs in WAL mode with a busy timeout and ``BEGIN IMMEDIATE`` for writes: many reader
@@ -323,6 +326,9 @@ class MemoryStore:
                         select(func.count()).where(DocumentRow.namespace_id == row.id)
                     )
                     session.execute(delete(NamespaceRow).where(NamespaceRow.id == row.id))
+                    session.execute(
+                        delete(SettingRow).where(SettingRow.key.startswith(_token_key(row.id, "")))
+                    )
                     removed[row.id] = ([], row.generation)
                     continue
                 doc_ids = list(
@@ -605,11 +611,36 @@ class MemoryStore:
         if self.read_only:
             raise ReadOnlyStoreError("the store was opened read_only=True; its index is not saved")
         with self._lock:
+            saved: list[tuple[int, NamespaceIndex, str]] = []
             for ns_id in sorted(self._dirty):
                 shard = self._shards.get(ns_id)
                 if shard is not None:
-                    self._files.save(_shard_name(ns_id), shard)
+                    token = uuid.uuid4().hex
+                    self._files.save(_shard_name(ns_id), shard, token)
+                    saved.append((ns_id, shard, token))
                 self._dirty.discard(ns_id)
+            if saved:
+                self._record_index_tokens(saved)
+
+    def _record_index_tokens(self, saved: list[tuple[int, NamespaceIndex, str]]) -> None:
+        """Tie freshly saved index files to this database: it holds one row per saved token,
+        replacing the token the index was loaded with. A database restored from a backup taken
+        before the save lacks the row, and the index is then rebuilt rather than trusted: its
+        span ids may have been handed out again, to other documents. A crash before this commit
+        leaves files whose token the database lacks, which also reads as "rebuild"."""
+        with self._write() as session:
+            for ns_id, shard, token in saved:
+                if shard.token is not None:
+                    session.execute(
+                        delete(SettingRow).where(SettingRow.key == _token_key(ns_id, shard.token))
+                    )
+                session.execute(
+                    SettingRow.__table__.insert().values(
+                        key=_token_key(ns_id, token), value=str(shard.generation)
+                    )
+                )
+        for _ns_id, shard, token in saved:
+            shard.token = token
 
     def rebuild_index(self) -> int:
         """Rebuild every namespace's index from the rows and save it; returns the span count.
@@ -947,6 +978,8 @@ class MemoryStore:
         if shard is None:
             try:
                 shard = self._files.load(_shard_name(ns_id))
+                if not self._index_belongs_here(session, ns_id, shard.token):
+                    raise IndexFileError("the index files were saved against another database")
             except IndexFileError:
                 shard = NamespaceIndex(self.dim, self._policy, generation=-1)
             self._shards[ns_id] = shard
@@ -956,6 +989,14 @@ class MemoryStore:
             self._dirty.add(ns_id)
             self.index_repairs += 1
         return shard
+
+    def _index_belongs_here(
+        self, session: Session | Connection, ns_id: int, token: str | None
+    ) -> bool:
+        if token is None:
+            return False
+        key = _token_key(ns_id, token)
+        return session.scalar(select(SettingRow.key).where(SettingRow.key == key)) is not None
 
     def _catch_up(self, session: Session | Connection, ns_id: int, shard: NamespaceIndex) -> None:
         """Make the index hold exactly the namespace's embedding rows. Span ids are never reused
@@ -1065,6 +1106,10 @@ class MemoryStore:
 
 def _shard_name(ns_id: int) -> str:
     return f"namespace-{ns_id}"
+
+
+def _token_key(ns_id: int, token: str) -> str:
+    return f"index:{ns_id}:{token}"  # at most 58 characters: SettingRow.key is String(64)
 
 
 def _numeric(values: Any, what: str) -> np.ndarray:
@@ -1343,7 +1388,13 @@ def _initialise(
                 connection.execute(SettingRow.__table__.insert(), rows)
             else:
                 _check_version(connection, read_only)
-            settings = dict(connection.execute(select(SettingRow.key, SettingRow.value)).all())
+            settings = dict(
+                connection.execute(
+                    select(SettingRow.key, SettingRow.value).where(
+                        SettingRow.key.in_(("dim", "model_fingerprint"))
+                    )
+                ).all()
+            )
             _check_settings(connection, settings, dim, model_fingerprint, read_only)
             return settings
     except DatabaseError as exc:

@@ -156,3 +156,49 @@ def test_damaged_stored_slots_are_skipped_not_fatal(location: StoreLocation) -> 
         assert store.check().damaged_slots == (damaged,)
         assert store.check(("t", "a")).damaged_slots == (damaged,)
         assert store.check(("other",)).ok
+
+
+def test_index_of_a_newer_database_is_rebuilt_after_a_restore(tmp_path: Path) -> None:
+    """Back up store.sqlite, write more and save the index, restore the file but keep index/,
+    write again: the new spans reuse the lost spans' ids and the namespace's generation repeats,
+    so only an index tied to its exact database notices that it describes other documents."""
+    path = tmp_path / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"a{i}", 2, seed=i) for i in range(3)], namespace=NS)
+    backup = (path / "store.sqlite").read_bytes()
+    with MemoryStore.open(path, dim=DIM) as store:
+        lost = store.add([make_document("lost", 2, seed=10)], namespace=NS)
+        store.search(embedding(0), 1, namespace=NS)  # the index now holds "lost"; saved on close
+    (path / "store.sqlite").write_bytes(backup)  # the restore; index/ stays as it was
+    with MemoryStore.open(path, dim=DIM) as store:
+        kept = store.add([make_document("new", 2, seed=20)], namespace=NS)
+        assert kept[0].span_ids == lost[0].span_ids  # ids repeat: the trap
+    with MemoryStore.open(path, dim=DIM, read_only=True) as store:
+        hit = store.search(embedding(2000), 1, namespace=NS)[0]
+        assert (hit.document_id, hit.position) == ("new", 0)
+        assert hit.score == pytest.approx(1.0, abs=1e-5)
+        lost_hit = store.search(embedding(1000), 1, namespace=NS)[0]
+        assert lost_hit.score < 0.99  # the lost document's vector is not in the index any more
+        assert store.index_repairs == 1
+        assert store.index_ids(NS).tolist() == store.span_ids(NS).tolist()
+    with MemoryStore.open(path, dim=DIM) as store:  # a writer rebuilds it too, and saves it
+        assert store.search(embedding(2000), 1, namespace=NS)[0].document_id == "new"
+    with MemoryStore.open(path, dim=DIM) as store:
+        assert store.search(embedding(2000), 1, namespace=NS)[0].document_id == "new"
+        assert store.index_repairs == 0
+
+
+def test_stale_index_still_catches_up_incrementally(location: StoreLocation) -> None:
+    """Tying the index to its database must not turn every behind-by-a-few-writes index into a
+    full rebuild: another process's writes are caught up by comparing ids."""
+    with location.open() as store:
+        store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
+    reader = location.open(read_only=True)
+    reader.search(embedding(0), 1, namespace=NS)  # loads the saved index
+    with location.open() as writer:
+        writer.add([make_document("late", 2, seed=9)], namespace=NS)
+    hit = reader.search(embedding(900), 1, namespace=NS)[0]
+    assert hit.document_id == "late"
+    shard = reader._shards[1]
+    assert shard.ntotal == 8
+    reader.close()
