@@ -5,9 +5,9 @@ slots and embeddings land together or not at all. Each namespace carries a gener
 the same transaction increments; the FAISS index of a namespace records the generation it
 reflects, so any process (or a reopened store) can tell that its index is behind and catch up by
 comparing id sets, or rebuild it from ``icmem_embeddings`` when the index file is missing or
-corrupt. Saved index files carry a token that the database records right after writing them; an index
-whose token the database lacks (the database was restored from a backup, or the files come from
-another store) is rebuilt, never caught up, since span ids may have been handed out again. See
+corrupt. Saved index files carry a token that the database records right after writing them; an
+index whose token the database lacks (the database was restored from a backup, or the files come
+from another store) is rebuilt, never caught up, since span ids may have been handed out again. See
 ``store.records`` for the values passed in and out, ``store.index`` for when the index
 is exact and when it is IVF, and ``store.filters`` for the metadata filter language.
 
