@@ -190,6 +190,7 @@ class MemoryStore:
         self._shards: dict[int, NamespaceIndex] = {}
         self._dirty: set[int] = set()
         self._lock = threading.RLock()
+        self._busy_timeout_s: float | None = None  # set for SQLite stores, to reopen the engine
         self.index_repairs = 0  # index shards rebuilt or caught up from the rows, for tests/stats
 
     # ------------------------------------------------------------------ opening
@@ -220,6 +221,7 @@ class MemoryStore:
         policy = index_policy or IndexPolicy()
         text = os.fspath(path_or_url)
         database_path = None
+        busy_timeout = None
         if "://" in text:
             url = make_url(text)
             if url.get_backend_name() == "sqlite":
@@ -243,6 +245,7 @@ class MemoryStore:
                 # Refused before SQLite opens it: a writable open would write a fresh header.
                 raise _not_a_store_any_more(database_path)
             engine = _sqlite_engine(database_path, read_only, busy_timeout_s)
+            busy_timeout = busy_timeout_s
         index_path = Path(index_dir)
         if not read_only:
             try:
@@ -260,7 +263,7 @@ class MemoryStore:
         except BaseException:
             engine.dispose()
             raise
-        return cls(
+        store = cls(
             engine,
             dim=dim,
             index_dir=index_path,
@@ -269,6 +272,8 @@ class MemoryStore:
             policy=policy,
             database_path=database_path,
         )
+        store._busy_timeout_s = busy_timeout
+        return store
 
     def close(self) -> None:
         """Save changed indexes and release connections; the store stays valid on disk."""
@@ -1079,8 +1084,23 @@ class MemoryStore:
             return int(total)
         return 0
 
+    def _follow_new_writers(self) -> None:
+        """An ``immutable=1`` engine (read-only directory, empty WAL at open) would read the
+        database file under a writer that started since and miss or garble its writes; once the
+        WAL holds writes, reopen in the mode that reads them."""
+        path = self.database_path
+        if path is None or "immutable=1" not in str(self._engine.url):
+            return
+        if _wal_holds_writes(path):
+            with self._lock:
+                if "immutable=1" in str(self._engine.url):
+                    old = self._engine
+                    self._engine = _sqlite_engine(path, True, self._busy_timeout_s or 30.0)
+                    old.dispose()
+
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        self._follow_new_writers()
         try:
             with self._engine.connect() as connection, connection.begin():
                 yield connection
@@ -1304,12 +1324,42 @@ def _create_database(
         os.close(descriptor)
 
 
+def _wal_holds_writes(database: Path) -> bool:
+    wal = database.with_name(database.name + "-wal")
+    try:
+        return wal.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _read_only_mode(database: Path) -> str:
+    """How to open a store read-only without missing a committed write.
+
+    ``mode=ro`` reads the WAL too, but needs the WAL's shared-memory file (``-shm``): it creates
+    one in a writable directory, and in a read-only one reads an existing one (even one it may not
+    write, by copying the WAL index into private memory). Only when the directory is read-only
+    and the WAL holds nothing is ``immutable=1`` safe and needed: then every committed write is
+    in the database file itself. A WAL with writes but no readable ``-shm`` cannot be read at all,
+    so the open is refused rather than silently answered from the older database file.
+    """
+    if os.access(database.parent, os.W_OK) or not _wal_holds_writes(database):
+        return "mode=ro" if os.access(database.parent, os.W_OK) else "mode=ro&immutable=1"
+    shm = database.with_name(database.name + "-shm")
+    if not os.access(shm, os.R_OK):
+        raise ReadOnlyStoreError(
+            f"{database.name}-wal holds committed writes (left by a writer that is still running "
+            f"or was killed) and a read-only open can only read them through {database.name}-shm, "
+            f"which is {'unreadable' if shm.exists() else 'missing'} and cannot be created in the "
+            f"read-only directory {database.parent}. Open the store once with write access "
+            "(read_only=False folds the WAL into the database file), or copy the whole directory "
+            "somewhere writable and open the copy"
+        )
+    return "mode=ro"
+
+
 def _sqlite_engine(database: Path, read_only: bool, busy_timeout_s: float) -> Engine:
     if read_only:
-        # A read-only directory cannot hold WAL's shared-memory file; immutable=1 reads without it.
-        writable = os.access(database.parent, os.W_OK)
-        query = "mode=ro" + ("" if writable else "&immutable=1")
-        url = f"sqlite:///file:{database.resolve()}?{query}&uri=true"
+        url = f"sqlite:///file:{database.resolve()}?{_read_only_mode(database)}&uri=true"
     else:
         url = f"sqlite:///{database.resolve()}"
     engine = create_engine(

@@ -202,3 +202,120 @@ def test_stale_index_still_catches_up_incrementally(location: StoreLocation) -> 
     shard = reader._shards[1]
     assert shard.ntotal == 8
     reader.close()
+
+
+READ_ONLY_WAL_PROBE = textwrap.dedent(
+    """
+    import json, os, pwd, sys
+    import numpy as np
+    from icmem.store import MemoryStore, StoreError
+    path, warm, dim = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ns = ("t", "a", "th")
+    # Root ignores permission bits, so the probe reads as `nobody`; every code path is first run
+    # as root on a copy, because `nobody` cannot read the interpreter's files under /root.
+    with MemoryStore.open(warm, dim=dim, read_only=True) as store:
+        store.search(np.ones(dim, np.float32), 3, namespace=ns)
+        store.stats()
+    nobody = pwd.getpwnam("nobody")
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    try:
+        with MemoryStore.open(path, dim=dim, read_only=True) as store:
+            hits = store.search(np.ones(dim, np.float32), 100, namespace=ns)
+            result = {"documents": store.stats().documents, "hits": len(hits)}
+    except StoreError as exc:
+        result = {"error": type(exc).__name__, "message": str(exc)}
+    print(json.dumps(result))
+    """
+)
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    from conftest import DIM, make_document
+    from icmem.store import MemoryStore
+    store = MemoryStore.open(sys.argv[1], dim=DIM)
+    late = [make_document(f"late{i}", 1, seed=50 + i) for i in range(5)]
+    store.add(late, namespace=("t", "a", "th"))
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("written", flush=True)
+    sys.stdin.readline()  # a live writer: holds the store open until told to stop
+    store.close()
+    """
+)
+
+
+@pytest.fixture
+def shared_store(tmp_path: Path):
+    """A store in a directory that `nobody` can read but not write, with 10 documents written by
+    a closed store (so they are in store.sqlite itself) and a warm copy for the probe."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.fail("this test runs as root and drops to `nobody` to make the store read-only")
+    base = Path(tempfile.mkdtemp(prefix="icmem-ro-wal-"))
+    os.chmod(base, 0o755)
+    path = base / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"d{i}", 1, seed=i) for i in range(10)], namespace=NS)
+    shutil.copytree(path, tmp_path / "warm")
+    yield path, tmp_path / "warm"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _probe(path: Path, warm: Path) -> dict:
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-c", READ_ONLY_WAL_PROBE, str(path), str(warm), str(DIM)],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _writer(path: Path, mode: str) -> subprocess.Popen:
+    tests_dir = str(Path(__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path), tests_dir, mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_read_only_open_sees_writes_still_in_the_wal(shared_store) -> None:
+    path, warm = shared_store
+    writer = _writer(path, "kill")
+    writer.communicate(timeout=120)
+    assert writer.returncode == -9
+    assert (path / "store.sqlite-wal").stat().st_size > 0  # the 5 late documents live there
+    assert _probe(path, warm) == {"documents": 15, "hits": 15}
+
+
+def test_read_only_reader_next_to_a_live_writer(shared_store) -> None:
+    path, warm = shared_store
+    writer = _writer(path, "live")
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        assert _probe(path, warm) == {"documents": 15, "hits": 15}
+    finally:
+        writer.communicate("stop\\n", timeout=120)
+    assert writer.returncode == 0
+
+
+def test_read_only_open_refuses_a_wal_it_cannot_read(shared_store) -> None:
+    path, warm = shared_store
+    writer = _writer(path, "kill")
+    writer.communicate(timeout=120)
+    (path / "store.sqlite-shm").unlink()  # lost: a copy that left it out
+    answer = _probe(path, warm)
+    assert answer["error"] == "ReadOnlyStoreError"
+    assert "store.sqlite-shm" in answer["message"] and "write access" in answer["message"]
