@@ -22,6 +22,7 @@ import asyncio
 import functools
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -167,7 +168,11 @@ class MemoryStore:
 
     Open with ``MemoryStore.open(...)``; use as a context manager (or call ``close()``) so the
     index is saved. A store that was not closed is still correct: its index is caught up on open.
+    A writer keeps the indexes of the namespaces it writes to current and saves them at most
+    ``index_save_interval_s`` seconds apart while it writes, so readers find them ready.
     """
+
+    index_save_interval_s: float = 60.0
 
     def __init__(
         self,
@@ -191,6 +196,7 @@ class MemoryStore:
         self._dirty: set[int] = set()
         self._lock = threading.RLock()
         self._busy_timeout_s: float | None = None  # set for SQLite stores, to reopen the engine
+        self._saved_at = time.monotonic()
         self.index_repairs = 0  # index shards rebuilt or caught up from the rows, for tests/stats
 
     # ------------------------------------------------------------------ opening
@@ -356,6 +362,8 @@ class MemoryStore:
                     self._files.remove(_shard_name(ns_id))
                 else:
                     self._apply_delta(ns_id, remove=span_ids, old_generation=old_generation)
+        if keys is not None:
+            self._keep_index_current(list(removed))
         return deleted_documents
 
     # ------------------------------------------------------------------ reads
@@ -626,6 +634,7 @@ class MemoryStore:
                 self._dirty.discard(ns_id)
             if saved:
                 self._record_index_tokens(saved)
+            self._saved_at = time.monotonic()
 
     def _record_index_tokens(self, saved: list[tuple[int, NamespaceIndex, str]]) -> None:
         """Tie freshly saved index files to this database: it holds one row per saved token,
@@ -745,6 +754,7 @@ class MemoryStore:
                 add_vectors=np.concatenate(added_vectors),
                 old_generation=old_generation,
             )
+        self._keep_index_current([ns_id])
         return results
 
     def _prepare(
@@ -994,6 +1004,25 @@ class MemoryStore:
             self._dirty.add(ns_id)
             self.index_repairs += 1
         return shard
+
+    def _keep_index_current(self, ns_ids: list[int]) -> None:
+        """After a write: load (or build) the indexes of the namespaces written to, so that they
+        follow this writer's changes, and save them every ``index_save_interval_s``. Otherwise a
+        process that only writes leaves the saved index behind, and every reader that opens the
+        store afterwards catches it up (or, with no index saved at all, builds it) on its own."""
+        with self._lock:
+            stale = [n for n in ns_ids if n not in self._shards or self._shards[n].generation < 0]
+        if stale:
+            with self._read() as session, self._lock:
+                rows = session.execute(
+                    select(NamespaceRow.id, NamespaceRow.generation).where(
+                        NamespaceRow.id.in_(stale)
+                    )
+                ).all()
+                for ns_id, generation in rows:
+                    self._fresh_shard(session, ns_id, generation)
+        if self._dirty and time.monotonic() - self._saved_at >= self.index_save_interval_s:
+            self.save_index()
 
     def _index_belongs_here(
         self, session: Session | Connection, ns_id: int, token: str | None

@@ -170,22 +170,20 @@ def test_index_of_a_newer_database_is_rebuilt_after_a_restore(tmp_path: Path) ->
         lost = store.add([make_document("lost", 2, seed=10)], namespace=NS)
         store.search(embedding(0), 1, namespace=NS)  # the index now holds "lost"; saved on close
     (path / "store.sqlite").write_bytes(backup)  # the restore; index/ stays as it was
-    with MemoryStore.open(path, dim=DIM) as store:
-        kept = store.add([make_document("new", 2, seed=20)], namespace=NS)
+    with MemoryStore.open(path, dim=DIM, read_only=True) as reader:
+        assert reader.search(embedding(1000), 1, namespace=NS)[0].document_id != "lost"
+        assert reader.index_repairs == 1  # rebuilt from the restored rows, not trusted
+    with MemoryStore.open(path, dim=DIM) as writer:
+        kept = writer.add([make_document("new", 2, seed=20)], namespace=NS)
         assert kept[0].span_ids == lost[0].span_ids  # ids repeat: the trap
-    with MemoryStore.open(path, dim=DIM, read_only=True) as store:
-        hit = store.search(embedding(2000), 1, namespace=NS)[0]
+        assert writer.index_repairs == 1  # the writer rebuilt the index it keeps current
+    with MemoryStore.open(path, dim=DIM, read_only=True) as reader:
+        hit = reader.search(embedding(2000), 1, namespace=NS)[0]
         assert (hit.document_id, hit.position) == ("new", 0)
         assert hit.score == pytest.approx(1.0, abs=1e-5)
-        lost_hit = store.search(embedding(1000), 1, namespace=NS)[0]
-        assert lost_hit.score < 0.99  # the lost document's vector is not in the index any more
-        assert store.index_repairs == 1
-        assert store.index_ids(NS).tolist() == store.span_ids(NS).tolist()
-    with MemoryStore.open(path, dim=DIM) as store:  # a writer rebuilds it too, and saves it
-        assert store.search(embedding(2000), 1, namespace=NS)[0].document_id == "new"
-    with MemoryStore.open(path, dim=DIM) as store:
-        assert store.search(embedding(2000), 1, namespace=NS)[0].document_id == "new"
-        assert store.index_repairs == 0
+        assert reader.search(embedding(1000), 1, namespace=NS)[0].score < 0.99
+        assert reader.index_ids(NS).tolist() == reader.span_ids(NS).tolist()
+        assert reader.index_repairs == 0  # the writer saved the rebuilt index
 
 
 def test_stale_index_still_catches_up_incrementally(location: StoreLocation) -> None:
@@ -319,3 +317,30 @@ def test_read_only_open_refuses_a_wal_it_cannot_read(shared_store) -> None:
     answer = _probe(path, warm)
     assert answer["error"] == "ReadOnlyStoreError"
     assert "store.sqlite-shm" in answer["message"] and "write access" in answer["message"]
+
+
+def test_a_process_that_only_writes_leaves_a_current_index(location: StoreLocation) -> None:
+    with location.open() as store:
+        store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
+    with location.open() as writer:  # writes, never searches
+        writer.add([make_document("w1", 2, seed=7)], namespace=NS)
+        writer.upsert([make_document("d0", 1, seed=8)], namespace=NS)
+        writer.delete(namespace=NS, document_ids=["d1"])
+    with location.open(read_only=True) as reader:
+        assert reader.search(embedding(700), 1, namespace=NS)[0].document_id == "w1"
+        assert reader.index_ids(NS).tolist() == reader.span_ids(NS).tolist()
+        assert reader.index_repairs == 0  # nothing to catch up: the writer saved it current
+
+
+def test_a_long_running_writer_saves_its_index_as_it_goes(location: StoreLocation) -> None:
+    with location.open() as store:
+        store.add([make_document("d0", 2)], namespace=NS)
+    writer = location.open()
+    try:
+        writer.index_save_interval_s = 0.0  # every write is "long enough" since the last save
+        writer.add([make_document("w1", 2, seed=7)], namespace=NS)
+        with location.open(read_only=True) as reader:  # the writer is still open
+            assert reader.search(embedding(700), 1, namespace=NS)[0].document_id == "w1"
+            assert reader.index_repairs == 0
+    finally:
+        writer.close()
