@@ -14,6 +14,7 @@ model and its tokenizer stay untouched and every trained tensor lives in the che
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import threading
@@ -151,6 +152,11 @@ class ICAE(nn.Module):
                 self.slot_proj.weight.copy_(torch.eye(self.hidden_size))
                 self.slot_proj.bias.zero_()
         self._early_exit = _EarlyExit(self.model.get_base_model(), config.slot_layer)
+        # The inference encoder (see _encoder_body), in a list so that it is not registered as
+        # a submodule: it is derived state, never saved, moved or trained.
+        self._merged: list[nn.Module] = []
+        self._merged_key: tuple[Any, ...] = ()
+        self._merged_lock = threading.Lock()
         self._stop_ids = _stop_token_ids(model, tokenizer)
 
     # ----------------------------------------------------------------- construction
@@ -286,7 +292,7 @@ class ICAE(nn.Module):
         mask = torch.stack(masks).long().to(self.device)
         position_ids = torch.tensor(positions, device=self.device)
         hidden = self._early_exit.run(
-            _backbone(self.model.get_base_model()),
+            self._encoder_body(),
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=position_ids,
@@ -324,6 +330,33 @@ class ICAE(nn.Module):
                 weights[j, first:end] = 1.0 / (end - first)
             pooled[row, :m] = weights @ embeds[row_keep.to(self.device)]
         return pooled
+
+    def _encoder_body(self) -> nn.Module:
+        """The transformer body that encodes.
+
+        With gradients on (training) it is the PEFT model, adapter on, so gradients reach the
+        LoRA weights. Without them it is a copy of the base model with the adapter merged into
+        its weights: one plain forward instead of base plus LoRA matmuls, and no adapter state
+        shared with the decoder, which switches the PEFT model's adapter off while it decodes
+        (so compressing and decoding in two threads cannot disturb each other). The copy costs
+        one more set of base weights in memory and is rebuilt whenever a trained tensor has
+        changed since it was made (tensor version counters tell).
+        """
+        if torch.is_grad_enabled():
+            return _backbone(self.model.get_base_model())
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        key = (self.device, self.dtype, *(p._version for p in trained))
+        with self._merged_lock:
+            if not self._merged or key != self._merged_key:
+                self._merged.clear()  # free the stale copy before making the new one
+                # The memo keeps the slot-layer hook pointing at this ICAE's _EarlyExit.
+                memo = {id(self._early_exit): self._early_exit}
+                with torch.no_grad():
+                    peft_copy = copy.deepcopy(self.model, memo)
+                    merged = peft_copy.merge_and_unload().eval().requires_grad_(False)
+                self._merged.append(merged)
+                self._merged_key = key
+            return _backbone(self._merged[0])
 
     def _slot_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Encoder states ``(B, m, d)`` to decoder input embeddings (see ``ICAEConfig``)."""

@@ -1,0 +1,87 @@
+"""The inference encoder: compression runs on a copy of the base model with the adapter merged.
+
+It must give the slots the training path gives, follow every change of the trained tensors,
+stay out of checkpoints, and let compression and decoding run in two threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from icae_testing import randomise_trained_tensors
+from tiny_models import tiny_icae
+
+RECIPES = [
+    {},
+    {"slot_positions": "spread", "slot_head": "scale", "slot_residual": "pooled", "slot_layer": 1},
+]
+
+
+def spans_of(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 500, (n,), generator=generator).tolist() for n in lengths]
+
+
+def training_path(icae, spans):
+    """Slots through the PEFT model, adapter on, as training computes them."""
+    with torch.enable_grad():
+        return [t.detach() for t in icae._encode_spans(spans)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["default", "spread-pooled-layer1"])
+def test_merged_encoder_gives_the_training_paths_slots(tokenizer, recipe):
+    icae = tiny_icae(tokenizer, **recipe)
+    randomise_trained_tensors(icae)
+    spans = spans_of([32, 7, 19], seed=1)
+    merged = [s.tensor for s in icae.compress(spans)]
+    for a, b in zip(merged, training_path(icae, spans), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_encoder_follows_changes_of_the_adapter(tokenizer):
+    icae = tiny_icae(tokenizer)
+    randomise_trained_tensors(icae)
+    spans = spans_of([20], seed=2)
+    before = icae.compress(spans)[0].tensor
+    with torch.no_grad():
+        for name, param in icae.model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-1.0)  # in place, as an optimizer step or a checkpoint load writes
+    after = icae.compress(spans)[0].tensor
+    assert not torch.allclose(before, after, atol=1e-4)
+    torch.testing.assert_close(after, training_path(icae, spans)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_merged_copy_is_not_part_of_the_model(tokenizer):
+    icae = tiny_icae(tokenizer)
+    keys = set(icae.state_dict())
+    icae.compress(spans_of([9], seed=3))
+    assert set(icae.state_dict()) == keys
+    assert sum(1 for _ in icae.parameters()) == sum(1 for _ in tiny_icae(tokenizer).parameters())
+
+
+def test_compressing_while_another_thread_decodes_gives_the_slots_it_gives_alone(tokenizer):
+    """The decoder switches the PEFT model's adapter off while it runs; compression in
+    another thread must not see that (it reads its own merged weights)."""
+    icae = tiny_icae(tokenizer)
+    randomise_trained_tensors(icae)
+    spans = spans_of([32, 32, 11, 25], seed=4)
+    alone = [s.tensor for s in icae.compress(spans)]
+    memory = icae.compress(spans[:2])
+    stop = threading.Event()
+
+    def decode() -> None:
+        while not stop.is_set():
+            icae.generate(memory, "Paris", max_new_tokens=8)
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    try:
+        for _ in range(20):
+            for a, b in zip(alone, (s.tensor for s in icae.compress(spans)), strict=True):
+                torch.testing.assert_close(a, b)
+    finally:
+        stop.set()
+        worker.join()
