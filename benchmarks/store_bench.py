@@ -1,4 +1,5 @@
-"""Memory-store benchmark: add throughput, search latency, slot fetches and bytes on disk.
+"""Memory-store benchmark: add throughput, search latency (unfiltered, and filtered to half of
+the spans), slot fetches and bytes on disk.
 
 Synthetic but embedding-shaped data: unit vectors of dim 384 drawn around 1,000 centres, each span
 carrying a 128x576 bf16 slot blob (the ICAE's size for SmolLM2). The baseline, measured in the same
@@ -62,9 +63,8 @@ def documents(vectors: np.ndarray, start: int, count: int, pool: list[bytes] | N
                     embedding=vectors[i],
                 )
             )
-        out.append(
-            DocumentRecord(id=f"doc-{doc}", source="bench", metadata={"doc": doc}, spans=spans)
-        )
+        metadata = {"doc": doc, "half": doc % 2 == 0}
+        out.append(DocumentRecord(id=f"doc-{doc}", source="bench", metadata=metadata, spans=spans))
     return out
 
 
@@ -99,6 +99,7 @@ def bench_memory_store(
             found.append([h.span_id for h in hits])
         span_ids = store.span_ids(ns)
         kind = store._shards[next(iter(store._shards))].kind
+        filtered = bench_filtered(store, ns, vectors, queries, span_ids, k)
         result = {
             "add_spans_per_s": round(n / add_s, 1),
             "add_s": round(add_s, 2),
@@ -106,6 +107,10 @@ def bench_memory_store(
             "index_kind": kind,
             "search": percentiles(search_s),
             "recall_at_k": recall(found, span_ids, vectors, queries, k),
+            **filtered,
+            "filtered_p50_ratio": round(
+                filtered["search_filtered_half"]["p50_ms"] / percentiles(search_s)["p50_ms"], 2
+            ),
         }
         if pool:
             rng = np.random.default_rng(2)
@@ -118,6 +123,36 @@ def bench_memory_store(
             result["get_slots_8"] = percentiles(fetch_s)
     result["bytes_on_disk_per_span"] = round(directory_bytes(directory) / n, 1)
     return result
+
+
+def bench_filtered(store, ns, vectors, queries, span_ids, k: int) -> dict:
+    """Filtered search latency with a filter matching half of the spans: the same filter asked
+    again and again (what an application with fixed filters sees), and a different filter each
+    time (nothing reused). Recall is against brute force over the matching spans."""
+    n_docs = len(vectors) // SPANS_PER_DOCUMENT
+    half = {"half": True}
+    store.search(queries[0], k, namespace=ns, filter=half)
+    repeat_s, found = [], []
+    for q in queries:
+        started = time.perf_counter()
+        hits = store.search(q, k, namespace=ns, filter=half)
+        repeat_s.append(time.perf_counter() - started)
+        found.append([h.span_id for h in hits])
+    distinct_s = []
+    for i, q in enumerate(queries):
+        filter_ = {"doc": {"$lt": n_docs // 2 + i + 1}}  # a new filter every query, ~half
+        started = time.perf_counter()
+        store.search(q, k, namespace=ns, filter=filter_)
+        distinct_s.append(time.perf_counter() - started)
+    ordered = np.sort(span_ids)
+    rows = np.flatnonzero((np.arange(len(vectors)) // SPANS_PER_DOCUMENT) % 2 == 0)
+    exact = rows[np.argsort(-(vectors[rows] @ queries.T), axis=0)[:k].T]
+    hits = [len(set(f) & set(ordered[e].tolist())) / k for f, e in zip(found, exact, strict=True)]
+    return {
+        "search_filtered_half": percentiles(repeat_s),
+        "search_filtered_distinct": percentiles(distinct_s),
+        "recall_at_k_filtered_half": round(float(np.mean(hits)), 4),
+    }
 
 
 def directory_bytes(directory: Path) -> int:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
@@ -68,7 +71,7 @@ from .errors import (
     StoreWriteError,
 )
 from .filters import compile_filter
-from .index import IndexFiles, IndexPolicy, NamespaceIndex
+from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -100,6 +103,7 @@ __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
 DATABASE_FILE = "store.sqlite"
 INDEX_DIR = "index"
 _IN_CHUNK = 900  # ids per IN (...) clause, below SQLite's default parameter limit
+_FILTER_CACHE_SIZE = 64  # filter answers kept (each one id array per namespace searched)
 _PG_INIT_LOCK = 0x1C3E30  # advisory lock key serialising schema creation across workers
 # Embeddings longer than this overflow float32 inner products (the product of two norms must stay
 # below float32's 3.4e38); real embeddings are unit length or close to it.
@@ -197,6 +201,8 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._busy_timeout_s: float | None = None  # set for SQLite stores, to reopen the engine
         self._saved_at = time.monotonic()
+        self._filter_cache: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
+        self._span_document_maps: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         self.index_repairs = 0  # index shards rebuilt or caught up from the rows, for tests/stats
 
     # ------------------------------------------------------------------ opening
@@ -394,21 +400,17 @@ class MemoryStore:
             ns_ids = [row.id for row in namespaces]
             allowed = None
             if filter:
-                allowed = np.fromiter(
-                    session.scalars(
-                        select(SpanRow.id)
-                        .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-                        .where(SpanRow.namespace_id.in_(ns_ids), where)
-                    ),
-                    dtype=np.int64,
-                )
-                if not len(allowed):
+                allowed = self._allowed_spans(session, namespaces, filter, where)
+                if not any(len(ids) for ids in allowed.values()):
                     return []
             scored: list[tuple[float, int]] = []
             with self._lock:
                 for row in namespaces:
+                    ns_allowed = None if allowed is None else allowed[row.id]
+                    if ns_allowed is not None and not len(ns_allowed):
+                        continue
                     shard = self._fresh_shard(session, row.id, row.generation)
-                    scores, ids = shard.search(query, k, allowed)
+                    scores, ids = shard.search(query, k, ns_allowed)
                     scored.extend(zip(scores.tolist(), ids.tolist(), strict=True))
             scored.sort(key=lambda pair: (-pair[0], pair[1]))
             top = scored[:k]
@@ -1005,6 +1007,73 @@ class MemoryStore:
             self.index_repairs += 1
         return shard
 
+    def _allowed_spans(
+        self,
+        session: Connection,
+        namespaces: list[Any],
+        filter_: Mapping[str, Any],
+        where: Any,
+    ) -> dict[int, np.ndarray]:
+        """The span ids, per namespace, whose document matches a metadata filter.
+
+        The filter runs once per document (not per span) and comes back as one aggregated value
+        rather than a row per id; a per-namespace span -> document map turns documents into
+        spans. Both the map and each filter's answer are kept for the namespace's generation, so
+        a filter asked again before the namespace changes costs nothing: this is what keeps a
+        filtered search within a small factor of an unfiltered one.
+        """
+        key = (tuple((row.id, row.generation) for row in namespaces), _filter_key(filter_))
+        with self._lock:
+            cached = self._filter_cache.get(key)
+            if cached is not None:
+                self._filter_cache.move_to_end(key)
+                return cached
+        ns_ids = [row.id for row in namespaces]
+        documents = _id_array(
+            session.scalar(
+                select(self._id_aggregate(DocumentRow.id)).where(
+                    DocumentRow.namespace_id.in_(ns_ids), where
+                )
+            )
+        )
+        allowed = {}
+        for row in namespaces:
+            span_ids, span_documents = self._span_documents(session, row.id, row.generation)
+            allowed[row.id] = span_ids[id_member(span_documents, documents)]
+        with self._lock:
+            self._filter_cache[key] = allowed
+            while len(self._filter_cache) > _FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return allowed
+
+    def _span_documents(
+        self, session: Connection, ns_id: int, generation: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Span ids of a namespace and their documents' row ids, aligned; kept per generation."""
+        with self._lock:
+            cached = self._span_document_maps.get(ns_id)
+            if cached is not None and cached[0] == generation:
+                return cached[1], cached[2]
+        span_ids, documents = session.execute(
+            select(
+                self._id_aggregate(SpanRow.id, order_by=SpanRow.id),
+                self._id_aggregate(SpanRow.document_id, order_by=SpanRow.id),
+            ).where(SpanRow.namespace_id == ns_id)
+        ).one()
+        span_ids, documents = _id_array(span_ids), _id_array(documents)
+        with self._lock:
+            self._span_document_maps[ns_id] = (generation, span_ids, documents)
+        return span_ids, documents
+
+    def _id_aggregate(self, column: Any, order_by: Any = None) -> Any:
+        """All values of an integer column as one value: a Postgres array, a SQLite JSON array
+        (one aggregate, parsed in C, instead of a Python row per id)."""
+        if self.dialect == "postgresql":
+            return func.array_agg(
+                aggregate_order_by(column, order_by) if order_by is not None else column
+            )
+        return func.json_group_array(column)
+
     def _keep_index_current(self, ns_ids: list[int]) -> None:
         """After a write: load (or build) the indexes of the namespaces written to, so that they
         follow this writer's changes, and save them every ``index_save_interval_s``. Otherwise a
@@ -1159,6 +1228,20 @@ def _shard_name(ns_id: int) -> str:
 
 def _token_key(ns_id: int, token: str) -> str:
     return f"index:{ns_id}:{token}"  # at most 58 characters: SettingRow.key is String(64)
+
+
+def _filter_key(filter_: Mapping[str, Any]) -> str:
+    # Keys are checked strings and values JSON scalars by now; sorting keys keeps the meaning
+    # (the keys of a mapping are ANDed) and distinguishes 1, 1.0 and true as the filter does.
+    return json.dumps(filter_, sort_keys=True, separators=(",", ":"))
+
+
+def _id_array(value: Any) -> np.ndarray:
+    if value is None:
+        return np.empty(0, np.int64)
+    if isinstance(value, str):
+        value = json.loads(value)
+    return np.asarray(value, dtype=np.int64)
 
 
 def _numeric(values: Any, what: str) -> np.ndarray:

@@ -138,3 +138,25 @@ def test_store_with_ivf_namespace_stays_consistent(location: StoreLocation) -> N
         expected = [candidates[i][:2] for i in np.argsort(-scores, kind="stable")[:5]]
         hits = store.search(query, 5, namespace=ns, filter={"batch": 5})
         assert [(h.document_id, h.position) for h in hits] == expected
+
+
+def test_broad_filters_on_ivf_probe_a_share_of_lists_and_keep_recall() -> None:
+    vectors, ids = _clustered(5_000, seed=4), np.arange(5_000) + 1
+    shard = NamespaceIndex(DIM, POLICY)
+    shard.add(ids, vectors)
+    assert shard.kind == "ivf"
+    nlist, nprobe = shard._index.nlist, shard._index.nprobe
+    assert shard.filtered_nprobe(2_500) == 2 * nprobe < nlist  # half the vectors: twice the lists
+    assert shard.filtered_nprobe(50) == nlist  # a selective filter: every list, exact
+    allowed = ids[::2]
+    queries = _clustered(30, seed=6)
+    recall = np.mean(
+        [
+            len(set(shard.search(q, 10, allowed)[1]) & set(_exact(allowed, vectors[::2], q, 10)))
+            / 10
+            for q in queries
+        ]
+    )
+    assert recall >= 0.9
+    for q in queries:
+        assert set(shard.search(q, 10, allowed)[1]) <= set(allowed.tolist())

@@ -290,3 +290,22 @@ def test_equality_never_matches_inside_arrays(store: MemoryStore) -> None:
     for filter_ in ({"tags": "a"}, {"tags": {"$in": ["a"]}}, {"n": 1}, {"n": {"$in": [1]}}):
         hits = store.search(embedding(0), 10, namespace=NS, filter=filter_)
         assert {h.document_id for h in hits} == {"u"}, filter_
+
+
+def test_filtered_answers_follow_every_change(store: MemoryStore) -> None:
+    """Filter answers are reused until the namespace changes: each write must be seen."""
+    store.add(
+        [make_document("a", 2, metadata={"v": 1}), make_document("b", 1, seed=1)], namespace=NS
+    )
+
+    def found(filter_: dict) -> set[str]:
+        return {h.document_id for h in store.search(embedding(0), 10, namespace=NS, filter=filter_)}
+
+    assert found({"v": 1}) == {"a"}
+    store.upsert([make_document("a", 2, seed=2, metadata={"v": 2})], namespace=NS)
+    assert (found({"v": 1}), found({"v": 2})) == (set(), {"a"})
+    store.add([make_document("c", 1, seed=3, metadata={"v": 2})], namespace=NS)
+    assert found({"v": 2}) == {"a", "c"}
+    store.delete(namespace=NS, document_ids=["a"])
+    assert found({"v": 2}) == {"c"}
+    assert found({"v": {"$exists": False}}) == {"b"}
