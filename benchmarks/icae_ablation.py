@@ -105,6 +105,16 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         {"learning_rate": 1e-3},
         "spread, rescaled plus each group's mean token embedding, lr 1e-3",
     ),
+    "spread_pooled_declora_lr1e3": (
+        {
+            "slot_positions": "spread",
+            "slot_head": "scale",
+            "slot_residual": "pooled",
+            "decoder_lora_rank": 16,
+        },
+        {"learning_rate": 1e-3},
+        "as spread_pooled_lr1e3, plus a rank-16 LoRA of the decoder's own",
+    ),
 }
 
 

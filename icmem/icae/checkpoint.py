@@ -41,6 +41,7 @@ MANIFEST = "icae_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 EMBEDDINGS = "icae_embeddings.safetensors"
+DECODER_WEIGHTS = "decoder_adapter.safetensors"
 DEFAULT_CHECKPOINT = (
     Path(__file__).resolve().parent.parent / "checkpoints" / ("smollm2-135m-instruct-k128")
 )
@@ -69,7 +70,15 @@ def save_checkpoint(icae: ICAE, directory: str | os.PathLike[str]) -> Path:
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     (target / MANIFEST).unlink(missing_ok=True)  # the directory is not a checkpoint until done
-    icae.model.save_pretrained(str(target))  # adapter_config.json + adapter_model.safetensors
+    # adapter_config.json + adapter_model.safetensors: the encoder's adapter, as peft writes it
+    icae.model.save_pretrained(str(target), selected_adapters=["default"])
+    names = [ADAPTER_WEIGHTS, EMBEDDINGS]
+    if icae.config.decoder_lora_rank:
+        from peft import get_peft_model_state_dict
+
+        decoder = get_peft_model_state_dict(icae.model, adapter_name="decoder")
+        save_file({k: v.contiguous() for k, v in decoder.items()}, target / DECODER_WEIGHTS)
+        names.append(DECODER_WEIGHTS)
     save_file(
         {name: t.detach().contiguous() for name, t in icae.own_tensors().items()},
         target / EMBEDDINGS,
@@ -78,7 +87,7 @@ def save_checkpoint(icae: ICAE, directory: str | os.PathLike[str]) -> Path:
         "format_version": FORMAT_VERSION,
         "config": icae.config.to_dict(),
         "base_model_fingerprint": icae.fingerprint,
-        "files": {name: _sha256(target / name) for name in (ADAPTER_WEIGHTS, EMBEDDINGS)},
+        "files": {name: _sha256(target / name) for name in names},
     }
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return target
@@ -126,7 +135,9 @@ def load_checkpoint(
             f"{fingerprint}); load it onto {config.base_model!r}"
         )
     icae = cls(model, tokenizer, config, fingerprint)
-    _load_adapter(icae, root / ADAPTER_WEIGHTS)
+    _load_adapter(icae, root / ADAPTER_WEIGHTS, "default")
+    if config.decoder_lora_rank:
+        _load_adapter(icae, root / DECODER_WEIGHTS, "decoder")
     _load_embeddings(icae, root / EMBEDDINGS)
     return icae.eval()
 
@@ -163,13 +174,13 @@ def _load_tensors(path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"cannot read {path} ({exc}); re-save it") from exc
 
 
-def _load_adapter(icae: ICAE, path: Path) -> None:
+def _load_adapter(icae: ICAE, path: Path, adapter: str) -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     tensors = _load_tensors(path)
-    expected = get_peft_model_state_dict(icae.model)
+    expected = get_peft_model_state_dict(icae.model, adapter_name=adapter)
     _check_shapes(path, tensors, {k: tuple(v.shape) for k, v in expected.items()})
-    set_peft_model_state_dict(icae.model, tensors)
+    set_peft_model_state_dict(icae.model, tensors, adapter_name=adapter)
 
 
 def _load_embeddings(icae: ICAE, path: Path) -> None:

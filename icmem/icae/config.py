@@ -51,6 +51,9 @@ class ICAEConfig:
       reads such a bag of nearby tokens from the first step, so the encoder starts from a
       memory that already carries the span's words and learns what the mean loses (their
       order and what they mean together) instead of discovering a code from nothing.
+    - ``decoder_lora_rank > 0`` gives the decoder a LoRA adapter of its own (same targets,
+      alpha twice the rank), active only while it reads memory; without memory the base model
+      answers exactly as before. 0 keeps the paper's frozen decoder.
     """
 
     base_model: str = "smollm2-135m-instruct"
@@ -69,6 +72,7 @@ class ICAEConfig:
     slot_layer: int | None = None
     slot_head: str = "none"
     slot_residual: str = "none"
+    decoder_lora_rank: int = 0
 
     def __post_init__(self) -> None:
         # JSON has no tuples; accept lists and store tuples so configs compare equal.
@@ -117,6 +121,15 @@ class ICAEConfig:
             )
         if self.slot_head not in SLOT_HEADS:
             raise ICAEConfigError(f"slot_head={self.slot_head!r}; use one of {SLOT_HEADS}")
+        if (
+            not isinstance(self.decoder_lora_rank, int)
+            or isinstance(self.decoder_lora_rank, bool)
+            or self.decoder_lora_rank < 0
+        ):
+            raise ICAEConfigError(
+                f"decoder_lora_rank={self.decoder_lora_rank!r}; use 0 (frozen decoder) or a "
+                "positive rank"
+            )
         if self.slot_residual not in SLOT_RESIDUALS:
             raise ICAEConfigError(
                 f"slot_residual={self.slot_residual!r}; use one of {SLOT_RESIDUALS}"

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     )
 
 Task = Literal["ae", "lm", "ft"]
+ENCODER_ADAPTER = "default"  # peft's name for the first adapter
+DECODER_ADAPTER = "decoder"
 _IGNORE = -100
 
 
@@ -123,6 +125,22 @@ class ICAE(nn.Module):
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(model, lora)
+        if config.decoder_lora_rank:
+            self.model.add_adapter(
+                DECODER_ADAPTER,
+                LoraConfig(
+                    r=config.decoder_lora_rank,
+                    lora_alpha=2 * config.decoder_lora_rank,
+                    lora_dropout=config.lora_dropout,
+                    target_modules=list(config.lora_targets),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        # Both adapters train together; switching the active one must not freeze the other.
+        self._lora_parameters = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        for param in self._lora_parameters:
+            param.requires_grad_(True)
         table = model.get_input_embeddings().weight.detach().float()  # (V, d)
         self.hidden_size = table.shape[1]
         # New embeddings start as draws from the per-dimension mean and spread of the real token
@@ -353,7 +371,8 @@ class ICAE(nn.Module):
                 memo = {id(self._early_exit): self._early_exit}
                 with torch.no_grad():
                     peft_copy = copy.deepcopy(self.model, memo)
-                    merged = peft_copy.merge_and_unload().eval().requires_grad_(False)
+                    merged = peft_copy.merge_and_unload(adapter_names=[ENCODER_ADAPTER])
+                    merged.eval().requires_grad_(False)
                 self._merged.append(merged)
                 self._merged_key = key
             return _backbone(self._merged[0])
@@ -510,7 +529,7 @@ class ICAE(nn.Module):
             extra["position_ids"] = torch.tensor(
                 [pos + [0] * (width - len(pos)) for pos in positions], device=self.device
             )
-        with self.model.disable_adapter():
+        with self._decoder_weights():
             base = self.model.get_base_model()
             hidden = _backbone(base)(
                 inputs_embeds=embeds,
@@ -630,7 +649,7 @@ class ICAE(nn.Module):
             placed["attention_mask"] = torch.ones(
                 embeds.shape[:2], dtype=torch.long, device=self.device
             )
-        with self.model.disable_adapter():
+        with self._decoder_weights():
             return self.model(inputs_embeds=embeds, use_cache=False, **placed).logits
 
     def _generate_ids(
@@ -714,9 +733,33 @@ class ICAE(nn.Module):
                     )
 
     @contextmanager
+    def _decoder_weights(self) -> Iterator[None]:
+        """The decoder's weights: the base model (encoder adapter off), plus the decoder's own
+        adapter when the config has one. Both are process-wide switches of the PEFT model, so
+        compression never uses it (see ``_encoder_body``)."""
+        if not self.config.decoder_lora_rank:
+            with self.model.disable_adapter():
+                yield
+            return
+        self._activate(DECODER_ADAPTER)
+        try:
+            yield
+        finally:
+            self._activate(ENCODER_ADAPTER)
+
+    def _activate(self, adapter: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter(adapter)
+        for param in self._lora_parameters:  # set_adapter freezes the inactive adapter
+            param.requires_grad_(True)
+
+    @contextmanager
     def _decoder(self, long_context: bool) -> Iterator[None]:
-        """The frozen decoder: no gradients, adapter off, LM-Infinite attention if asked."""
-        with self._inference(), self.model.disable_adapter():
+        """The decoder: no gradients, its weights, LM-Infinite attention if asked."""
+        with self._inference(), self._decoder_weights():
             if long_context:
                 with _lm_infinite().enabled(self.model):
                     yield

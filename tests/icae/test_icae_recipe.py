@@ -163,6 +163,8 @@ def test_slot_layer_must_lie_inside_the_model(tokenizer):
         {"slot_layer": 0},
         {"slot_layer": True},
         {"slot_layer": 1.5},
+        {"decoder_lora_rank": -1},
+        {"slot_residual": "sum"},
     ],
 )
 def test_bad_recipe_values_are_refused(bad):
@@ -291,3 +293,59 @@ def test_pooled_slots_add_the_mean_embedding_of_each_group(tokenizer):
 def test_pooled_residual_needs_slots_at_token_scale():
     with pytest.raises(ICAEConfigError, match="slot_head"):
         ICAEConfig(slot_residual="pooled")
+
+
+# ------------------------------------------------------------------------- decoder adapter
+
+
+def test_the_decoder_adapter_reads_memory_and_leaves_the_base_model_alone(make, tokenizer):
+    from tiny_models import tiny_icae_base
+
+    icae = make(decoder_lora_rank=4)
+    frozen = make()  # same seed: same base weights, same encoder adapter, no decoder adapter
+    embeds = torch.randn(1, 10, icae.hidden_size)
+    with torch.no_grad():
+        assert not torch.allclose(icae.decoder_logits(embeds), frozen.decoder_logits(embeds))
+        ids = torch.tensor([spans_of([12], seed=12)[0]])
+        with icae.model.disable_adapter():  # what the no-memory prior and raw answers read
+            plain = icae.model(input_ids=ids).logits
+        torch.testing.assert_close(plain, tiny_icae_base(0)(input_ids=ids).logits)
+    # decoding switched the decoder adapter on and off again: the encoder is untouched
+    spans = spans_of([20], seed=13)
+    before = training_path_slots(icae, spans)
+    icae.generate(icae.compress(spans), "hi", max_new_tokens=3)
+    torch.testing.assert_close(training_path_slots(icae, spans), before)
+
+
+def training_path_slots(icae, spans):
+    with torch.enable_grad():
+        return icae._encode_spans(spans)[0].detach()
+
+
+def test_training_reaches_both_adapters(make):
+    icae = make(decoder_lora_rank=4).train()
+    (span,) = spans_of([24], seed=14)
+    icae.training_loss([ICAEExample(context_ids=span, task="ae", target_ids=span)]).backward()
+    grads = {"default": 0.0, "decoder": 0.0}
+    for name, param in icae.model.named_parameters():
+        for adapter in grads:
+            if f".{adapter}." in name and param.grad is not None:
+                grads[adapter] += float(param.grad.abs().sum())
+    assert grads["default"] > 0 and grads["decoder"] > 0
+
+
+def test_the_decoder_adapter_survives_a_checkpoint(make, tokenizer, tmp_path):
+    from tiny_models import tiny_icae_base
+
+    icae = make(decoder_lora_rank=4, slot_positions="spread")
+    icae.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert "decoder_adapter.safetensors" in manifest["files"]
+    loaded = ICAE.from_pretrained(tmp_path, base_model=(tiny_icae_base(0), tokenizer))
+    memory = icae.compress(spans_of([32], seed=15))
+    assert loaded.generate(memory, "The", max_new_tokens=8) == icae.generate(
+        memory, "The", max_new_tokens=8
+    )
+    embeds = torch.randn(1, 6, icae.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decoder_logits(embeds), icae.decoder_logits(embeds))
