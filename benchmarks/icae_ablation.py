@@ -29,6 +29,7 @@ from icmem.icae.train import TrainConfig, latest_checkpoint, read_metrics, train
 RUNS = Path("runs/ablation")
 GATE_NATS = 1.0
 GATE_STEPS = 2000
+START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 # What every arm shares: short spans (128 tokens into 32 slots, 4x), batch 4, [AE] only.
 COMMON_ICAE = {
@@ -209,6 +210,7 @@ def report(args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
+    write_table(result, Path("TRAINING.md"), args.name)
     print(
         json.dumps(
             {
@@ -218,6 +220,37 @@ def report(args: argparse.Namespace) -> None:
             | {"prior_ce": result["prior_ce"]}
         )
     )
+
+
+def write_table(result: dict[str, Any], training_md: Path, name: str) -> None:
+    """The arms side by side at every evaluated step they share, between the markers."""
+    arms = result["arms"]
+    steps = sorted({p["step"] for a in arms.values() for p in a["held_out_ae_ce"]})
+    header = "| arm | what | " + " | ".join(f"step {s}" for s in steps) + " | gate |"
+    rows = [header, "|---|---|" + "---:|" * (len(steps) + 1)]
+    for arm_name, arm in arms.items():
+        at = {p["step"]: p["ce"] for p in arm["held_out_ae_ce"]}
+        cells = " | ".join(f"{at[s]:.3f}" if s in at else "" for s in steps)
+        gate = "not yet" if arm["gate_step"] is None else f"step {arm['gate_step']}"
+        rows.append(f"| `{arm_name}` | {arm['what']} | {cells} | {gate} |")
+    block = "\n".join(
+        [
+            START,
+            "",
+            f"Held-out `[AE]` cross-entropy (nats/token); prior {result['prior_ce']:.3f}, gate "
+            f"{result['prior_ce'] - GATE_NATS:.3f}. "
+            f"`benchmarks/results/{name}.json`, plot `benchmarks/results/{name}.png`:",
+            "",
+            *rows,
+            "",
+            f"![ablation](benchmarks/results/{name}.png)",
+            "",
+            END,
+        ]
+    )
+    text = training_md.read_text()
+    before, rest = text.split(START, 1)
+    training_md.write_text(before + block + rest.split(END, 1)[1])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
