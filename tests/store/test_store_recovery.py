@@ -344,3 +344,56 @@ def test_a_long_running_writer_saves_its_index_as_it_goes(location: StoreLocatio
             assert reader.index_repairs == 0
     finally:
         writer.close()
+
+
+FOLLOWING_READER = textwrap.dedent(
+    """
+    import json, os, pwd, sys
+    import numpy as np
+    from icmem.store import MemoryStore
+    path, warm, dim = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ns = ("t", "a", "th")
+    with MemoryStore.open(warm, dim=dim, read_only=True) as store:
+        store.search(np.ones(dim, np.float32), 3, namespace=ns)
+        store.stats()
+    nobody = pwd.getpwnam("nobody")
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    with MemoryStore.open(path, dim=dim, read_only=True) as store:
+        before = store.stats().documents
+        print("opened", flush=True)
+        sys.stdin.readline()  # a writer starts and commits meanwhile
+        after = store.stats().documents
+        hits = len(store.search(np.ones(dim, np.float32), 100, namespace=ns))
+    print(json.dumps({"before": before, "after": after, "hits": hits}), flush=True)
+    """
+)
+
+
+def test_read_only_reader_follows_a_writer_that_starts_later(shared_store) -> None:
+    """Opened when the WAL was empty (so without the WAL's shared memory), the reader must not
+    go on reading the bare database file once a writer appears."""
+    import json
+
+    path, warm = shared_store
+    reader = subprocess.Popen(
+        [sys.executable, "-c", FOLLOWING_READER, str(path), str(warm), str(DIM)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    writer = None
+    try:
+        assert reader.stdout.readline().strip() == "opened", reader.stderr.read()
+        writer = _writer(path, "live")
+        assert writer.stdout.readline().strip() == "written"
+        out, err = reader.communicate("go\\n", timeout=120)
+        assert reader.returncode == 0, err
+        assert json.loads(out) == {"before": 10, "after": 15, "hits": 15}
+    finally:
+        if writer is not None:
+            writer.communicate("stop\\n", timeout=120)
+        if reader.poll() is None:
+            reader.kill()
