@@ -14,6 +14,11 @@ A namespace is a tuple ``(tenant, agent, thread)`` of non-empty strings; every d
 exactly one. Document ids are the caller's keys (strings) and are scoped to their namespace, so two
 tenants may both own a document called "readme" without seeing each other. Span ids are integers
 assigned by the store, never reused, and are what search hits and ``get_slots`` speak.
+
+Every value is checked the same way for SQLite and Postgres (``store.validation``): ids and
+namespace parts up to 255 characters, no NUL characters or lone surrogates in any text, counts
+that fit a 32-bit INTEGER, and metadata of plain JSON (finite numbers, 64-bit ints, string keys,
+nested at most 32 deep). A record one backend would store and the other refuse is refused by both.
 """
 
 from __future__ import annotations
