@@ -1,5 +1,6 @@
 """ICAE compression throughput on SmolLM2-135M: tokens/s and spans/s, fp32 and bf16, batch 1
-against larger batches, all measured in the same run.
+against larger batches, and against a plain forward of the base model over the same positions,
+all measured in the same run.
 
     .venv/bin/python benchmarks/icae_compress.py --spans 8 --batch-sizes 1 4 8 --save
 """
@@ -12,16 +13,31 @@ import platform
 import torch
 from icae_common import emit, median_seconds, play_text
 
+from icmem import load_model
 from icmem.icae import ICAE
 
 
 def measure(dtype: str, spans_wanted: int, batch_sizes: list[int], repeats: int) -> list[dict]:
+    """Compression beside a plain forward of the base model over the same positions (each span
+    plus its memory tokens) in the same batches: the ratio is what compression costs on top of
+    the forward pass it consists of."""
     icae = ICAE.from_base("smollm2-135m-instruct", dtype=dtype)
+    plain, _ = load_model("smollm2-135m-instruct", dtype=getattr(torch, dtype))
     tokens = icae.tokenize(play_text())[: spans_wanted * icae.config.span_tokens]
     spans = icae.split_spans(tokens)
+    width = icae.config.span_tokens + icae.config.num_memory_tokens
     runs = []
     for batch_size in batch_sizes:
         seconds = median_seconds(lambda b=batch_size: icae.compress(spans, batch_size=b), repeats)
+
+        def forward(b: int = batch_size) -> None:
+            with torch.no_grad():
+                for start in range(0, len(spans), b):
+                    rows = len(spans[start : start + b])
+                    ids = torch.randint(0, 1000, (rows, width))
+                    plain.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+        plain_seconds = median_seconds(forward, repeats)
         runs.append(
             {
                 "dtype": dtype,
@@ -30,6 +46,8 @@ def measure(dtype: str, spans_wanted: int, batch_sizes: list[int], repeats: int)
                 "seconds": round(seconds, 3),
                 "tokens_per_s": round(len(tokens) / seconds, 1),
                 "spans_per_s": round(len(spans) / seconds, 3),
+                "plain_forward_seconds": round(plain_seconds, 3),
+                "compress_vs_plain_forward": round(plain_seconds / seconds, 3),
             }
         )
     return runs
