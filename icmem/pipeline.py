@@ -187,9 +187,18 @@ class MemoryPipeline:
             rank.setdefault(hit.document_id, len(rank))
         hits = sorted(hits, key=lambda h: (rank[h.document_id], h.position))
         stored = self.store.get_slots([hit.span_id for hit in hits], namespace=namespace)
+        # A damaged blob is left out by the store (with a warning): drop its hit too, so that
+        # hits and memory stay aligned.
+        kept = {slots.span_id: slots for slots in stored}
+        hits = [hit for hit in hits if hit.span_id in kept]
         memory = [
-            MemorySlots.from_bytes(slots.blob, self.icae.fingerprint, span_id=str(slots.span_id))
-            for slots in stored
+            MemorySlots.from_bytes(
+                kept[hit.span_id].blob,
+                self.icae.fingerprint,
+                span_id=str(hit.span_id),
+                token_count=kept[hit.span_id].token_count,
+            )
+            for hit in hits
         ]
         return Recall(hits=hits, memory=memory)
 

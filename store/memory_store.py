@@ -458,6 +458,7 @@ class MemoryStore:
                 SlotRow.rows,
                 SlotRow.cols,
                 SpanRow.position,
+                SpanRow.token_count,
                 DocumentRow.key,
             )
             .join(SpanRow, SlotRow.span_id == SpanRow.id)
@@ -488,6 +489,7 @@ class MemoryStore:
                 blob=bytes(found[i].blob),
                 codec=found[i].codec,
                 shape=(found[i].rows, found[i].cols),
+                token_count=found[i].token_count,
             )
             for i in wanted
             if i not in damaged

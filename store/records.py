@@ -195,6 +195,7 @@ class SpanSlots:
     blob: bytes
     codec: str
     shape: tuple[int, int]
+    token_count: int  # tokens of the span the slots stand for (decoders may place slots by it)
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,36 @@ def test_batch_ingestion_resumes_and_skips_unchanged_files(pipeline, tmp_path):
     assert [d.id for d in documents] == [str(p) for p in paths]
     assert documents[0].content_hash == hashlib.sha256(b"changed text " * 10).hexdigest()
     assert all(d.span_count >= 1 for d in documents)
+
+
+def test_recalled_memory_knows_its_spans_lengths_so_spread_slots_decode(tmp_path, tokenizer):
+    """Spread slot positions are laid out from each span's token count; recall must carry it."""
+    from tiny_models import tiny_embedder, tiny_icae
+
+    icae = tiny_icae(tokenizer, slot_positions="spread", slot_head="scale")
+    embedder = tiny_embedder(tokenizer)
+    store = MemoryStore.open(tmp_path / "s", dim=embedder.dim, model_fingerprint=icae.fingerprint)
+    with MemoryPipeline(icae, store, embedder, codec="fp32") as memory:
+        added = memory.ingest(DOCS["paris"], namespace=NS, document_id="paris")
+        recalled = memory.recall("Paris", namespace=NS, k=3)
+        spans = {s.span_id: s for s in store.get_slots(list(added.span_ids), namespace=NS)}
+        assert [m.token_count for m in recalled.memory] == [
+            spans[h.span_id].token_count for h in recalled.hits
+        ]
+        assert all(m.token_count for m in recalled.memory)
+        assert isinstance(memory.ask("Where is Paris?", namespace=NS, max_new_tokens=3).text, str)
+
+
+def test_a_damaged_span_drops_out_of_recall_with_its_hit(pipeline, monkeypatch):
+    ingest_all(pipeline)
+    hits = pipeline.recall(DOCS["fox"][:40], namespace=NS, k=4).hits
+    damaged = hits[1].span_id
+    real = pipeline.store.get_slots
+
+    def without_damaged(span_ids, **kwargs):  # what the store answers for a damaged blob
+        return [s for s in real(span_ids, **kwargs) if s.span_id != damaged]
+
+    monkeypatch.setattr(pipeline.store, "get_slots", without_damaged)
+    recalled = pipeline.recall(DOCS["fox"][:40], namespace=NS, k=4)
+    assert [h.span_id for h in recalled.hits] == [h.span_id for h in hits if h.span_id != damaged]
+    assert [m.span_id for m in recalled.memory] == [str(h.span_id) for h in recalled.hits]
