@@ -13,3 +13,7 @@ class ModelLoadError(IcmemError):
 
 class ChunkingError(IcmemError):
     """Input text could not be decoded or chunked."""
+
+
+class ConversationError(IcmemError, ValueError):
+    """A conversation cannot be answered as given (no user message, malformed turns)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icmem.chunking import DecodeErrors, Span, chunk, chunk_file, read_utf8
+from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
 from icmem.store.records import content_id_of
 
@@ -51,7 +52,21 @@ class IngestReport:
 @dataclass(frozen=True)
 class Answer:
     text: str
+    hits: list[SearchHit]  # empty when recall found nothing and the base model answered alone
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A streamed answer: the hits its memory came from, the text pieces as they are decoded,
+    and what the decoder read (prompt tokens and memory slots)."""
+
     hits: list[SearchHit]
+    pieces: Iterator[str]
+    prompt_tokens: int
+    memory_slots: int
+
+
+Conversation = str | Sequence[Mapping[str, str]]
 
 
 class MemoryPipeline:
@@ -202,9 +217,41 @@ class MemoryPipeline:
         ]
         return Recall(hits=hits, memory=memory)
 
+    def reply(
+        self,
+        conversation: Conversation,
+        *,
+        query: str | None = None,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        k: int = 4,
+        filter: Mapping[str, Any] | None = None,
+        max_new_tokens: int = 128,
+        **sampling: Any,
+    ) -> Reply:
+        """Recall for `query` and stream the answer to `conversation` from that memory.
+
+        `conversation` is a question or a whole conversation (`role`/`content` dicts, system
+        prompt and every turn). `query` defaults to the question, or to the conversation's last
+        user message. When recall finds nothing, the base model answers alone (`hits` is
+        empty). The one recall-then-decode path: `ask`, `stream_answer` and the LangChain chat
+        model all answer through it.
+        """
+        if query is None:
+            query = conversation if isinstance(conversation, str) else _last_user_text(conversation)
+        recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
+        pieces = self.icae.generate(
+            recalled.memory, conversation, max_new_tokens=max_new_tokens, stream=True, **sampling
+        )
+        return Reply(
+            hits=recalled.hits,
+            pieces=pieces,
+            prompt_tokens=len(self.icae.prompt_ids(conversation)),
+            memory_slots=sum(m.num_slots for m in recalled.memory),
+        )
+
     def ask(
         self,
-        question: str,
+        question: Conversation,
         *,
         namespace: Sequence[str] = DEFAULT_NAMESPACE,
         k: int = 4,
@@ -212,18 +259,20 @@ class MemoryPipeline:
         max_new_tokens: int = 128,
         **sampling: Any,
     ) -> Answer:
-        """Answer `question` from the compressed memory of the `k` nearest spans."""
-        recalled = self.recall(question, namespace=namespace, k=k, filter=filter)
-        if not recalled.memory:
-            return Answer(text="", hits=[])
-        text = self.icae.generate(
-            recalled.memory, question, max_new_tokens=max_new_tokens, **sampling
+        """Answer `question` (or a conversation) from the memory of the `k` nearest spans."""
+        reply = self.reply(
+            question,
+            namespace=namespace,
+            k=k,
+            filter=filter,
+            max_new_tokens=max_new_tokens,
+            **sampling,
         )
-        return Answer(text=text, hits=recalled.hits)
+        return Answer(text="".join(reply.pieces), hits=reply.hits)
 
     def stream_answer(
         self,
-        question: str,
+        question: Conversation,
         *,
         namespace: Sequence[str] = DEFAULT_NAMESPACE,
         k: int = 4,
@@ -232,11 +281,18 @@ class MemoryPipeline:
         **sampling: Any,
     ) -> Iterator[str]:
         """`ask`, yielding text pieces as they are decoded."""
-        recalled = self.recall(question, namespace=namespace, k=k, filter=filter)
-        if recalled.memory:
-            yield from self.icae.generate(
-                recalled.memory, question, max_new_tokens=max_new_tokens, stream=True, **sampling
-            )
+        yield from self.reply(
+            question,
+            namespace=namespace,
+            k=k,
+            filter=filter,
+            max_new_tokens=max_new_tokens,
+            **sampling,
+        ).pieces
+
+    def token_ids(self, text: str) -> list[int]:
+        """The decoder's token ids of plain text (to count tokens the way the model does)."""
+        return self.icae.tokenize(text)
 
     def _store_document(
         self,
@@ -275,3 +331,12 @@ class MemoryPipeline:
         )
         (added,) = self.store.upsert([document], namespace=namespace)
         return added
+
+
+def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str:
+    for message in reversed(conversation):
+        if message.get("role") == "user":
+            return message.get("content", "")
+    raise ConversationError(
+        "the conversation has no user message to recall memory for; add one or pass query="
+    )

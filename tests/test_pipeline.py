@@ -190,3 +190,31 @@ def test_a_damaged_span_drops_out_of_recall_with_its_hit(pipeline, monkeypatch):
     recalled = pipeline.recall(DOCS["fox"][:40], namespace=NS, k=4)
     assert [h.span_id for h in recalled.hits] == [h.span_id for h in hits if h.span_id != damaged]
     assert [m.span_id for m in recalled.memory] == [str(h.span_id) for h in recalled.hits]
+
+
+def test_ask_with_nothing_recalled_is_the_base_models_own_answer(pipeline, icae):
+    answer = pipeline.ask(
+        "Where is Paris?", namespace=("empty", "empty", "empty"), max_new_tokens=4
+    )
+    assert answer.hits == []
+    assert answer.text == icae.generate([], "Where is Paris?", max_new_tokens=4)
+
+
+def test_a_conversation_recalls_for_its_last_user_message(pipeline, icae):
+    from icmem.errors import ConversationError
+
+    ingest_all(pipeline)
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Tell me about foxes."},
+        {"role": "assistant", "content": "They jump."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    reply = pipeline.reply(conversation, namespace=NS, k=2, max_new_tokens=3)
+    recalled = pipeline.recall("What is the capital of France?", namespace=NS, k=2)
+    assert [h.span_id for h in reply.hits] == [h.span_id for h in recalled.hits]
+    assert "".join(reply.pieces) == icae.generate(recalled.memory, conversation, max_new_tokens=3)
+    assert reply.prompt_tokens == len(icae.format_chat(conversation))
+    assert reply.memory_slots == sum(m.num_slots for m in recalled.memory)
+    with pytest.raises(ConversationError, match="no user message"):
+        pipeline.reply([{"role": "system", "content": "hi"}], namespace=NS)

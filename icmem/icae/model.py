@@ -19,7 +19,7 @@ import hashlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,11 +458,32 @@ class ICAE(nn.Module):
         plus the assistant header from the chat template when the model has one, else the text
         as is. Training and inference both lay prompts out here."""
         if getattr(self.tokenizer, "chat_template", None):
+            return self.format_chat([{"role": "user", "content": text}])
+        return self.tokenize(text)
+
+    def format_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a whole conversation (``role``/``content`` dicts: system, user,
+        assistant, ...) laid out with the chat template, ending with the assistant's header.
+        Without a template each turn is a ``role: content`` line."""
+        if not messages:
+            raise ICAEConfigError("a conversation needs at least one message")
+        for index, message in enumerate(messages):
+            if not isinstance(message.get("role"), str) or not isinstance(
+                message.get("content"), str
+            ):
+                raise ICAEConfigError(
+                    f"message {index} is {message!r}; give each message a 'role' and a "
+                    "'content' string"
+                )
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if getattr(self.tokenizer, "chat_template", None):
             laid_out = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                turns, tokenize=False, add_generation_prompt=True
             )
             return self.tokenize(laid_out)
-        return self.tokenize(text)
+        return self.tokenize(
+            "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant:"
+        )
 
     def _special(self, task: str) -> torch.Tensor:
         """The ``(1, d)`` embedding of a task's special token."""
@@ -555,7 +576,7 @@ class ICAE(nn.Module):
     def generate(
         self,
         memory: Sequence[MemorySlots],
-        prompt: str,
+        prompt: str | Sequence[Mapping[str, str]],
         *,
         max_new_tokens: int = 256,
         task: str = "ft",
@@ -564,15 +585,19 @@ class ICAE(nn.Module):
     ) -> str | Iterator[str]:
         """Answer ``prompt`` from the concatenated slots of ``memory`` (in the order given).
 
-        ``task="ft"`` lays the prompt out with the chat template; ``"lm"`` continues the
-        memory with ``prompt`` as plain text; ``"ae"`` reconstructs it (prompt usually empty).
-        ``sampling`` takes ``Sampling`` fields (greedy by default). With ``stream=True`` this
-        returns an iterator of text pieces as they are decoded.
+        ``task="ft"`` lays the prompt out with the chat template: a question, or a whole
+        conversation as ``role``/``content`` dicts (see ``format_chat``). With no memory at
+        all, an ``"ft"`` prompt is answered by the base model alone, exactly as it would
+        answer it without icmem. ``"lm"`` continues the memory with ``prompt`` as plain text;
+        ``"ae"`` reconstructs it (prompt usually empty). ``sampling`` takes ``Sampling`` fields
+        (greedy by default). With ``stream=True`` this returns an iterator of text pieces.
         """
         if max_new_tokens < 1:
             raise ICAEConfigError(f"max_new_tokens={max_new_tokens}; use 1 or more")
         settings = Sampling(**sampling)
-        prompt_ids = self.format_prompt(prompt) if task == "ft" else self.tokenize(prompt)
+        prompt_ids = self.prompt_ids(prompt, task)
+        if not memory and task == "ft":
+            return self._answer_without_memory(prompt_ids, max_new_tokens, settings, stream)
         with torch.no_grad():
             embeds = self.decoder_inputs(memory, task, prompt_ids)  # (n, d)
         positions = self.decoder_positions(
@@ -584,6 +609,27 @@ class ICAE(nn.Module):
         )
         pieces = self._stream_text(
             self._generate_ids(embeds, max_new_tokens, settings, stream=stream, positions=positions)
+        )
+        return pieces if stream else "".join(pieces)
+
+    def prompt_ids(self, prompt: str | Sequence[Mapping[str, str]], task: str = "ft") -> list[int]:
+        """The token ids the decoder reads after the task token (see ``generate``)."""
+        if not isinstance(prompt, str):
+            if task != "ft":
+                raise ICAEConfigError(
+                    f"a conversation is answered with task='ft', not {task!r}; pass plain text "
+                    "to continue or reconstruct"
+                )
+            return self.format_chat(prompt)
+        return self.format_prompt(prompt) if task == "ft" else self.tokenize(prompt)
+
+    def _answer_without_memory(
+        self, prompt_ids: list[int], max_new_tokens: int, settings: Sampling, stream: bool
+    ) -> str | Iterator[str]:
+        with torch.no_grad():
+            embeds = self._embed_list(prompt_ids)
+        pieces = self._stream_text(
+            self._generate_ids(embeds, max_new_tokens, settings, stream=stream, memory=False)
         )
         return pieces if stream else "".join(pieces)
 
@@ -660,6 +706,7 @@ class ICAE(nn.Module):
         *,
         stream: bool,
         positions: list[int] | None = None,
+        memory: bool = True,
     ) -> Iterator[int]:
         """Yield sampled token ids, stopping at EOS.
 
@@ -678,10 +725,10 @@ class ICAE(nn.Module):
         long_context = (
             self.max_positions is not None and embeds.shape[0] + max_new_tokens > self.max_positions
         )
-        whole = nullcontext() if stream else self._decoder(long_context)
+        whole = nullcontext() if stream else self._decoder(long_context, memory)
 
         def each_call() -> AbstractContextManager[None]:
-            return self._decoder(long_context) if stream else nullcontext()
+            return self._decoder(long_context, memory) if stream else nullcontext()
 
         if positions is not None and long_context:
             warnings.warn(
@@ -757,9 +804,11 @@ class ICAE(nn.Module):
             param.requires_grad_(True)
 
     @contextmanager
-    def _decoder(self, long_context: bool) -> Iterator[None]:
-        """The decoder: no gradients, its weights, LM-Infinite attention if asked."""
-        with self._inference(), self._decoder_weights():
+    def _decoder(self, long_context: bool, memory: bool = True) -> Iterator[None]:
+        """The decoder: no gradients, its weights (the plain base model when it reads no
+        memory), LM-Infinite attention if asked."""
+        weights = self._decoder_weights() if memory else self.model.disable_adapter()
+        with self._inference(), weights:
             if long_context:
                 with _lm_infinite().enabled(self.model):
                     yield

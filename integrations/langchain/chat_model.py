@@ -1,32 +1,48 @@
 """A LangChain chat model that answers from compressed memory, not from raw text.
 
-Each call recalls the spans nearest to the last human message, concatenates their memory slots
-(see `icmem.pipeline` for the order) and lets the ICAE decoder answer after them.
+Each call recalls the spans nearest to the last human message and answers the whole
+conversation (system prompt and every turn, laid out with the model's chat template) after
+their memory slots, through `MemoryPipeline.reply`, the pipeline's one recall-then-decode path.
+When recall finds nothing, the base model answers alone and `response_metadata["memory"]` says
+so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from icmem.store import SearchHit
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
-from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline
+from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline, Reply
+
+# Settings a single call may override: invoke(..., max_tokens=4, namespace=(...), k=2, ...)
+_PER_CALL = ("max_tokens", "temperature", "stop", "namespace", "k", "filter")
 
 
 class ChatICAE(BaseChatModel):
-    """Answer the latest human message from the memory slots of recalled spans."""
+    """Answer a conversation from the memory slots of the spans recalled for its last human
+    message."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
     pipeline: MemoryPipeline
     namespace: tuple[str, ...] = DEFAULT_NAMESPACE
     k: int = Field(default=4, gt=0)
+    filter: dict[str, Any] | None = None
     model_name: str = Field(default="icae", alias="model")
     max_tokens: int = Field(default=256, gt=0)
     temperature: float | None = None
@@ -49,6 +65,10 @@ class ChatICAE(BaseChatModel):
         params["ls_model_name"] = kwargs.get("model", self.model_name)
         return params
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids from the decoder's own tokenizer (offline, no hub)."""
+        return self.pipeline.token_ids(text)
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -56,8 +76,13 @@ class ChatICAE(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        hits, pieces = self._answer(messages, stop, run_manager)
-        message = AIMessage(content="".join(pieces), response_metadata=self._metadata(hits))
+        reply, pieces = self._reply(messages, stop, run_manager, kwargs)
+        text = "".join(pieces)
+        message = AIMessage(
+            content=text,
+            response_metadata=self._metadata(reply.hits, reply),
+            usage_metadata=self._usage(reply, text),
+        )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -67,33 +92,62 @@ class ChatICAE(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        hits, pieces = self._answer(messages, stop, run_manager)
+        reply, pieces = self._reply(messages, stop, run_manager, kwargs)
+        text = ""
         for piece in pieces:
+            text += piece
             yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
-        final = AIMessageChunk(content="", response_metadata=self._metadata(hits))
+        final = AIMessageChunk(
+            content="",
+            response_metadata=self._metadata(reply.hits, reply),
+            usage_metadata=self._usage(reply, text),
+        )
         yield ChatGenerationChunk(message=final)
 
-    def _answer(
+    def _reply(
         self,
         messages: list[BaseMessage],
         stop: list[str] | None,
         run_manager: CallbackManagerForLLMRun | None,
-    ) -> tuple[list[SearchHit], Iterator[str]]:
-        question = _last_human_text(messages)
-        recalled = self.pipeline.recall(question, namespace=self.namespace, k=self.k)
-        if not recalled.memory:
-            return [], iter(())
-        sampling = {"temperature": self.temperature} if self.temperature else {}
-        pieces = self.pipeline.icae.generate(
-            recalled.memory, question, max_new_tokens=self.max_tokens, stream=True, **sampling
+        overrides: Mapping[str, Any],
+    ) -> tuple[Reply, Iterator[str]]:
+        unknown = sorted(set(overrides) - set(_PER_CALL))
+        if unknown:
+            raise TypeError(
+                f"ChatICAE does not take {unknown} per call; it takes {list(_PER_CALL)}"
+            )
+        settings = {name: overrides.get(name, getattr(self, name)) for name in _PER_CALL}
+        conversation = [_turn(m) for m in messages]
+        query = _last_human_text(messages)
+        sampling = {"temperature": settings["temperature"]} if settings["temperature"] else {}
+        reply = self.pipeline.reply(
+            conversation,
+            query=query,
+            namespace=tuple(settings["namespace"]),
+            k=settings["k"],
+            filter=settings["filter"],
+            max_new_tokens=settings["max_tokens"],
+            **sampling,
         )
-        return recalled.hits, _until_stop(pieces, stop or self.stop or [], run_manager)
+        stops = stop or settings["stop"] or []
+        return reply, _until_stop(reply.pieces, stops, run_manager)
 
-    def _metadata(self, hits: list[SearchHit]) -> dict[str, Any]:
+    def _metadata(self, hits: list[SearchHit], reply: Reply) -> dict[str, Any]:
         sources = [
             {"document_id": h.document_id, "span_id": h.span_id, "score": h.score} for h in hits
         ]
-        return {"model_name": self.model_name, "sources": sources}
+        return {
+            "model_name": self.model_name,
+            "memory": "slots" if hits else "none",
+            "memory_slots": reply.memory_slots,
+            "sources": sources,
+        }
+
+    def _usage(self, reply: Reply, text: str) -> UsageMetadata:
+        """Input counts every position the decoder read: the prompt and the memory slots."""
+        output = len(self.pipeline.token_ids(text)) if text else 0
+        read = reply.prompt_tokens + reply.memory_slots
+        return UsageMetadata(input_tokens=read, output_tokens=output, total_tokens=read + output)
 
 
 def _until_stop(
@@ -130,3 +184,20 @@ def _last_human_text(messages: list[BaseMessage]) -> str:
         if isinstance(message, HumanMessage):
             return message.text
     raise ValueError("ChatICAE needs at least one human message to answer")
+
+
+def _turn(message: BaseMessage) -> dict[str, str]:
+    """A LangChain message as a chat-template turn."""
+    if isinstance(message, SystemMessage):
+        return {"role": "system", "content": message.text}
+    if isinstance(message, HumanMessage):
+        return {"role": "user", "content": message.text}
+    if isinstance(message, AIMessage):
+        return {"role": "assistant", "content": message.text}
+    if isinstance(message, ToolMessage):
+        # Chat templates of small models have no tool role; the result reads as a user turn.
+        return {
+            "role": "user",
+            "content": f"[result of tool {message.name or 'call'}] {message.text}",
+        }
+    return {"role": "user", "content": message.text}

@@ -130,7 +130,45 @@ def test_memory_from_another_base_model_is_refused(icae, make_icae):
     with pytest.raises(BaseModelMismatchError, match="re-compress"):
         icae.generate(foreign, "Where?")
     with pytest.raises(ICAEConfigError, match="at least one"):
-        icae.generate([], "Where?")
+        icae.generate([], "", task="ae")  # nothing to reconstruct
+
+
+def test_without_memory_the_base_model_answers_alone(icae, reference_model):
+    """Recall may find nothing; the answer is then the base model's own, adapters off."""
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Where is Paris?"},
+    ]
+    ids = icae.format_chat(conversation)
+    expected: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = reference_model(input_ids=torch.tensor([ids + expected])).logits[0, -1]
+            expected.append(int(logits.argmax()))
+    expected = expected[: next((i for i, t in enumerate(expected) if t in icae._stop_ids), 6)]
+    got = icae.generate([], conversation, max_new_tokens=6)
+    assert got == icae.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_a_whole_conversation_is_laid_out_with_the_chat_template(icae):
+    conversation = [
+        {"role": "system", "content": "You keep the log."},
+        {"role": "user", "content": "Who kept it?"},
+        {"role": "assistant", "content": "Mara did."},
+        {"role": "user", "content": "When?"},
+    ]
+    laid_out = icae.tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    assert icae.format_chat(conversation) == icae.tokenize(laid_out)
+    memory = icae.compress("The log was kept by Mara in 1901.")
+    with torch.no_grad():
+        embeds = icae.decoder_inputs(memory, "ft", icae.prompt_ids(conversation))
+    assert embeds.shape[0] == memory[0].num_slots + 1 + len(icae.tokenize(laid_out))
+    with pytest.raises(ICAEConfigError, match="'role' and a 'content'"):
+        icae.format_chat([{"role": "user"}])
+    with pytest.raises(ICAEConfigError, match="task='ft'"):
+        icae.generate(memory, conversation, task="lm")
 
 
 def test_reconstruct_decodes_the_ae_task(icae, reference_model, tokenizer):

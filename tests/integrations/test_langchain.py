@@ -73,11 +73,89 @@ def test_chat_answer_equals_decoding_from_recalled_slots():
     question = "What is the capital of France?"
     message = chat.invoke([SystemMessage("be brief"), HumanMessage(question)])
     recalled = pipeline.recall(question, namespace=NS, k=2)
-    assert message.content == pipeline.icae.generate(recalled.memory, question, max_new_tokens=6)
+    conversation = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": question},
+    ]
+    assert message.content == pipeline.icae.generate(
+        recalled.memory, conversation, max_new_tokens=6
+    )
     sources = message.response_metadata["sources"]
     assert [s["span_id"] for s in sources] == [h.span_id for h in recalled.hits]
+    assert message.response_metadata["memory"] == "slots"
     streamed = "".join(chunk.content for chunk in chat.stream(question))
-    assert streamed == message.content
+    assert streamed == pipeline.icae.generate(recalled.memory, question, max_new_tokens=6)
+
+
+def test_every_turn_of_the_conversation_reaches_the_decoder(monkeypatch):
+    pipeline = shared_pipeline()
+    seen = []
+    real = pipeline.icae.generate
+
+    def spy(memory, prompt, **kwargs):
+        seen.append((prompt, kwargs["max_new_tokens"]))
+        return real(memory, prompt, **kwargs)
+
+    monkeypatch.setattr(pipeline.icae, "generate", spy)
+    chat = ChatICAE(pipeline=pipeline, namespace=NS, k=2, max_tokens=6)
+    chat.invoke(
+        [
+            SystemMessage("You answer from memory."),
+            HumanMessage("Where is Paris?"),
+            AIMessage("In France."),
+            HumanMessage("And Berlin?"),
+        ],
+        max_tokens=3,  # per call, over the constructor's 6
+    )
+    assert seen == [
+        (
+            [
+                {"role": "system", "content": "You answer from memory."},
+                {"role": "user", "content": "Where is Paris?"},
+                {"role": "assistant", "content": "In France."},
+                {"role": "user", "content": "And Berlin?"},
+            ],
+            3,
+        )
+    ]
+
+
+def test_per_call_settings_and_usage():
+    pipeline = shared_pipeline()
+    chat = ChatICAE(pipeline=pipeline, namespace=NS, k=2, max_tokens=16)
+    message = chat.invoke("What is the capital of France?", max_tokens=2, k=1)
+    usage = message.usage_metadata
+    assert usage["output_tokens"] == len(pipeline.token_ids(message.content)) <= 2
+    slots = message.response_metadata["memory_slots"]
+    assert len(message.response_metadata["sources"]) == 1 and slots > 0
+    prompt = len(pipeline.icae.prompt_ids("What is the capital of France?"))
+    assert usage["input_tokens"] == prompt + slots
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    with pytest.raises(TypeError, match="per call"):
+        chat.invoke("hi", max_new_tokens=2)
+
+
+def test_recall_that_finds_nothing_answers_without_memory():
+    pipeline = shared_pipeline()
+    chat = ChatICAE(pipeline=pipeline, namespace=("nobody", "here", "yet"), max_tokens=5)
+    message = chat.invoke("Where is Paris?")
+    assert message.response_metadata["memory"] == "none"
+    assert message.response_metadata["sources"] == []
+    assert message.content == pipeline.icae.generate([], "Where is Paris?", max_new_tokens=5)
+
+
+def test_configurable_fields_and_token_ids():
+    from langchain_core.runnables import ConfigurableField
+
+    pipeline = shared_pipeline()
+    chat = ChatICAE(pipeline=pipeline, namespace=NS, k=2, max_tokens=16).configurable_fields(
+        max_tokens=ConfigurableField(id="max_tokens")
+    )
+    short = chat.with_config(configurable={"max_tokens": 1}).invoke("Where is Paris?")
+    assert short.usage_metadata["output_tokens"] <= 1
+    plain = ChatICAE(pipeline=pipeline, namespace=NS)
+    assert plain.get_token_ids("Paris is big") == pipeline.icae.tokenize("Paris is big")
+    assert plain.get_num_tokens("Paris is big") == len(pipeline.icae.tokenize("Paris is big"))
 
 
 def test_chat_model_is_not_serialisable():
