@@ -175,6 +175,7 @@ class ICAE(nn.Module):
         self._merged: list[nn.Module] = []
         self._merged_key: tuple[Any, ...] = ()
         self._merged_lock = threading.Lock()
+        self._peft_lock = threading.RLock()  # see _decoder_weights
         self._stop_ids = _stop_token_ids(model, tokenizer)
 
     # ----------------------------------------------------------------- construction
@@ -309,13 +310,15 @@ class ICAE(nn.Module):
         # packed sequences and blocks attention between the "packs".
         mask = torch.stack(masks).long().to(self.device)
         position_ids = torch.tensor(positions, device=self.device)
-        hidden = self._early_exit.run(
-            self._encoder_body(),
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )  # (B, n + m max, d)
+        training = torch.is_grad_enabled()
+        with self._peft_lock if training else nullcontext():
+            hidden = self._early_exit.run(
+                self._encoder_body(),
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )  # (B, n + m max, d)
         m_max = max(counts)
         index = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(
             m_max, device=self.device
@@ -780,19 +783,22 @@ class ICAE(nn.Module):
                     )
 
     @contextmanager
-    def _decoder_weights(self) -> Iterator[None]:
+    def _decoder_weights(self, memory: bool = True) -> Iterator[None]:
         """The decoder's weights: the base model (encoder adapter off), plus the decoder's own
-        adapter when the config has one. Both are process-wide switches of the PEFT model, so
-        compression never uses it (see ``_encoder_body``)."""
-        if not self.config.decoder_lora_rank:
-            with self.model.disable_adapter():
-                yield
-            return
-        self._activate(DECODER_ADAPTER)
-        try:
-            yield
-        finally:
-            self._activate(ENCODER_ADAPTER)
+        adapter when the config has one and it reads memory. Both are process-wide switches of
+        the PEFT model, so every user of the PEFT model holds ``_peft_lock`` while it runs
+        (compression does not use it at all, see ``_encoder_body``): two threads decoding at
+        once take turns per forward call instead of switching adapters under each other."""
+        with self._peft_lock:
+            if memory and self.config.decoder_lora_rank:
+                self._activate(DECODER_ADAPTER)
+                try:
+                    yield
+                finally:
+                    self._activate(ENCODER_ADAPTER)
+            else:
+                with self.model.disable_adapter():
+                    yield
 
     def _activate(self, adapter: str) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -807,8 +813,7 @@ class ICAE(nn.Module):
     def _decoder(self, long_context: bool, memory: bool = True) -> Iterator[None]:
         """The decoder: no gradients, its weights (the plain base model when it reads no
         memory), LM-Infinite attention if asked."""
-        weights = self._decoder_weights() if memory else self.model.disable_adapter()
-        with self._inference(), weights:
+        with self._inference(), self._decoder_weights(memory):
             if long_context:
                 with _lm_infinite().enabled(self.model):
                     yield

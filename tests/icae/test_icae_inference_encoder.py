@@ -85,3 +85,83 @@ def test_compressing_while_another_thread_decodes_gives_the_slots_it_gives_alone
     finally:
         stop.set()
         worker.join()
+
+
+@pytest.mark.parametrize("decoder_lora_rank", [0, 4])
+def test_threads_decoding_and_compressing_at_once_get_what_they_get_alone(
+    tokenizer, decoder_lora_rank
+):
+    """Adapters are process-wide switches of the PEFT model: without turns taken, one thread
+    ending its decode switches the adapter back on under another one still decoding."""
+    icae = tiny_icae(tokenizer, decoder_lora_rank=decoder_lora_rank)
+    randomise_trained_tensors(icae)
+    spans = spans_of([32, 17, 25], seed=6)
+    memory = icae.compress(spans)
+    prompts = ["Paris", "The quick", "Alice and Bob"]
+    alone = {p: icae.generate(memory, p, max_new_tokens=10) for p in prompts}
+    slots_alone = [s.tensor for s in icae.compress(spans)]
+    results: dict[str, list[str]] = {p: [] for p in prompts}
+    slot_runs: list[list[torch.Tensor]] = []
+
+    def decode(prompt: str) -> None:
+        for _ in range(3):  # streams interleave per forward call
+            results[prompt].append(
+                "".join(icae.generate(memory, prompt, max_new_tokens=10, stream=True))
+            )
+
+    def compress() -> None:
+        for _ in range(3):
+            slot_runs.append([s.tensor for s in icae.compress(spans)])
+
+    workers = [threading.Thread(target=decode, args=(p,)) for p in prompts]
+    workers.append(threading.Thread(target=compress))
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert results == {p: [alone[p]] * 3 for p in prompts}
+    for run in slot_runs:
+        for a, b in zip(run, slots_alone, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decoder_lora_rank", [0, 4])
+def test_a_decode_paused_mid_forward_keeps_its_weights(tokenizer, decoder_lora_rank):
+    """Force the interleaving a race needs: thread one pauses inside a forward while thread two
+    runs a whole decode. Without turns, thread two's exit switches the adapter back on (or to
+    the encoder's) under thread one."""
+    icae = tiny_icae(tokenizer, decoder_lora_rank=decoder_lora_rank)
+    randomise_trained_tensors(icae)
+    embeds = torch.randn(1, 12, icae.hidden_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        alone = icae.decoder_logits(embeds)
+    other_done = threading.Event()
+    paused = threading.Event()
+    layers = icae.model.get_base_model().model.layers
+
+    def pause(_module, _inputs):
+        if threading.current_thread().name == "first" and not paused.is_set():
+            paused.set()
+            other_done.wait(timeout=1.0)  # with turns taken, the other waits for us instead
+
+    handle = layers[1].register_forward_pre_hook(pause)
+    results = {}
+
+    def run(name: str) -> None:
+        with torch.no_grad():
+            results[name] = icae.decoder_logits(embeds)
+        if name == "second":
+            other_done.set()
+
+    try:
+        first = threading.Thread(target=run, args=("first",), name="first")
+        first.start()
+        assert paused.wait(timeout=5.0)
+        second = threading.Thread(target=run, args=("second",), name="second")
+        second.start()
+        first.join()
+        second.join()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(results["first"], alone)
+    torch.testing.assert_close(results["second"], alone)
