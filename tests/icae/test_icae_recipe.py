@@ -36,6 +36,17 @@ def make(tokenizer):
     return build
 
 
+def merged_inputs(icae: ICAE, span: list[int]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A plain copy of the encoder (LoRA merged) and its ``[span][memory tokens]`` inputs."""
+    merged = copy.deepcopy(icae.model).merge_and_unload()
+    m = icae.config.slots_for(len(span))
+    with torch.no_grad():
+        embeds = torch.cat(
+            [merged.get_input_embeddings()(torch.tensor(span)), icae.memory_embeddings[:m]]
+        )[None]
+    return merged, embeds
+
+
 def causal_4d(length: int) -> torch.Tensor:
     """An additive causal mask: given as 4D, transformers uses it as is (no inference)."""
     blocked = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
@@ -74,13 +85,9 @@ def test_spread_encoder_matches_a_hand_built_reference(make):
     reference that no packed-sequence inference can touch."""
     icae = make(**SPREAD)
     (span,) = spans_of([20], seed=1)
-    m = icae.config.slots_for(20)
-    merged = copy.deepcopy(icae.model).merge_and_unload()
+    merged, embeds = merged_inputs(icae, span)
     with torch.no_grad():
-        embeds = torch.cat(
-            [merged.get_input_embeddings()(torch.tensor(span)), icae.memory_embeddings[:m]]
-        )[None]
-        positions = [*range(1, 21), *icae.config.slot_positions_for(20, m)]
+        positions = [*range(1, 21), *icae.config.slot_positions_for(20, embeds.shape[1] - 20)]
         hidden = merged.model(
             inputs_embeds=embeds,
             position_ids=torch.tensor([positions]),
@@ -130,12 +137,8 @@ def test_affine_head_is_the_scale_head_until_trained(tokenizer):
 def test_slot_layer_reads_that_layers_residual_stream(make):
     icae = make(slot_layer=1)
     (span,) = spans_of([12], seed=6)
-    m = icae.config.slots_for(12)
-    merged = copy.deepcopy(icae.model).merge_and_unload()
+    merged, embeds = merged_inputs(icae, span)
     with torch.no_grad():
-        embeds = torch.cat(
-            [merged.get_input_embeddings()(torch.tensor(span)), icae.memory_embeddings[:m]]
-        )[None]
         states = merged.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
         (slots,) = icae.compress([span])
     # hidden_states[0] is the embeddings, [1] the stream after layer 1, [-1] the normed output
