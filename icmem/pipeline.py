@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from icmem.chunking import DecodeErrors, Span, chunk, chunk_file, read_utf8
 from icmem.errors import ConversationError
@@ -64,9 +64,11 @@ class Reply:
     pieces: Iterator[str]
     prompt_tokens: int
     memory_slots: int
+    memory: str  # "slots", "text", or "none" when recall found nothing
 
 
 Conversation = str | Sequence[Mapping[str, str]]
+MemoryForm = Literal["slots", "text"]
 
 
 class MemoryPipeline:
@@ -226,27 +228,38 @@ class MemoryPipeline:
         k: int = 4,
         filter: Mapping[str, Any] | None = None,
         max_new_tokens: int = 128,
+        memory: MemoryForm = "slots",
         **sampling: Any,
     ) -> Reply:
         """Recall for `query` and stream the answer to `conversation` from that memory.
 
         `conversation` is a question or a whole conversation (`role`/`content` dicts, system
         prompt and every turn). `query` defaults to the question, or to the conversation's last
-        user message. When recall finds nothing, the base model answers alone (`hits` is
-        empty). The one recall-then-decode path: `ask`, `stream_answer` and the LangChain chat
-        model all answer through it.
+        user message. `memory="slots"` decodes after the recalled spans' memory slots;
+        `memory="text"` gives the base model the same spans' stored text in the system prompt
+        instead (the uncompressed baseline, and a fallback while slots are weak). When recall
+        finds nothing, the base model answers alone (`hits` is empty). The one
+        recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
+        through it.
         """
+        if memory not in ("slots", "text"):
+            raise ConversationError(f"memory={memory!r}; use 'slots' or 'text'")
         if query is None:
             query = conversation if isinstance(conversation, str) else _last_user_text(conversation)
         recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
+        slots = recalled.memory
+        if memory == "text" and recalled.hits:
+            conversation = _with_context(conversation, [hit.text for hit in recalled.hits])
+            slots = []
         pieces = self.icae.generate(
-            recalled.memory, conversation, max_new_tokens=max_new_tokens, stream=True, **sampling
+            slots, conversation, max_new_tokens=max_new_tokens, stream=True, **sampling
         )
         return Reply(
             hits=recalled.hits,
             pieces=pieces,
             prompt_tokens=len(self.icae.prompt_ids(conversation)),
-            memory_slots=sum(m.num_slots for m in recalled.memory),
+            memory_slots=sum(m.num_slots for m in slots),
+            memory=memory if recalled.hits else "none",
         )
 
     def ask(
@@ -257,6 +270,7 @@ class MemoryPipeline:
         k: int = 4,
         filter: Mapping[str, Any] | None = None,
         max_new_tokens: int = 128,
+        memory: MemoryForm = "slots",
         **sampling: Any,
     ) -> Answer:
         """Answer `question` (or a conversation) from the memory of the `k` nearest spans."""
@@ -278,6 +292,7 @@ class MemoryPipeline:
         k: int = 4,
         filter: Mapping[str, Any] | None = None,
         max_new_tokens: int = 128,
+        memory: MemoryForm = "slots",
         **sampling: Any,
     ) -> Iterator[str]:
         """`ask`, yielding text pieces as they are decoded."""
@@ -340,3 +355,18 @@ def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str:
     raise ConversationError(
         "the conversation has no user message to recall memory for; add one or pass query="
     )
+
+
+def _with_context(conversation: Conversation, texts: Sequence[str]) -> list[dict[str, str]]:
+    """The conversation with recalled text in its system prompt (added, or extended)."""
+    turns = (
+        [{"role": "user", "content": conversation}]
+        if isinstance(conversation, str)
+        else [dict(m) for m in conversation]
+    )
+    context = "Context from memory:\n\n" + "\n\n".join(texts)
+    if turns and turns[0].get("role") == "system":
+        turns[0]["content"] = f"{turns[0]['content']}\n\n{context}"
+    else:
+        turns.insert(0, {"role": "system", "content": context})
+    return turns

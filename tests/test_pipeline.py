@@ -218,3 +218,22 @@ def test_a_conversation_recalls_for_its_last_user_message(pipeline, icae):
     assert reply.memory_slots == sum(m.num_slots for m in recalled.memory)
     with pytest.raises(ConversationError, match="no user message"):
         pipeline.reply([{"role": "system", "content": "hi"}], namespace=NS)
+
+
+def test_memory_as_text_gives_the_base_model_the_recalled_spans(pipeline, icae):
+    ingest_all(pipeline)
+    question = "What is the capital of France?"
+    reply = pipeline.reply(question, namespace=NS, k=2, max_new_tokens=4, memory="text")
+    recalled = pipeline.recall(question, namespace=NS, k=2)
+    context = "Context from memory:\n\n" + "\n\n".join(h.text for h in recalled.hits)
+    conversation = [{"role": "system", "content": context}, {"role": "user", "content": question}]
+    assert "".join(reply.pieces) == icae.generate([], conversation, max_new_tokens=4)
+    assert (reply.memory, reply.memory_slots) == ("text", 0)
+    assert reply.prompt_tokens == len(icae.format_chat(conversation))
+    # a system prompt of the caller's own is kept, with the context after it
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+    texted = pipeline.reply(asked, namespace=NS, k=2, max_new_tokens=4, memory="text")
+    expected = [{"role": "system", "content": "Be brief.\n\n" + context}, asked[1]]
+    assert texted.prompt_tokens == len(icae.format_chat(expected))
+    with pytest.raises(ValueError, match="'slots' or 'text'"):
+        pipeline.reply(question, namespace=NS, memory="raw")

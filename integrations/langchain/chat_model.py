@@ -10,7 +10,7 @@ so.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from icmem.store import SearchHit
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field
 from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline, Reply
 
 # Settings a single call may override: invoke(..., max_tokens=4, namespace=(...), k=2, ...)
-_PER_CALL = ("max_tokens", "temperature", "stop", "namespace", "k", "filter")
+_PER_CALL = ("max_tokens", "temperature", "stop", "namespace", "k", "filter", "memory")
 
 
 class ChatICAE(BaseChatModel):
@@ -43,6 +43,7 @@ class ChatICAE(BaseChatModel):
     namespace: tuple[str, ...] = DEFAULT_NAMESPACE
     k: int = Field(default=4, gt=0)
     filter: dict[str, Any] | None = None
+    memory: Literal["slots", "text"] = "slots"  # "text": the recalled spans' raw text instead
     model_name: str = Field(default="icae", alias="model")
     max_tokens: int = Field(default=256, gt=0)
     temperature: float | None = None
@@ -127,6 +128,7 @@ class ChatICAE(BaseChatModel):
             k=settings["k"],
             filter=settings["filter"],
             max_new_tokens=settings["max_tokens"],
+            memory=settings["memory"],
             **sampling,
         )
         stops = stop or settings["stop"] or []
@@ -138,7 +140,7 @@ class ChatICAE(BaseChatModel):
         ]
         return {
             "model_name": self.model_name,
-            "memory": "slots" if hits else "none",
+            "memory": reply.memory,
             "memory_slots": reply.memory_slots,
             "sources": sources,
         }
