@@ -23,6 +23,7 @@ from .errors import (
 )
 from .index import IndexPolicy
 from .memory_store import DuplicateDocumentError, MemoryStore, UnknownSpanError
+from .namespaces import MAX_NAMESPACE_DEPTH
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -37,6 +38,7 @@ from .records import (
 )
 
 __all__ = [
+    "MAX_NAMESPACE_DEPTH",
     "AddedDocument",
     "DamagedStoreError",
     "DimensionMismatchError",

@@ -9,9 +9,11 @@ import argparse
 import json
 from dataclasses import asdict
 
+from .errors import InvalidRecordError
 from .memory_store import MemoryStore
+from .namespaces import validate_namespace
 
-__all__ = ["register"]
+__all__ = ["format_namespace", "parse_namespace", "register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,14 +22,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = store_cmd.add_subparsers(title="actions", metavar="ACTION", required=True)
     for name, func, text in (
         ("stats", stats_command, "counts and bytes on disk, as JSON"),
-        ("namespaces", namespaces_command, "list (tenant, agent, thread) namespaces"),
+        ("namespaces", namespaces_command, "list namespaces, one JSON array of labels a line"),
         ("reindex", reindex_command, "rebuild the FAISS index from the rows"),
     ):
         action = actions.add_parser(name, help=text)
         action.add_argument("store", help="store directory or SQLAlchemy URL")
         action.add_argument("--dim", type=int, required=True, help="embedding dimension")
         action.add_argument("--index-dir", default=None, help="index files (URL stores only)")
-        action.add_argument("--namespace", default=None, help="tenant[/agent[/thread]] prefix")
+        action.add_argument(
+            "--namespace",
+            default=None,
+            help='a namespace prefix: a JSON array of labels such as \'["users", "u/1"]\' '
+            "(any label), or labels joined by '/' such as acme/bot (labels without '/')",
+        )
         if name == "stats":
             action.add_argument(
                 "--check",
@@ -42,8 +49,32 @@ def _open(args: argparse.Namespace, *, read_only: bool) -> MemoryStore:
     return MemoryStore.open(args.store, dim=args.dim, index_dir=args.index_dir, read_only=read_only)
 
 
+def parse_namespace(text: str) -> tuple[str, ...]:
+    """A namespace from the command line: a JSON array of labels (``["users", "u/1"]``, for
+    labels holding ``/``, newlines or a leading ``[``) or labels joined by ``/`` (``acme/bot``)."""
+    if text.startswith("["):
+        try:
+            labels = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRecordError(
+                f"--namespace {text!r} starts with '[' but is not a JSON array of labels: {exc}"
+            ) from exc
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise InvalidRecordError(
+                f'--namespace {text!r} must be a JSON array of strings, such as \'["a", "b"]\''
+            )
+        return validate_namespace(labels, allow_prefix=True)
+    return validate_namespace(text.split("/"), allow_prefix=True)
+
+
+def format_namespace(namespace: tuple[str, ...]) -> str:
+    """How the CLI prints a namespace: a JSON array of its labels on one line, whatever they hold
+    (``parse_namespace`` reads it back)."""
+    return json.dumps(list(namespace), ensure_ascii=False)
+
+
 def _prefix(args: argparse.Namespace) -> tuple[str, ...] | None:
-    return tuple(args.namespace.split("/")) if args.namespace else None
+    return parse_namespace(args.namespace) if args.namespace else None
 
 
 def stats_command(args: argparse.Namespace) -> int:
@@ -60,7 +91,7 @@ def stats_command(args: argparse.Namespace) -> int:
 def namespaces_command(args: argparse.Namespace) -> int:
     with _open(args, read_only=True) as store:
         for namespace in store.list_namespaces(_prefix(args)):
-            print("/".join(namespace))
+            print(format_namespace(namespace))
     return 0
 
 

@@ -36,12 +36,15 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (
     Engine,
+    Integer,
     bindparam,
+    cast,
     create_engine,
     delete,
     event,
     func,
     inspect,
+    literal,
     select,
     update,
 )
@@ -72,6 +75,7 @@ from .errors import (
 )
 from .filters import compile_filter
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
+from .namespaces import decode_path, encode_path, path_key, validate_namespace
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -81,7 +85,6 @@ from .records import (
     SpanSlots,
     StoreCheck,
     StoreStats,
-    validate_namespace,
 )
 from .schema import (
     MIGRATIONS,
@@ -121,23 +124,24 @@ class UnknownSpanError(StoreError, KeyError):
         return str(self.args[0])
 
 
-_NAMESPACE_COLUMNS = (NamespaceRow.tenant, NamespaceRow.agent, NamespaceRow.thread)
-
 # Statements on the search path are built once: composing a select() costs more than running it.
-_NAMESPACES_UNDER_PREFIX = [
-    select(
-        NamespaceRow.id,
-        NamespaceRow.tenant,
-        NamespaceRow.agent,
-        NamespaceRow.thread,
-        NamespaceRow.generation,
-    )
-    .where(
-        *(column == bindparam(f"part{i}") for i, column in enumerate(_NAMESPACE_COLUMNS[:parts]))
-    )
-    .order_by(NamespaceRow.id)
-    for parts in range(4)
-]
+_NAMESPACE_COLUMNS = select(NamespaceRow.id, NamespaceRow.path, NamespaceRow.generation)
+_ALL_NAMESPACES = _NAMESPACE_COLUMNS.order_by(NamespaceRow.id)
+
+
+# A prefix matches by equality on the leading characters of the encoded path, never LIKE: the
+# encoding is prefix-free per label, so ("a",) cannot match ("ab",) (see store.namespaces).
+def _path_starts_with(length: Any, prefix: Any) -> Any:
+    # Both positions cast: Postgres has substr(text, integer, integer) only, and a driver may
+    # send a Python int as bigint.
+    start, length = cast(literal(1), Integer), cast(length, Integer)
+    return func.substr(NamespaceRow.path, start, length) == prefix
+
+
+_NAMESPACES_UNDER_PREFIX = _NAMESPACE_COLUMNS.where(
+    _path_starts_with(bindparam("length"), bindparam("prefix"))
+).order_by(NamespaceRow.id)
+_NAMESPACE_EXACTLY = _NAMESPACE_COLUMNS.where(NamespaceRow.path_key == bindparam("path_key"))
 _HIT_ROWS = (
     select(
         SpanRow.id,
@@ -330,14 +334,15 @@ class MemoryStore:
         namespace: Sequence[str],
         document_ids: Iterable[str] | None = None,
     ) -> int:
-        """Delete documents by id within a namespace, or (no ids) every document under a namespace
-        prefix such as ``(tenant,)``. Returns the number of documents deleted."""
+        """Delete documents by id within a namespace (exactly that one), or (no ids) every
+        document under a namespace prefix such as ``(tenant,)``: the namespace itself and every
+        namespace below it. Returns the number of documents deleted."""
         ns = validate_namespace(namespace, allow_prefix=document_ids is None)
         keys = None if document_ids is None else _document_keys(document_ids)
         with self._write() as session:
             removed: dict[int, tuple[list[int], int]] = {}  # namespace -> (span ids, old gen)
             deleted_documents = 0
-            for row in self._select_namespaces(session, ns):
+            for row in self._select_namespaces(session, ns, exact=keys is not None):
                 if keys is None:
                     deleted_documents += session.scalar(
                         select(func.count()).where(DocumentRow.namespace_id == row.id)
@@ -384,8 +389,9 @@ class MemoryStore:
     ) -> list[SearchHit]:
         """The ``k`` spans with the highest inner product with ``vector``, best first.
 
-        ``namespace`` is a full (tenant, agent, thread) or a prefix of it; only spans under it are
-        ever considered, also when a metadata ``filter`` is given (see ``store.filters``).
+        ``namespace`` is a prefix: the spans of that namespace and of every namespace below it
+        (``("acme",)`` covers ``("acme", "bot", "t1")``) and never any other are considered,
+        also when a metadata ``filter`` is given (see ``store.filters``).
         """
         query = self._check_vectors(_numeric(vector, "query vector").reshape(1, -1), "query vector")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
@@ -415,7 +421,7 @@ class MemoryStore:
             scored.sort(key=lambda pair: (-pair[0], pair[1]))
             top = scored[:k]
             rows = self._hit_rows(session, [span_id for _, span_id in top], ns_ids)
-        names = {row.id: (row.tenant, row.agent, row.thread) for row in namespaces}
+        names = {row.id: decode_path(row.path) for row in namespaces}
         hits = []
         for score, span_id in top:
             row = rows.get(span_id)
@@ -467,9 +473,10 @@ class MemoryStore:
         )
         if namespace is not None:
             ns = validate_namespace(namespace, allow_prefix=True)
-            statement = statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
-            for column, part in zip(_NAMESPACE_COLUMNS, ns, strict=False):
-                statement = statement.where(column == part)
+            prefix = encode_path(ns)
+            statement = statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id).where(
+                _path_starts_with(len(prefix), prefix)
+            )
         with self._read() as session:
             found = {row.span_id: row for row in session.execute(statement)}
         damaged = [span_id for span_id, row in found.items() if _slot_is_damaged(row)]
@@ -495,9 +502,12 @@ class MemoryStore:
             if i not in damaged
         ]
 
-    def list_documents(self, namespace: Sequence[str]) -> list[DocumentInfo]:
-        """The documents under a namespace (or prefix) in the order they were first added."""
-        ns = validate_namespace(namespace, allow_prefix=True)
+    def list_documents(
+        self, namespace: Sequence[str], *, exact: bool = False
+    ) -> list[DocumentInfo]:
+        """The documents under a namespace prefix (that namespace and every one below it), or
+        with ``exact=True`` of that namespace only, in the order they were first added."""
+        ns = validate_namespace(namespace, allow_prefix=not exact)
         span_count = (
             select(func.count(SpanRow.id))
             .where(SpanRow.document_id == DocumentRow.id)
@@ -505,8 +515,8 @@ class MemoryStore:
         )
         with self._read() as session:
             names = {
-                row.id: (row.tenant, row.agent, row.thread)
-                for row in self._select_namespaces(session, ns)
+                row.id: decode_path(row.path)
+                for row in self._select_namespaces(session, ns, exact=exact)
             }
             if not names:
                 return []
@@ -539,7 +549,7 @@ class MemoryStore:
         ns = () if prefix is None else validate_namespace(prefix, allow_prefix=True)
         with self._read() as session:
             rows = self._select_namespaces(session, ns)
-        return sorted((row.tenant, row.agent, row.thread) for row in rows)
+        return sorted(decode_path(row.path) for row in rows)
 
     def stats(self, namespace: Sequence[str] | None = None) -> StoreStats:
         """Counts and byte sizes, of the whole store or of one namespace prefix."""
@@ -588,7 +598,7 @@ class MemoryStore:
                 found = [row[0] for row in session.exec_driver_sql("PRAGMA quick_check")]
                 problems = [] if found == ["ok"] else [str(p) for p in found]
             namespaces = self._select_namespaces(session, ns)
-            names = {row.id: (row.tenant, row.agent, row.thread) for row in namespaces}
+            names = {row.id: decode_path(row.path) for row in namespaces}
             streaming = session.execution_options(yield_per=64)
             for chunk in _chunks(list(names)):
                 slots = streaming.execute(
@@ -679,19 +689,19 @@ class MemoryStore:
         return total
 
     def index_ids(self, namespace: Sequence[str]) -> np.ndarray:
-        """The span ids the (refreshed) FAISS index of a namespace holds; sorted."""
+        """The span ids the (refreshed) FAISS index of exactly this namespace holds; sorted."""
         ns = validate_namespace(namespace)
         with self._read() as session, self._lock:
-            rows = self._select_namespaces(session, ns)
+            rows = self._select_namespaces(session, ns, exact=True)
             if not rows:
                 return np.empty(0, np.int64)
             return self._fresh_shard(session, rows[0].id, rows[0].generation).ids()
 
     def span_ids(self, namespace: Sequence[str]) -> np.ndarray:
-        """The span ids the rows hold for a namespace; sorted."""
+        """The span ids the rows hold for exactly this namespace; sorted."""
         ns = validate_namespace(namespace)
         with self._read() as session:
-            rows = self._select_namespaces(session, ns)
+            rows = self._select_namespaces(session, ns, exact=True)
             if not rows:
                 return np.empty(0, np.int64)
             ids = session.scalars(select(SpanRow.id).where(SpanRow.namespace_id == rows[0].id))
@@ -714,8 +724,12 @@ class MemoryStore:
     async def aget_slots(self, span_ids: Sequence[int], **kwargs: Any) -> list[SpanSlots]:
         return await asyncio.to_thread(functools.partial(self.get_slots, span_ids, **kwargs))
 
-    async def alist_documents(self, namespace: Sequence[str]) -> list[DocumentInfo]:
-        return await asyncio.to_thread(self.list_documents, namespace)
+    async def alist_documents(
+        self, namespace: Sequence[str], *, exact: bool = False
+    ) -> list[DocumentInfo]:
+        return await asyncio.to_thread(
+            functools.partial(self.list_documents, namespace, exact=exact)
+        )
 
     async def alist_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
         return await asyncio.to_thread(self.list_namespaces, prefix)
@@ -867,16 +881,15 @@ class MemoryStore:
             )
 
     def _ensure_namespace(self, session: Session, ns: tuple[str, ...]) -> int:
-        values = dict(zip(("tenant", "agent", "thread"), ns, strict=True))
+        path = encode_path(ns)
+        key = path_key(path)
         insert = postgres_insert if self.dialect == "postgresql" else sqlite_insert
         session.execute(
-            insert(NamespaceRow).values(generation=0, **values).on_conflict_do_nothing()
+            insert(NamespaceRow)
+            .values(path=path, depth=len(ns), path_key=key, generation=0)
+            .on_conflict_do_nothing()
         )
-        return session.scalar(
-            select(NamespaceRow.id).where(
-                *(c == p for c, p in zip(_NAMESPACE_COLUMNS, ns, strict=True))
-            )
-        )
+        return session.scalar(select(NamespaceRow.id).where(NamespaceRow.path_key == key))
 
     def _bump_generation(self, session: Session, ns_id: int) -> int:
         return session.scalar(
@@ -977,9 +990,18 @@ class MemoryStore:
             )
         return span_ids
 
-    def _select_namespaces(self, session: Session | Connection, ns: tuple[str, ...]) -> list[Any]:
-        parameters = {f"part{i}": part for i, part in enumerate(ns)}
-        return list(session.execute(_NAMESPACES_UNDER_PREFIX[len(ns)], parameters))
+    def _select_namespaces(
+        self, session: Session | Connection, ns: tuple[str, ...], *, exact: bool = False
+    ) -> list[Any]:
+        """The namespaces under a prefix (``()``: all of them), or only ``ns`` itself."""
+        if not ns:
+            return list(session.execute(_ALL_NAMESPACES))
+        path = encode_path(ns)
+        if exact:
+            return list(session.execute(_NAMESPACE_EXACTLY, {"path_key": path_key(path)}))
+        return list(
+            session.execute(_NAMESPACES_UNDER_PREFIX, {"length": len(path), "prefix": path})
+        )
 
     def _hit_rows(
         self, session: Session | Connection, span_ids: list[int], ns_ids: list[int]
@@ -1519,50 +1541,79 @@ def _initialise(
     check its version and settings."""
     try:
         options = {} if read_only else {"icmem_write": True}
-        with engine.connect().execution_options(**options) as connection, connection.begin():
-            if engine.dialect.name == "postgresql" and not read_only:
-                connection.execute(select(func.pg_advisory_xact_lock(_PG_INIT_LOCK)))
-            tables = set(inspect(connection).get_table_names())
-            if SchemaVersionRow.__tablename__ not in tables:
-                if engine.dialect.name == "sqlite" and tables:
-                    raise NotAStoreError(
-                        f"the SQLite file holds other tables ({', '.join(sorted(tables)[:5])}) "
-                        "and no icmem store; create the store in a new directory"
+        with engine.connect().execution_options(**options) as connection:
+            # A migration may rebuild a SQLite table, and dropping the old one must not cascade
+            # into its children; the pragma only takes effect outside a transaction.
+            keys_off = engine.dialect.name == "sqlite" and not read_only
+            if keys_off:
+                _sqlite_foreign_keys(connection, on=False)
+            try:
+                with connection.begin():
+                    return _initialise_in(
+                        connection, dim, model_fingerprint, read_only, index_dir, create
                     )
-                if engine.dialect.name == "sqlite" and not create:
-                    database = engine.url.database.removeprefix("file:").split("?")[0]
-                    raise _not_a_store_any_more(Path(database))
-                if read_only:
-                    raise NotAStoreError("the database holds no icmem store (no schema table)")
-                if index_dir is not None and any(Path(index_dir).glob("*.json")):
-                    raise NotAStoreError(
-                        f"the database holds no icmem store, but {index_dir} holds index files "
-                        "of one: the database was emptied or replaced. Restore it from a backup; "
-                        f"to start a new store here, empty {index_dir} first"
-                    )
-                Base.metadata.create_all(connection)
-                connection.execute(
-                    SchemaVersionRow.__table__.insert().values(
-                        version=SCHEMA_VERSION, icmem_version=__version__
-                    )
-                )
-                rows = [{"key": "dim", "value": str(dim)}]
-                if model_fingerprint is not None:
-                    rows.append({"key": "model_fingerprint", "value": model_fingerprint})
-                connection.execute(SettingRow.__table__.insert(), rows)
-            else:
-                _check_version(connection, read_only)
-            settings = dict(
-                connection.execute(
-                    select(SettingRow.key, SettingRow.value).where(
-                        SettingRow.key.in_(("dim", "model_fingerprint"))
-                    )
-                ).all()
-            )
-            _check_settings(connection, settings, dim, model_fingerprint, read_only)
-            return settings
+            finally:
+                if keys_off:
+                    _sqlite_foreign_keys(connection, on=True)
     except DatabaseError as exc:
         raise _translate(exc) from exc
+
+
+def _sqlite_foreign_keys(connection: Connection, *, on: bool) -> None:
+    driver = connection.connection.driver_connection  # no transaction open: the pragma applies
+    driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+
+
+def _initialise_in(
+    connection: Connection,
+    dim: int,
+    model_fingerprint: str | None,
+    read_only: bool,
+    index_dir: Path | None,
+    create: bool,
+) -> dict[str, str]:
+    engine = connection.engine
+    if engine.dialect.name == "postgresql" and not read_only:
+        connection.execute(select(func.pg_advisory_xact_lock(_PG_INIT_LOCK)))
+    tables = set(inspect(connection).get_table_names())
+    if SchemaVersionRow.__tablename__ not in tables:
+        if engine.dialect.name == "sqlite" and tables:
+            raise NotAStoreError(
+                f"the SQLite file holds other tables ({', '.join(sorted(tables)[:5])}) "
+                "and no icmem store; create the store in a new directory"
+            )
+        if engine.dialect.name == "sqlite" and not create:
+            database = engine.url.database.removeprefix("file:").split("?")[0]
+            raise _not_a_store_any_more(Path(database))
+        if read_only:
+            raise NotAStoreError("the database holds no icmem store (no schema table)")
+        if index_dir is not None and any(Path(index_dir).glob("*.json")):
+            raise NotAStoreError(
+                f"the database holds no icmem store, but {index_dir} holds index files "
+                "of one: the database was emptied or replaced. Restore it from a backup; "
+                f"to start a new store here, empty {index_dir} first"
+            )
+        Base.metadata.create_all(connection)
+        connection.execute(
+            SchemaVersionRow.__table__.insert().values(
+                version=SCHEMA_VERSION, icmem_version=__version__
+            )
+        )
+        rows = [{"key": "dim", "value": str(dim)}]
+        if model_fingerprint is not None:
+            rows.append({"key": "model_fingerprint", "value": model_fingerprint})
+        connection.execute(SettingRow.__table__.insert(), rows)
+    else:
+        _check_version(connection, read_only)
+    settings = dict(
+        connection.execute(
+            select(SettingRow.key, SettingRow.value).where(
+                SettingRow.key.in_(("dim", "model_fingerprint"))
+            )
+        ).all()
+    )
+    _check_settings(connection, settings, dim, model_fingerprint, read_only)
+    return settings
 
 
 def _is_emptied(database: Path) -> bool:

@@ -10,13 +10,17 @@ Callers describe what to store with two frozen dataclasses::
 ``slots`` may be None for a span kept for retrieval only. ``content_id`` defaults to the SHA-256 of
 the span text.
 
-A namespace is a tuple ``(tenant, agent, thread)`` of non-empty strings; every document lives in
-exactly one. Document ids are the caller's keys (strings) and are scoped to their namespace, so two
-tenants may both own a document called "readme" without seeing each other. Span ids are integers
+A namespace is a tuple of 1 to 16 non-empty string labels, such as ``(tenant, agent, thread)``,
+``("users", uid, "memories")`` or ``("org", "team", "project", "notes")``; every document lives in
+exactly one. Labels may hold any character but NUL (``/``, ``%`` and newlines included). Reads
+take a namespace prefix and see that namespace and every one below it, never another:
+``("a",)`` covers ``("a", "x")`` but not ``("ab",)``. Document ids are the caller's keys (strings)
+and are scoped to their namespace, so two tenants may both own a document called "readme" without
+seeing each other. Span ids are integers
 assigned by the store, never reused, and are what search hits and ``get_slots`` speak.
 
 Every value is checked the same way for SQLite and Postgres (``store.validation``): ids and
-namespace parts up to 255 characters, no NUL characters or lone surrogates in any text, counts
+namespace labels up to 255 characters, no NUL characters or lone surrogates in any text, counts
 that fit a 32-bit INTEGER, and metadata of plain JSON (finite numbers, 64-bit ints, string keys,
 nested at most 32 deep). A record one backend would store and the other refuse is refused by both.
 """
@@ -24,13 +28,14 @@ nested at most 32 deep). A record one backend would store and the other refuse i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .errors import InvalidRecordError
+from .namespaces import MAX_NAMESPACE_DEPTH, validate_namespace
 from .validation import (
     MAX_CONTENT_HASH_CHARS,
     MAX_CONTENT_ID_CHARS,
@@ -41,6 +46,7 @@ from .validation import (
 )
 
 __all__ = [
+    "MAX_NAMESPACE_DEPTH",
     "AddedDocument",
     "DocumentInfo",
     "DocumentRecord",
@@ -54,31 +60,12 @@ __all__ = [
     "validate_namespace",
 ]
 
-Namespace = tuple[str, str, str]
-NAMESPACE_PARTS = ("tenant", "agent", "thread")
+Namespace = tuple[str, ...]
 
 
 def content_id_of(text: str) -> str:
     """The id of a span's content: equal texts share it, so their slots can be reused."""
     return hashlib.sha256(check_text(text, "span text").encode("utf-8")).hexdigest()
-
-
-def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) -> tuple[str, ...]:
-    """Check a namespace tuple; searches and listings may give a (tenant,) or (tenant, agent)
-    prefix."""
-    parts = None
-    if not isinstance(namespace, str | bytes) and isinstance(namespace, Iterable):
-        parts = tuple(namespace)
-    valid_length = parts is not None and (1 <= len(parts) <= 3 if allow_prefix else len(parts) == 3)
-    if not valid_length or not all(isinstance(p, str) and p for p in parts):
-        wanted = "a 1- to 3-tuple prefix of" if allow_prefix else "a tuple"
-        raise InvalidRecordError(
-            f"namespace must be {wanted} (tenant, agent, thread) of non-empty strings, "
-            f"got {namespace!r}"
-        )
-    for name, part in zip(NAMESPACE_PARTS, parts, strict=False):
-        check_text(part, f"namespace {name}", max_chars=MAX_KEY_CHARS)
-    return parts
 
 
 @dataclass(frozen=True)

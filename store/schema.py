@@ -8,7 +8,6 @@ Postgres), which is what lets an index catch up by comparing id sets alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timezone
 
 from sqlalchemy import (
@@ -24,8 +23,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .migrations import MIGRATIONS
 
 __all__ = [
     "MIGRATIONS",
@@ -40,11 +40,10 @@ __all__ = [
     "SpanRow",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# MIGRATIONS[n] upgrades a store from schema n to n + 1 inside the opening transaction. A store
-# older than the oldest key here cannot be migrated and is refused with a clear error.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+# MIGRATIONS[n] (store.migrations) upgrades a store from schema n to n + 1 inside the opening
+# transaction. A store older than the oldest key there cannot be migrated and is refused.
 
 # Integer on SQLite so that the column is the rowid alias (AUTOINCREMENT needs exactly that).
 _Id = BigInteger().with_variant(Integer, "sqlite")
@@ -79,18 +78,19 @@ class SettingRow(Base):
 
 
 class NamespaceRow(Base):
-    """A (tenant, agent, thread) scope; ``generation`` grows with every change to its spans."""
+    """A namespace: a path of 1 to 16 labels (``store.namespaces``); ``generation`` grows with
+    every change to its spans."""
 
     __tablename__ = "icmem_namespaces"
     __table_args__ = (
-        UniqueConstraint("tenant", "agent", "thread", name="uq_icmem_namespace"),
+        UniqueConstraint("path_key", name="uq_icmem_namespace_path"),
         {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=True)
-    tenant: Mapped[str] = mapped_column(String(255))
-    agent: Mapped[str] = mapped_column(String(255))
-    thread: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)  # the labels, encoded by store.namespaces.encode_path
+    depth: Mapped[int] = mapped_column(Integer)  # how many labels
+    path_key: Mapped[str] = mapped_column(String(64))  # SHA-256 of path: the unique, exact key
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

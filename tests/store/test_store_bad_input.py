@@ -110,7 +110,7 @@ def test_bad_queries_and_arguments(filled: MemoryStore) -> None:
     with pytest.raises(InvalidRecordError, match="positive int"):
         filled.search(embedding(0), 0, namespace=NS)
     with pytest.raises(InvalidRecordError, match="namespace"):
-        filled.add([make_document("z", 1)], namespace=("t", "a"))
+        filled.add([make_document("z", 1)], namespace=("t",) * 17)  # deeper than 16 labels
     with pytest.raises(InvalidRecordError, match="namespace"):
         filled.search(embedding(0), 1, namespace="tenant")
     with pytest.raises(InvalidRecordError, match="namespace"):
@@ -206,21 +206,65 @@ def test_older_schema_without_migration_is_refused(location: StoreLocation) -> N
         location.open()
 
 
-def test_older_schema_is_migrated(location: StoreLocation, monkeypatch) -> None:
+def test_older_schema_is_migrated_by_a_chain_of_steps_in_order(
+    location: StoreLocation, monkeypatch
+) -> None:
     with location.open() as store:
         store.add([make_document("kept", 2)], namespace=NS)
+    applied = []
 
     def add_column(connection) -> None:
+        applied.append(2)
         connection.execute(text("ALTER TABLE icmem_documents ADD COLUMN summary TEXT"))
 
-    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(MIGRATIONS, 1, add_column)
+    def fill_column(connection) -> None:
+        applied.append(3)  # needs the column step 2 added
+        connection.execute(text("UPDATE icmem_documents SET summary = 'filled'"))
+
+    current = memory_store_module.SCHEMA_VERSION
+    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", current + 2)
+    monkeypatch.setitem(MIGRATIONS, current, add_column)
+    monkeypatch.setitem(MIGRATIONS, current + 1, fill_column)
     with location.open() as store:
         with store.engine.connect() as connection:
             versions = connection.execute(text("SELECT version FROM icmem_schema_version"))
-            assert sorted(v for (v,) in versions) == [1, 2]
-            connection.execute(text("SELECT summary FROM icmem_documents")).all()
+            assert sorted(v for (v,) in versions) == [current, current + 1, current + 2]
+            assert connection.execute(text("SELECT summary FROM icmem_documents")).all() == [
+                ("filled",)
+            ]
             connection.rollback()
+        assert store.search(embedding(0), 1, namespace=NS)[0].document_id == "kept"
+    assert applied == [2, 3]
+
+
+def test_failing_migration_leaves_version_and_data_unchanged(
+    location: StoreLocation, monkeypatch
+) -> None:
+    with location.open() as store:
+        store.add([make_document("kept", 2)], namespace=NS)
+    current = memory_store_module.SCHEMA_VERSION
+
+    def add_column(connection) -> None:
+        connection.execute(text("ALTER TABLE icmem_documents ADD COLUMN summary TEXT"))
+        connection.execute(text("DELETE FROM icmem_spans"))
+
+    def fail(connection) -> None:
+        raise RuntimeError("step 2 broke")
+
+    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", current + 2)
+    monkeypatch.setitem(MIGRATIONS, current, add_column)
+    monkeypatch.setitem(MIGRATIONS, current + 1, fail)
+    with pytest.raises(RuntimeError, match="step 2 broke"):
+        location.open()
+    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", current)
+    with location.open() as store:
+        with store.engine.connect() as connection:
+            versions = connection.execute(text("SELECT version FROM icmem_schema_version"))
+            assert max(v for (v,) in versions) == current
+            columns = connection.execute(text("SELECT * FROM icmem_documents")).keys()
+            assert "summary" not in columns
+            connection.rollback()
+        assert store.stats().spans == 2
         assert store.search(embedding(0), 1, namespace=NS)[0].document_id == "kept"
 
 

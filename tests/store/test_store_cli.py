@@ -31,7 +31,7 @@ def test_stats_namespaces_and_reindex(tmp_path, capsys) -> None:
     stats = json.loads(capsys.readouterr().out)
     assert (stats["documents"], stats["spans"]) == (1, 3)
     assert _run(["store", "namespaces", path, "--dim", str(DIM)]) == 0
-    assert capsys.readouterr().out.split() == ["t/a/th", "t/b/x"]
+    assert capsys.readouterr().out.splitlines() == ['["t", "a", "th"]', '["t", "b", "x"]']
     for index_file in (tmp_path / "store" / "index").iterdir():
         index_file.unlink()
     assert _run(["store", "reindex", path, "--dim", str(DIM)]) == 0

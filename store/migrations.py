@@ -1,0 +1,114 @@
+"""Schema migrations: ``MIGRATIONS[n]`` upgrades a store from schema ``n`` to ``n + 1``.
+
+Every step runs inside the transaction that opens the store, together with the version row it
+adds, so a step that fails leaves the version and the data as they were. The DDL is written out
+here rather than taken from ``store.schema``: a step must keep doing what it did when it was
+written, whatever later schemas look like.
+
+On SQLite a step may rebuild a table (SQLite cannot drop a column that a constraint names); the
+opening transaction runs with ``PRAGMA foreign_keys=OFF`` so dropping the old table does not
+cascade into its children, and each step checks the keys itself before it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .errors import SchemaVersionError
+from .namespaces import encode_path, path_key
+
+__all__ = ["MIGRATIONS"]
+
+
+def _namespaces_as_paths(connection: Connection) -> None:
+    """1 -> 2: the fixed (tenant, agent, thread) columns become an encoded label path of any
+    depth. Namespace ids and generations are kept, so documents, spans, embeddings, saved index
+    files and their tokens all stay valid: each old namespace is the 3-label path of its parts."""
+    rows = connection.execute(
+        text("SELECT id, tenant, agent, thread, generation FROM icmem_namespaces ORDER BY id")
+    ).all()
+    values = []
+    for ns_id, tenant, agent, thread, generation in rows:
+        path = encode_path((tenant, agent, thread))
+        values.append(
+            {
+                "id": ns_id,
+                "path": path,
+                "depth": 3,
+                "path_key": path_key(path),
+                "generation": generation,
+            }
+        )
+    if connection.dialect.name == "sqlite":
+        _sqlite_namespaces_as_paths(connection, values)
+    else:
+        _postgres_namespaces_as_paths(connection, values)
+
+
+def _sqlite_namespaces_as_paths(connection: Connection, values: list[dict]) -> None:
+    if connection.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        # Dropping the old table would delete every document through ON DELETE CASCADE.
+        raise SchemaVersionError(
+            "internal error: the SQLite migration must run with foreign keys off; nothing changed"
+        )
+    sequence = connection.exec_driver_sql(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'icmem_namespaces'"
+    ).scalar()
+    connection.exec_driver_sql(
+        "CREATE TABLE icmem_namespaces_v2 ("
+        "id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, "
+        "path TEXT NOT NULL, "
+        "depth INTEGER NOT NULL, "
+        "path_key VARCHAR(64) NOT NULL, "
+        "generation BIGINT NOT NULL, "
+        "CONSTRAINT uq_icmem_namespace_path UNIQUE (path_key))"
+    )
+    if values:
+        connection.execute(
+            text(
+                "INSERT INTO icmem_namespaces_v2 (id, path, depth, path_key, generation) "
+                "VALUES (:id, :path, :depth, :path_key, :generation)"
+            ),
+            values,
+        )
+    connection.exec_driver_sql("DROP TABLE icmem_namespaces")
+    connection.exec_driver_sql("ALTER TABLE icmem_namespaces_v2 RENAME TO icmem_namespaces")
+    if sequence is not None:  # ids of deleted namespaces stay retired
+        connection.execute(
+            text("UPDATE sqlite_sequence SET seq = max(seq, :seq) WHERE name = 'icmem_namespaces'"),
+            {"seq": sequence},
+        )
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        raise SchemaVersionError(
+            f"migrating the namespaces left {len(broken)} rows without their namespace "
+            f"(first: {tuple(broken[0])}); nothing was changed"
+        )
+
+
+def _postgres_namespaces_as_paths(connection: Connection, values: list[dict]) -> None:
+    connection.exec_driver_sql(
+        "ALTER TABLE icmem_namespaces ADD COLUMN path TEXT, ADD COLUMN depth INTEGER, "
+        "ADD COLUMN path_key VARCHAR(64)"
+    )
+    if values:
+        connection.execute(
+            text(
+                "UPDATE icmem_namespaces SET path = :path, depth = :depth, path_key = :path_key "
+                "WHERE id = :id"
+            ),
+            values,
+        )
+    connection.exec_driver_sql(
+        "ALTER TABLE icmem_namespaces DROP CONSTRAINT uq_icmem_namespace, "
+        "DROP COLUMN tenant, DROP COLUMN agent, DROP COLUMN thread, "
+        "ALTER COLUMN path SET NOT NULL, ALTER COLUMN depth SET NOT NULL, "
+        "ALTER COLUMN path_key SET NOT NULL, "
+        "ADD CONSTRAINT uq_icmem_namespace_path UNIQUE (path_key)"
+    )
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _namespaces_as_paths}

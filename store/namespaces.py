@@ -1,0 +1,71 @@
+"""Namespace paths: a namespace is a tuple of 1 to ``MAX_NAMESPACE_DEPTH`` labels, stored as one
+encoded text column so that exact and prefix matching are plain equality tests.
+
+Each label is written as a JSON string (which escapes every control character, quotes and
+backslashes) followed by the unit separator ``\\x1f``. The code of each label is self-delimiting
+and the terminator never occurs inside one, so the encoding of ``p`` is a leading substring of the
+encoding of ``q`` exactly when ``p`` is a leading run of ``q``'s labels: ``("a",)`` encodes as
+``"a"\\x1f`` and never prefixes ``("ab",)``'s ``"ab"\\x1f``, and ``/``, ``%``, ``_`` or newlines
+in a label mean nothing (no ``LIKE`` pattern is ever built). A prefix test is
+``substr(path, 1, len(prefix)) = prefix``; an exact test compares ``path_key``, the SHA-256 of the
+path, which keeps the unique index small whatever the labels hold (Postgres caps b-tree entries
+at about 2.7 KB; a 16-label path may be larger).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+from .errors import InvalidRecordError
+from .validation import MAX_KEY_CHARS, check_text
+
+__all__ = [
+    "MAX_NAMESPACE_DEPTH",
+    "decode_path",
+    "encode_path",
+    "path_key",
+    "validate_namespace",
+]
+
+MAX_NAMESPACE_DEPTH = 16
+_TERMINATOR = "\x1f"
+
+
+def encode_path(labels: Sequence[str]) -> str:
+    """The stored form of a (checked) namespace or namespace prefix; ``()`` encodes as ``""``."""
+    return "".join(json.dumps(label, ensure_ascii=False) + _TERMINATOR for label in labels)
+
+
+def decode_path(path: str) -> tuple[str, ...]:
+    """The labels of a stored path (the inverse of ``encode_path``)."""
+    return tuple(json.loads(code) for code in path.split(_TERMINATOR)[:-1])
+
+
+def path_key(path: str) -> str:
+    """The unique key of a stored path: its SHA-256, 64 hex digits."""
+    return hashlib.sha256(path.encode("utf-8")).hexdigest()
+
+
+def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) -> tuple[str, ...]:
+    """Check a namespace: a tuple (or list) of 1 to ``MAX_NAMESPACE_DEPTH`` non-empty string
+    labels of at most 255 characters, with no NUL or lone surrogate. Any other character is
+    allowed, ``/`` and newlines included. ``allow_prefix`` only words the error: a prefix is
+    checked the same way, and matches itself and every namespace below it."""
+    labels = None
+    if not isinstance(namespace, str | bytes) and isinstance(namespace, Iterable):
+        labels = tuple(namespace)
+    what = "a namespace prefix" if allow_prefix else "a namespace"
+    if (
+        labels is None
+        or not 1 <= len(labels) <= MAX_NAMESPACE_DEPTH
+        or not all(isinstance(label, str) and label for label in labels)
+    ):
+        raise InvalidRecordError(
+            f"{what} must be a tuple of 1 to {MAX_NAMESPACE_DEPTH} non-empty string labels, "
+            f"such as (tenant, agent, thread) or ('users', uid, 'memories'), got {namespace!r}"
+        )
+    for depth, label in enumerate(labels):
+        check_text(label, f"namespace label {depth}", max_chars=MAX_KEY_CHARS)
+    return labels
