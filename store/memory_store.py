@@ -75,7 +75,7 @@ from .errors import (
 )
 from .filters import compile_filter
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
-from .namespaces import decode_path, encode_path, path_key, validate_namespace
+from .namespaces import decode_path, encode_path, path_key, prefix_keys, validate_namespace
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -92,6 +92,7 @@ from .schema import (
     Base,
     DocumentRow,
     EmbeddingRow,
+    NamespacePrefixRow,
     NamespaceRow,
     SchemaVersionRow,
     SettingRow,
@@ -138,9 +139,15 @@ def _path_starts_with(length: Any, prefix: Any) -> Any:
     return func.substr(NamespaceRow.path, start, length) == prefix
 
 
-_NAMESPACES_UNDER_PREFIX = _NAMESPACE_COLUMNS.where(
-    _path_starts_with(bindparam("length"), bindparam("prefix"))
-).order_by(NamespaceRow.id)
+# Found through the indexed prefix table, and checked against the path itself.
+_NAMESPACES_UNDER_PREFIX = (
+    _NAMESPACE_COLUMNS.join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
+    .where(
+        NamespacePrefixRow.prefix_key == bindparam("prefix_key"),
+        _path_starts_with(bindparam("length"), bindparam("prefix")),
+    )
+    .order_by(NamespaceRow.id)
+)
 _NAMESPACE_EXACTLY = _NAMESPACE_COLUMNS.where(NamespaceRow.path_key == bindparam("path_key"))
 _HIT_ROWS = (
     select(
@@ -474,8 +481,13 @@ class MemoryStore:
         if namespace is not None:
             ns = validate_namespace(namespace, allow_prefix=True)
             prefix = encode_path(ns)
-            statement = statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id).where(
-                _path_starts_with(len(prefix), prefix)
+            statement = (
+                statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
+                .join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
+                .where(
+                    NamespacePrefixRow.prefix_key == path_key(prefix),
+                    _path_starts_with(len(prefix), prefix),
+                )
             )
         with self._read() as session:
             found = {row.span_id: row for row in session.execute(statement)}
@@ -884,11 +896,18 @@ class MemoryStore:
         path = encode_path(ns)
         key = path_key(path)
         insert = postgres_insert if self.dialect == "postgresql" else sqlite_insert
-        session.execute(
+        created = session.scalar(
             insert(NamespaceRow)
             .values(path=path, depth=len(ns), path_key=key, generation=0)
             .on_conflict_do_nothing()
+            .returning(NamespaceRow.id)
         )
+        if created is not None:  # a new namespace: list it under each of its prefixes
+            session.execute(
+                NamespacePrefixRow.__table__.insert(),
+                [{"prefix_key": k, "namespace_id": created} for k in prefix_keys(ns)],
+            )
+            return created
         return session.scalar(select(NamespaceRow.id).where(NamespaceRow.path_key == key))
 
     def _bump_generation(self, session: Session, ns_id: int) -> int:
@@ -999,9 +1018,8 @@ class MemoryStore:
         path = encode_path(ns)
         if exact:
             return list(session.execute(_NAMESPACE_EXACTLY, {"path_key": path_key(path)}))
-        return list(
-            session.execute(_NAMESPACES_UNDER_PREFIX, {"length": len(path), "prefix": path})
-        )
+        parameters = {"prefix_key": path_key(path), "length": len(path), "prefix": path}
+        return list(session.execute(_NAMESPACES_UNDER_PREFIX, parameters))
 
     def _hit_rows(
         self, session: Session | Connection, span_ids: list[int], ns_ids: list[int]

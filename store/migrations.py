@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .errors import SchemaVersionError
-from .namespaces import encode_path, path_key
+from .namespaces import encode_path, path_key, prefix_keys
 
 __all__ = ["MIGRATIONS"]
 
@@ -31,6 +31,7 @@ def _namespaces_as_paths(connection: Connection) -> None:
         text("SELECT id, tenant, agent, thread, generation FROM icmem_namespaces ORDER BY id")
     ).all()
     values = []
+    prefixes = []
     for ns_id, tenant, agent, thread, generation in rows:
         path = encode_path((tenant, agent, thread))
         values.append(
@@ -42,10 +43,34 @@ def _namespaces_as_paths(connection: Connection) -> None:
                 "generation": generation,
             }
         )
+        prefixes.extend(
+            {"prefix_key": key, "namespace_id": ns_id}
+            for key in prefix_keys((tenant, agent, thread))
+        )
     if connection.dialect.name == "sqlite":
         _sqlite_namespaces_as_paths(connection, values)
     else:
         _postgres_namespaces_as_paths(connection, values)
+    bigint = "INTEGER" if connection.dialect.name == "sqlite" else "BIGINT"
+    connection.exec_driver_sql(
+        "CREATE TABLE icmem_namespace_prefixes ("
+        "prefix_key VARCHAR(64) NOT NULL, "
+        f"namespace_id {bigint} NOT NULL, "
+        "PRIMARY KEY (prefix_key, namespace_id), "
+        "FOREIGN KEY(namespace_id) REFERENCES icmem_namespaces (id) ON DELETE CASCADE)"
+    )
+    connection.exec_driver_sql(
+        "CREATE INDEX ix_icmem_namespace_prefixes_namespace "
+        "ON icmem_namespace_prefixes (namespace_id)"
+    )
+    if prefixes:
+        connection.execute(
+            text(
+                "INSERT INTO icmem_namespace_prefixes (prefix_key, namespace_id) "
+                "VALUES (:prefix_key, :namespace_id)"
+            ),
+            prefixes,
+        )
 
 
 def _sqlite_namespaces_as_paths(connection: Connection, values: list[dict]) -> None:

@@ -9,7 +9,9 @@ encoding of ``q`` exactly when ``p`` is a leading run of ``q``'s labels: ``("a",
 in a label mean nothing (no ``LIKE`` pattern is ever built). A prefix test is
 ``substr(path, 1, len(prefix)) = prefix``; an exact test compares ``path_key``, the SHA-256 of the
 path, which keeps the unique index small whatever the labels hold (Postgres caps b-tree entries
-at about 2.7 KB; a 16-label path may be larger).
+at about 2.7 KB; a 16-label path may be larger). So that a prefix read need not scan every
+namespace, each namespace also lists the keys of all its prefixes (``prefix_keys``) in an indexed
+table; the ``substr`` test stays as the definition the lookup is checked against.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "decode_path",
     "encode_path",
     "path_key",
+    "prefix_keys",
     "validate_namespace",
 ]
 
@@ -46,6 +49,12 @@ def decode_path(path: str) -> tuple[str, ...]:
 def path_key(path: str) -> str:
     """The unique key of a stored path: its SHA-256, 64 hex digits."""
     return hashlib.sha256(path.encode("utf-8")).hexdigest()
+
+
+def prefix_keys(labels: Sequence[str]) -> list[str]:
+    """The keys of every leading run of a namespace's labels, itself included (shortest first):
+    what ``icmem_namespace_prefixes`` holds for it."""
+    return [path_key(encode_path(labels[:depth])) for depth in range(1, len(labels) + 1)]
 
 
 def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) -> tuple[str, ...]:

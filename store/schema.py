@@ -33,6 +33,7 @@ __all__ = [
     "Base",
     "DocumentRow",
     "EmbeddingRow",
+    "NamespacePrefixRow",
     "NamespaceRow",
     "SchemaVersionRow",
     "SettingRow",
@@ -92,6 +93,20 @@ class NamespaceRow(Base):
     depth: Mapped[int] = mapped_column(Integer)  # how many labels
     path_key: Mapped[str] = mapped_column(String(64))  # SHA-256 of path: the unique, exact key
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class NamespacePrefixRow(Base):
+    """One row per namespace and each of its leading label runs (itself included), keyed by the
+    SHA-256 of the encoded prefix: a prefix read finds its namespaces through this index instead
+    of scanning every namespace's path."""
+
+    __tablename__ = "icmem_namespace_prefixes"
+    __table_args__ = (Index("ix_icmem_namespace_prefixes_namespace", "namespace_id"),)
+
+    prefix_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    namespace_id: Mapped[int] = mapped_column(
+        ForeignKey("icmem_namespaces.id", ondelete="CASCADE"), primary_key=True
+    )
 
 
 class DocumentRow(Base):

@@ -76,6 +76,8 @@ def test_v1_store_is_migrated_with_its_index(tmp_path: Path) -> None:
             assert columns == ["id", "path", "depth", "path_key", "generation"]
             assert connection.exec_driver_sql("PRAGMA foreign_key_check").all() == []
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            prefixes = connection.scalar(text("SELECT count(*) FROM icmem_namespace_prefixes"))
+            assert prefixes == 3 * len(EXPECTED["namespaces"])
             connection.rollback()
         _assert_answers_as_before(store)
         # The saved index files were kept (namespace ids did not change): nothing was rebuilt.
@@ -133,6 +135,8 @@ def test_failing_migration_changes_nothing(tmp_path: Path, monkeypatch) -> None:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(icmem_namespaces)")]
         assert columns == ["id", "tenant", "agent", "thread", "generation"]
         assert connection.execute("SELECT count(*) FROM icmem_spans").fetchone() == (28 - 3,)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        assert "icmem_namespace_prefixes" not in tables
     monkeypatch.undo()
     with MemoryStore.open(path, dim=DIM) as store:  # the real migration still works after
         _assert_answers_as_before(store)
@@ -186,6 +190,7 @@ def _v1_postgres_store(server: PostgresServer, index_dir: Path) -> str:
         new.exec_driver_sql(
             "ALTER TABLE icmem_embeddings DROP CONSTRAINT icmem_embeddings_namespace_id_fkey"
         )
+        new.exec_driver_sql("DROP TABLE icmem_namespace_prefixes")  # schema 2 added it
         new.exec_driver_sql("DROP TABLE icmem_namespaces")
         new.exec_driver_sql(_V1_NAMESPACES_DDL)
         for table, column in (
@@ -236,6 +241,8 @@ def test_v1_postgres_store_is_migrated_with_its_index(postgres_server, tmp_path:
                 assert sorted(versions) == [1, SCHEMA_VERSION]
                 columns = {c["name"] for c in inspect(connection).get_columns("icmem_namespaces")}
                 assert columns == {"id", "path", "depth", "path_key", "generation"}
+                prefixes = connection.scalar(text("SELECT count(*) FROM icmem_namespace_prefixes"))
+                assert prefixes == 3 * len(EXPECTED["namespaces"])
                 connection.rollback()
             _assert_answers_as_before(store)
             assert store.index_repairs == 0

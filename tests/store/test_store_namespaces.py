@@ -12,6 +12,7 @@ from conftest import embedding, make_document
 from icmem.store import InvalidRecordError, MemoryStore, UnknownSpanError
 from icmem.store.cli import format_namespace, parse_namespace, register
 from icmem.store.namespaces import MAX_NAMESPACE_DEPTH, decode_path, encode_path
+from sqlalchemy import text
 
 # Each pair of neighbours would be confused by a naive encoding: a joined string, a LIKE pattern,
 # a missing terminator or a label holding the separator.
@@ -111,10 +112,19 @@ def test_get_slots_refuses_spans_outside_the_prefix(awkward: MemoryStore) -> Non
         awkward.get_slots([a_span], namespace=("a%",))
 
 
+def _prefix_rows(store: MemoryStore) -> int:
+    with store.engine.connect() as connection:
+        count = connection.scalar(text("SELECT count(*) FROM icmem_namespace_prefixes"))
+        connection.rollback()
+    return count
+
+
 def test_deleting_a_prefix_removes_it_and_what_is_below_only(awkward: MemoryStore) -> None:
+    assert _prefix_rows(awkward) == sum(len(ns) for ns in AWKWARD)  # every prefix of each
     below = [ns for ns in AWKWARD if _under(ns, ("a",))]
     assert awkward.delete(namespace=("a",)) == len(below)
     assert awkward.list_namespaces() == sorted(ns for ns in AWKWARD if ns not in below)
+    assert _prefix_rows(awkward) == sum(len(ns) for ns in AWKWARD if ns not in below)
     assert ("ab",) in awkward.list_namespaces()
     assert len(awkward.search(embedding(1), 5, namespace=("ab",))) == 2
 
