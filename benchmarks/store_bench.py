@@ -98,7 +98,7 @@ def bench_memory_store(
             search_s.append(time.perf_counter() - started)
             found.append([h.span_id for h in hits])
         span_ids = store.span_ids(ns)
-        kind = store._shards[next(iter(store._shards))].kind
+        kind = store._index.shards[next(iter(store._index.shards))].kind
         filtered = bench_filtered(store, ns, vectors, queries, span_ids, k)
         result = {
             "add_spans_per_s": round(n / add_s, 1),

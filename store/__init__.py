@@ -8,6 +8,7 @@ Nothing here imports torch or model code: it stores arrays, bytes and rows. Star
 from .errors import (
     DamagedStoreError,
     DimensionMismatchError,
+    DuplicateDocumentError,
     ForeignSlotsError,
     IndexFileError,
     InvalidFilterError,
@@ -20,9 +21,10 @@ from .errors import (
     StoreFullError,
     StoreReadError,
     StoreWriteError,
+    UnknownSpanError,
 )
 from .index import IndexPolicy
-from .memory_store import DuplicateDocumentError, MemoryStore, UnknownSpanError
+from .memory_store import MemoryStore
 from .namespaces import MAX_NAMESPACE_DEPTH
 from .records import (
     AddedDocument,

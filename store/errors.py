@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+
 from icmem.errors import IcmemError
 
 __all__ = [
     "DamagedStoreError",
     "DimensionMismatchError",
+    "DuplicateDocumentError",
     "ForeignSlotsError",
     "IndexFileError",
     "InvalidFilterError",
@@ -19,6 +23,8 @@ __all__ = [
     "StoreFullError",
     "StoreReadError",
     "StoreWriteError",
+    "UnknownSpanError",
+    "warn_damaged",
 ]
 
 
@@ -74,6 +80,30 @@ class DamagedStoreError(StoreError):
     """The database file is damaged (unreadable pages); recover it or restore a backup."""
 
 
+class DuplicateDocumentError(StoreError):
+    """``add`` was given a document id that already exists in the namespace."""
+
+
+class UnknownSpanError(StoreError, KeyError):
+    """Span ids were asked for that do not exist (deleted, or outside the given namespace)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class StoreDamageWarning(UserWarning):
     """Some stored rows are damaged and were skipped so the rest of the store stays usable; list
     them with ``MemoryStore.check()`` or ``icmem store stats --check``."""
+
+
+def warn_damaged(what: str, span_ids: Sequence[int], effect: str, stacklevel: int = 4) -> None:
+    """Warn that some stored rows are damaged and what was done about them."""
+    shown = sorted(span_ids)[:20]
+    more = f" and {len(span_ids) - len(shown)} more" if len(span_ids) > len(shown) else ""
+    warnings.warn(
+        f"the stored {what} of span ids {shown}{more} are damaged and were {effect}; the rest of "
+        "the store is unaffected. List every damaged row with `icmem store stats --check` (or "
+        "MemoryStore.check()) and re-add the documents they belong to",
+        StoreDamageWarning,
+        stacklevel=stacklevel,
+    )

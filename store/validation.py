@@ -21,6 +21,7 @@ __all__ = [
     "MAX_CONTENT_ID_CHARS",
     "MAX_KEY_CHARS",
     "MAX_METADATA_DEPTH",
+    "MAX_VECTOR_NORM",
     "check_count",
     "check_metadata",
     "check_text",
@@ -29,6 +30,9 @@ __all__ = [
 MAX_KEY_CHARS = 255  # document ids and namespace parts: VARCHAR(255) on Postgres
 MAX_CONTENT_HASH_CHARS = 128
 MAX_CONTENT_ID_CHARS = 64
+# Embeddings longer than this overflow float32 inner products (the product of two norms must stay
+# below float32's 3.4e38); real embeddings are unit length or close to it.
+MAX_VECTOR_NORM = 1e19
 MAX_METADATA_DEPTH = 32  # nesting of lists and mappings inside a document's metadata
 INT32_MAX = 2**31 - 1  # positions, offsets and token counts are INTEGER columns
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # SQLite's JSON integers; beyond, it rounds to a float

@@ -13,7 +13,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import icmem.store.memory_store as memory_store_module
+import icmem.store.database as database_module
 import numpy as np
 import pytest
 from conftest import DIM, FINGERPRINT, StoreLocation, embedding, make_document, make_slots
@@ -221,8 +221,8 @@ def test_older_schema_is_migrated_by_a_chain_of_steps_in_order(
         applied.append(3)  # needs the column step 2 added
         connection.execute(text("UPDATE icmem_documents SET summary = 'filled'"))
 
-    current = memory_store_module.SCHEMA_VERSION
-    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", current + 2)
+    current = database_module.SCHEMA_VERSION
+    monkeypatch.setattr(database_module, "SCHEMA_VERSION", current + 2)
     monkeypatch.setitem(MIGRATIONS, current, add_column)
     monkeypatch.setitem(MIGRATIONS, current + 1, fill_column)
     with location.open() as store:
@@ -242,7 +242,7 @@ def test_failing_migration_leaves_version_and_data_unchanged(
 ) -> None:
     with location.open() as store:
         store.add([make_document("kept", 2)], namespace=NS)
-    current = memory_store_module.SCHEMA_VERSION
+    current = database_module.SCHEMA_VERSION
 
     def add_column(connection) -> None:
         connection.execute(text("ALTER TABLE icmem_documents ADD COLUMN summary TEXT"))
@@ -251,12 +251,12 @@ def test_failing_migration_leaves_version_and_data_unchanged(
     def fail(connection) -> None:
         raise RuntimeError("step 2 broke")
 
-    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", current + 2)
+    monkeypatch.setattr(database_module, "SCHEMA_VERSION", current + 2)
     monkeypatch.setitem(MIGRATIONS, current, add_column)
     monkeypatch.setitem(MIGRATIONS, current + 1, fail)
     with pytest.raises(RuntimeError, match="step 2 broke"):
         location.open()
-    monkeypatch.setattr(memory_store_module, "SCHEMA_VERSION", current)
+    monkeypatch.setattr(database_module, "SCHEMA_VERSION", current)
     with location.open() as store:
         with store.engine.connect() as connection:
             versions = connection.execute(text("SELECT version FROM icmem_schema_version"))
@@ -298,7 +298,7 @@ def test_full_database_rolls_back_the_whole_add(tmp_path: Path) -> None:
 def test_failing_index_write_keeps_previous_index(store: MemoryStore, location, monkeypatch):
     store.add([make_document("a", 2, seed=1)], namespace=NS)
     store.save_index()
-    index_dir = Path(store._files.directory)
+    index_dir = Path(store._index.files.directory)
     saved = {p.name: p.read_bytes() for p in index_dir.iterdir()}
     store.add([make_document("b", 2, seed=2)], namespace=NS)
 
@@ -322,7 +322,7 @@ def test_corrupt_or_missing_index_is_rebuilt(location: StoreLocation) -> None:
     with location.open() as store:
         store.add([make_document(f"d{i}", 3, seed=i) for i in range(6)], namespace=NS)
         expected = _snapshot(store)
-        index_dir = Path(store._files.directory)
+        index_dir = Path(store._index.files.directory)
     index_file = next(index_dir.glob("*.faiss"))
     data = bytearray(index_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -345,7 +345,7 @@ def test_corrupt_or_missing_index_is_rebuilt(location: StoreLocation) -> None:
 def test_stale_index_catches_up(location: StoreLocation) -> None:
     with location.open() as store:
         store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
-        index_dir = Path(store._files.directory)
+        index_dir = Path(store._index.files.directory)
     old = {p: p.read_bytes() for p in index_dir.iterdir()}
     with location.open() as store:
         store.delete(namespace=NS, document_ids=["d0"])

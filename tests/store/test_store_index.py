@@ -126,7 +126,7 @@ def test_store_with_ivf_namespace_stays_consistent(location: StoreLocation) -> N
             ]
             store.add(documents, namespace=ns)
         store.delete(namespace=ns, document_ids=[f"d0-{j}" for j in range(10)])
-        assert store._shards[1].kind == "ivf"
+        assert store._index.shards[1].kind == "ivf"
         np.testing.assert_array_equal(store.index_ids(ns), store.span_ids(ns))
     with location.open(dim=DIM, index_policy=POLICY) as store:
         assert store.index_repairs == 0

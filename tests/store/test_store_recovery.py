@@ -198,7 +198,7 @@ def test_stale_index_still_catches_up_incrementally(location: StoreLocation) -> 
         writer.add([make_document("late", 2, seed=9)], namespace=NS)
     hit = reader.search(embedding(900), 1, namespace=NS)[0]
     assert hit.document_id == "late"
-    shard = reader._shards[1]
+    shard = reader._index.shards[1]
     assert shard.ntotal == 8
     reader.close()
 

@@ -1,0 +1,352 @@
+"""The index room: the FAISS shard of each namespace, kept in step with the rows.
+
+As chroma keeps its vector segment in step with its metadata segment by sequence id, every
+namespace row carries a generation that each write to it increments in the same transaction, and
+each shard records the generation it reflects. A shard that is behind is caught up from the rows
+by comparing id sets (span ids are never reused), or rebuilt when its files are missing, corrupt
+or were saved against another database (each save records a token the database must hold). The
+room also keeps the per-generation views a filtered search needs: the span -> document map of a
+namespace and recent filter answers. It reads rows through ``store.database`` and writes only
+its own token rows; documents are the ``MemoryStore``'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from .database import Database, chunks
+from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
+from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
+from .schema import DocumentRow, EmbeddingRow, NamespaceRow, SettingRow, SpanRow
+from .validation import MAX_VECTOR_NORM
+
+__all__ = ["Shards", "embedding_is_damaged", "token_key"]
+
+_FILTER_CACHE_SIZE = 64  # filter answers kept (each one id array per namespace searched)
+
+
+class Shards:
+    """Every namespace's FAISS shard of one store, loaded on first use and kept fresh."""
+
+    def __init__(
+        self, database: Database, *, dim: int, index_dir: Path, policy: IndexPolicy
+    ) -> None:
+        self.database = database
+        self.dim = dim
+        self.files = IndexFiles(index_dir, dim, policy)
+        self.policy = policy
+        self.shards: dict[int, NamespaceIndex] = {}
+        self.dirty: set[int] = set()
+        self.lock = threading.RLock()
+        self.save_interval_s = 60.0
+        self.saved_at = time.monotonic()
+        self.repairs = 0  # shards rebuilt or caught up from the rows, for tests/stats
+        self._filter_cache: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
+        self._span_document_maps: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    # ------------------------------------------------------------------ reads
+
+    def search(
+        self,
+        session: Connection,
+        namespaces: Sequence[Any],
+        query: np.ndarray,
+        k: int,
+        allowed: Mapping[int, np.ndarray] | None,
+    ) -> list[tuple[float, int]]:
+        """(score, span id) of the ``k`` best spans over the given namespace rows, best first."""
+        scored: list[tuple[float, int]] = []
+        with self.lock:
+            for row in namespaces:
+                ns_allowed = None if allowed is None else allowed[row.id]
+                if ns_allowed is not None and not len(ns_allowed):
+                    continue
+                shard = self.fresh(session, row.id, row.generation)
+                scores, ids = shard.search(query, k, ns_allowed)
+                scored.extend(zip(scores.tolist(), ids.tolist(), strict=True))
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))
+        return scored[:k]
+
+    def ids(self, session: Connection, ns_id: int, generation: int) -> np.ndarray:
+        with self.lock:
+            return self.fresh(session, ns_id, generation).ids()
+
+    def nbytes(self) -> int:
+        return self.files.nbytes()
+
+    def fresh(self, session: Session | Connection, ns_id: int, generation: int) -> NamespaceIndex:
+        """The namespace's index, loaded, caught up or rebuilt until it reflects ``generation``."""
+        shard = self.shards.get(ns_id)
+        if shard is None:
+            try:
+                shard = self.files.load(_shard_name(ns_id))
+                if not self._belongs_here(session, ns_id, shard.token):
+                    raise IndexFileError("the index files were saved against another database")
+            except IndexFileError:
+                shard = NamespaceIndex(self.dim, self.policy, generation=-1)
+            self.shards[ns_id] = shard
+        if shard.generation != generation:
+            self._catch_up(session, ns_id, shard)
+            shard.generation = generation
+            self.dirty.add(ns_id)
+            self.repairs += 1
+        return shard
+
+    def allowed_spans(
+        self,
+        session: Connection,
+        namespaces: list[Any],
+        filter_: Mapping[str, Any],
+        where: Any,
+    ) -> dict[int, np.ndarray]:
+        """The span ids, per namespace, whose document matches a metadata filter.
+
+        The filter runs once per document (not per span) and comes back as one aggregated value
+        rather than a row per id; a per-namespace span -> document map turns documents into
+        spans. Both the map and each filter's answer are kept for the namespace's generation, so
+        a filter asked again before the namespace changes costs nothing: this is what keeps a
+        filtered search within a small factor of an unfiltered one.
+        """
+        key = (tuple((row.id, row.generation) for row in namespaces), _filter_key(filter_))
+        with self.lock:
+            cached = self._filter_cache.get(key)
+            if cached is not None:
+                self._filter_cache.move_to_end(key)
+                return cached
+        ns_ids = [row.id for row in namespaces]
+        documents = _id_array(
+            session.scalar(
+                select(self.database.id_aggregate(DocumentRow.id)).where(
+                    DocumentRow.namespace_id.in_(ns_ids), where
+                )
+            )
+        )
+        allowed = {}
+        for row in namespaces:
+            span_ids, span_documents = self._span_documents(session, row.id, row.generation)
+            allowed[row.id] = span_ids[id_member(span_documents, documents)]
+        with self.lock:
+            self._filter_cache[key] = allowed
+            while len(self._filter_cache) > _FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return allowed
+
+    def _span_documents(
+        self, session: Connection, ns_id: int, generation: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Span ids of a namespace and their documents' row ids, aligned; kept per generation."""
+        with self.lock:
+            cached = self._span_document_maps.get(ns_id)
+            if cached is not None and cached[0] == generation:
+                return cached[1], cached[2]
+        aggregate = self.database.id_aggregate
+        span_ids, documents = session.execute(
+            select(
+                aggregate(SpanRow.id, order_by=SpanRow.id),
+                aggregate(SpanRow.document_id, order_by=SpanRow.id),
+            ).where(SpanRow.namespace_id == ns_id)
+        ).one()
+        span_ids, documents = _id_array(span_ids), _id_array(documents)
+        with self.lock:
+            self._span_document_maps[ns_id] = (generation, span_ids, documents)
+        return span_ids, documents
+
+    # ------------------------------------------------------------------ after writes
+
+    def apply_delta(
+        self,
+        ns_id: int,
+        *,
+        remove: Sequence[int] = (),
+        add_ids: np.ndarray | None = None,
+        add_vectors: np.ndarray | None = None,
+        old_generation: int | None = None,
+    ) -> None:
+        """Apply a committed write to a loaded index. An index that was not exactly one write
+        behind is left for ``fresh`` to catch up from the rows on its next use."""
+        with self.lock:
+            shard = self.shards.get(ns_id)
+            if shard is None and old_generation == 0:
+                shard = self.shards[ns_id] = NamespaceIndex(self.dim, self.policy, generation=0)
+            if shard is None:
+                return
+            if old_generation is None or shard.generation != old_generation:
+                # Another thread may already have caught this index up from the rows (including
+                # this write), so applying the delta could add its ids twice: catch up instead.
+                shard.generation = -1
+                return
+            shard.remove(np.asarray(remove, np.int64))
+            if add_ids is not None and len(add_ids):
+                # Under READ COMMITTED a concurrent catch-up can read this write's rows yet label
+                # the index with the generation before it, so skip ids the index already holds.
+                fresh = ~np.isin(add_ids, shard.ids())
+                if fresh.any():
+                    shard.add(add_ids[fresh], add_vectors[fresh])
+            shard.generation = old_generation + 1
+            self.dirty.add(ns_id)
+
+    def forget(self, ns_id: int) -> None:
+        """A namespace was deleted: drop its shard and files (its token rows went with it)."""
+        with self.lock:
+            self.shards.pop(ns_id, None)
+            self.dirty.discard(ns_id)
+            self.files.remove(_shard_name(ns_id))
+
+    def keep_current(self, ns_ids: list[int]) -> None:
+        """After a write: load (or build) the indexes of the namespaces written to, so that they
+        follow this writer's changes, and save them every ``save_interval_s``. Otherwise a
+        process that only writes leaves the saved index behind, and every reader that opens the
+        store afterwards catches it up (or, with no index saved at all, builds it) on its own."""
+        with self.lock:
+            stale = [n for n in ns_ids if n not in self.shards or self.shards[n].generation < 0]
+        if stale:
+            with self.database.read() as session, self.lock:
+                rows = session.execute(
+                    select(NamespaceRow.id, NamespaceRow.generation).where(
+                        NamespaceRow.id.in_(stale)
+                    )
+                ).all()
+                for ns_id, generation in rows:
+                    self.fresh(session, ns_id, generation)
+        if self.dirty and time.monotonic() - self.saved_at >= self.save_interval_s:
+            self.save()
+
+    # ------------------------------------------------------------------ saving and rebuilding
+
+    def save(self) -> None:
+        """Write every index changed since the last save."""
+        if self.database.read_only:
+            raise ReadOnlyStoreError("the store was opened read_only=True; its index is not saved")
+        with self.lock:
+            saved: list[tuple[int, NamespaceIndex, str]] = []
+            for ns_id in sorted(self.dirty):
+                shard = self.shards.get(ns_id)
+                if shard is not None:
+                    token = uuid.uuid4().hex
+                    self.files.save(_shard_name(ns_id), shard, token)
+                    saved.append((ns_id, shard, token))
+                self.dirty.discard(ns_id)
+            if saved:
+                self._record_tokens(saved)
+            self.saved_at = time.monotonic()
+
+    def _record_tokens(self, saved: list[tuple[int, NamespaceIndex, str]]) -> None:
+        """Tie freshly saved index files to this database: it holds one row per saved token,
+        replacing the token the index was loaded with. A database restored from a backup taken
+        before the save lacks the row, and the index is then rebuilt rather than trusted: its
+        span ids may have been handed out again, to other documents. A crash before this commit
+        leaves files whose token the database lacks, which also reads as "rebuild"."""
+        with self.database.write() as session:
+            for ns_id, shard, token in saved:
+                if shard.token is not None:
+                    session.execute(
+                        delete(SettingRow).where(SettingRow.key == token_key(ns_id, shard.token))
+                    )
+                session.execute(
+                    SettingRow.__table__.insert().values(
+                        key=token_key(ns_id, token), value=str(shard.generation)
+                    )
+                )
+        for _ns_id, shard, token in saved:
+            shard.token = token
+
+    def rebuild(self) -> int:
+        """Rebuild every namespace's index from the rows (and save it when writable); returns
+        the span count."""
+        with self.database.read() as session, self.lock:
+            for ns_id in list(self.shards):
+                self.files.remove(_shard_name(ns_id))
+            self.shards.clear()
+            self.dirty.clear()
+            total = 0
+            rows = session.execute(
+                select(NamespaceRow.id, NamespaceRow.generation).order_by(NamespaceRow.id)
+            )
+            for ns_id, generation in rows:
+                self.files.remove(_shard_name(ns_id))
+                total += self.fresh(session, ns_id, generation).ntotal
+        if not self.database.read_only:
+            self.save()
+        return total
+
+    # ------------------------------------------------------------------ internals
+
+    def _belongs_here(self, session: Session | Connection, ns_id: int, token: str | None) -> bool:
+        if token is None:
+            return False
+        key = token_key(ns_id, token)
+        return session.scalar(select(SettingRow.key).where(SettingRow.key == key)) is not None
+
+    def _catch_up(self, session: Session | Connection, ns_id: int, shard: NamespaceIndex) -> None:
+        """Make the index hold exactly the namespace's embedding rows. Span ids are never reused
+        and embeddings never change in place, so comparing id sets finds every difference."""
+        stored = np.fromiter(
+            session.scalars(select(EmbeddingRow.span_id).where(EmbeddingRow.namespace_id == ns_id)),
+            dtype=np.int64,
+        )
+        indexed = shard.ids()
+        shard.remove(np.setdiff1d(indexed, stored, assume_unique=True))
+        missing = np.setdiff1d(stored, indexed, assume_unique=True)
+        ids: list[int] = []
+        vectors: list[bytes] = []
+        damaged: list[int] = []
+        for chunk in chunks(missing.tolist()):
+            for span_id, vector in session.execute(
+                select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
+                    EmbeddingRow.span_id.in_(chunk)
+                )
+            ):
+                if embedding_is_damaged(vector, self.dim):
+                    damaged.append(span_id)
+                    continue
+                ids.append(span_id)
+                vectors.append(vector)
+        if damaged:
+            warn_damaged("embeddings", damaged, "left out of searches", stacklevel=6)
+        if ids:
+            matrix = np.frombuffer(b"".join(vectors), dtype="<f4").reshape(len(ids), self.dim)
+            shard.add(np.asarray(ids, np.int64), matrix)
+
+
+def embedding_is_damaged(vector: bytes | None, dim: int) -> bool:
+    """Whether stored embedding bytes are unusable: wrong length, NaN/inf, or overflowing."""
+    if vector is None or len(vector) != 4 * dim:
+        return True
+    values = np.frombuffer(vector, dtype="<f4").astype(np.float64)
+    return not np.isfinite(values).all() or float(np.linalg.norm(values)) > MAX_VECTOR_NORM
+
+
+def token_key(ns_id: int, token: str) -> str:
+    """The settings key recording an index token of a namespace (``token=""``: all of them, as
+    a prefix)."""
+    return f"index:{ns_id}:{token}"  # at most 58 characters: SettingRow.key is String(64)
+
+
+def _shard_name(ns_id: int) -> str:
+    return f"namespace-{ns_id}"
+
+
+def _filter_key(filter_: Mapping[str, Any]) -> str:
+    # Keys are checked strings and values JSON scalars by now; sorting keys keeps the meaning
+    # (the keys of a mapping are ANDed) and distinguishes 1, 1.0 and true as the filter does.
+    return json.dumps(filter_, sort_keys=True, separators=(",", ":"))
+
+
+def _id_array(value: Any) -> np.ndarray:
+    if value is None:
+        return np.empty(0, np.int64)
+    if isinstance(value, str):
+        value = json.loads(value)
+    return np.asarray(value, dtype=np.int64)
