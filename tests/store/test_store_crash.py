@@ -1,12 +1,12 @@
-"""Crash safety: a writer killed with SIGKILL in the middle of large adds loses nothing it
-committed, leaves nothing half-written, and the index is caught up on reopen."""
+"""Crash safety: a writer killed with SIGKILL inside an add (after it has written part of a
+batch's rows, before the commit) loses nothing it committed, leaves nothing of the interrupted
+batch, and the index is caught up on reopen."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +16,43 @@ from sqlalchemy import func, select
 
 WORKER = Path(__file__).with_name("store_worker.py")
 NS = ("crash", "agent", "thread")
+HOLD_AFTER = 6  # batches committed (and some index saves) before the write that is killed
 
 
 def test_killed_writer_leaves_only_whole_documents(location: StoreLocation, tmp_path) -> None:
     index_dir = tmp_path / "writer-index"
     target = location.target
     writer = subprocess.Popen(
-        [sys.executable, str(WORKER), "writer", target, str(index_dir), "/".join(NS), "1000"],
+        [
+            sys.executable,
+            str(WORKER),
+            "writer",
+            target,
+            str(index_dir),
+            "/".join(NS),
+            "1000",
+            str(HOLD_AFTER),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     committed = -1
     try:
-        while committed < 5:  # let some batches (and index saves) land first
+        # The worker reports each committed batch, then "inside N" once the add of batch N has
+        # written some rows and not committed: the kill lands inside that transaction.
+        while True:
             line = writer.stdout.readline()
             assert line, writer.stderr.read()
+            if line.startswith("inside"):
+                assert line.split() == ["inside", str(HOLD_AFTER)]
+                break
             committed = int(line)
-        time.sleep(0.13)  # then kill it at an arbitrary point, almost surely inside an add
     finally:
         writer.send_signal(signal.SIGKILL)
         remaining, _ = writer.communicate()
-    committed = max([committed, *(int(x) for x in remaining.split())])
     assert writer.returncode == -signal.SIGKILL
+    assert remaining == "" and committed == HOLD_AFTER - 1
 
     if location.backend == "postgres":
         location = StoreLocation("postgres", target, index_dir)
@@ -56,8 +70,8 @@ def test_killed_writer_leaves_only_whole_documents(location: StoreLocation, tmp_
             assert connection.scalar(select(func.count(SlotRow.span_id))) == spans
             assert connection.scalar(select(func.count(EmbeddingRow.span_id))) == spans
             connection.rollback()
-        # Every batch the writer reported is there; at most the one after it also committed.
-        assert set(range(committed + 1)) <= set(batches) <= set(range(committed + 2))
+        # Every batch the writer reported is there, and nothing of the one it was killed inside.
+        assert set(batches) == set(range(HOLD_AFTER))
         assert all(count == 40 for count in batches.values()), "a batch was half-written"
         np.testing.assert_array_equal(store.index_ids(NS), store.span_ids(NS))
         assert len(store.search(np.ones(16), 5, namespace=NS)) == 5
