@@ -173,7 +173,7 @@ class MemoryPipeline:
         """
         from tqdm import tqdm
 
-        stored = {doc.id: doc.content_hash for doc in self.store.list_documents(namespace)}
+        stored = {d.id: d.content_hash for d in self.store.list_documents(namespace, exact=True)}
         report = IngestReport()
         for path in tqdm(paths, desc="ingesting", unit="file", disable=not progress):
             text = "".join(read_utf8(Path(path), errors))

@@ -47,6 +47,6 @@ class ICAEMemory(BaseChatMessageHistory):
             self.pipeline.store.delete(namespace=self.namespace, document_ids=ids)
 
     def _message_documents(self) -> list:
-        documents = self.pipeline.store.list_documents(self.namespace)
+        documents = self.pipeline.store.list_documents(self.namespace, exact=True)
         mine = [doc for doc in documents if doc.id.startswith(_PREFIX) and "seq" in doc.metadata]
         return sorted(mine, key=lambda doc: doc.metadata["seq"])
