@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import uuid
 
 import numpy as np
 import pytest
-from conftest import embedding, make_document
+from conftest import StoreLocation, embedding, make_document
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from icmem.store import InvalidRecordError, MemoryStore, UnknownSpanError
 from icmem.store.cli import format_namespace, parse_namespace, register
 from icmem.store.namespaces import MAX_NAMESPACE_DEPTH, decode_path, encode_path
@@ -169,3 +172,42 @@ def test_cli_prints_and_reads_any_label(tmp_path, capsys) -> None:
     for bad in ["[", '["a", 1]', '["a", ["b"]]', "a//b", "[]"]:
         with pytest.raises(InvalidRecordError):
             parse_namespace(bad)
+
+
+# Labels drawn from characters that break naive encodings: separators, LIKE wildcards, quotes,
+# escapes, control characters, the path terminator itself and non-ASCII.
+_LABEL = st.text(alphabet=list("ab/%_\\\"'\n\x1f\x01é🙂 [],"), min_size=1, max_size=4)
+_NAMESPACE = st.lists(_LABEL, min_size=1, max_size=4).map(tuple)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    namespaces=st.lists(_NAMESPACE, min_size=1, max_size=6, unique=True),
+    prefixes=st.lists(_NAMESPACE, min_size=1, max_size=4),
+)
+def test_any_labels_any_prefix_never_leave_the_prefix(
+    location: StoreLocation, namespaces, prefixes
+) -> None:
+    # Each example lives under its own root label, so examples share one database safely.
+    root = uuid.uuid4().hex[:8]
+    stored = [(root, *ns) for ns in namespaces]
+    with location.open() as store:
+        for i, ns in enumerate(stored):
+            store.add([make_document(f"d{i}", 1, seed=i, metadata={"i": i})], namespace=ns)
+        candidates = [(root, *p) for p in prefixes] + [
+            ns[:depth] for ns in stored for depth in (2, 3)
+        ]
+        for prefix in candidates:
+            below = sorted(ns for ns in stored if _under(ns, prefix))
+            assert store.list_namespaces(prefix) == below
+            hits = store.search(embedding(0), 50, namespace=prefix)
+            assert sorted({h.namespace for h in hits}) == below
+            filtered = store.search(embedding(0), 50, namespace=prefix, filter={"i": {"$gte": 0}})
+            assert sorted({h.namespace for h in filtered}) == below
+            assert [d.namespace for d in store.list_documents(prefix, exact=True)] == (
+                [prefix] if prefix in stored else []
+            )
