@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 from conftest import StoreLocation
+from sqlalchemy import text
 
 WORKER = Path(__file__).with_name("store_worker.py")
 
 
 def test_concurrent_writers_and_readers(location: StoreLocation, tmp_path) -> None:
     ns = ("shared", "agent", "thread")
-    with location.open() as store:  # create the schema before the workers race for it
-        store.add([], namespace=ns)
+    with location.open() as store:  # create the schema; the writers race to create ns
+        store.add([], namespace=("setup",))
 
     def start(role: str, name: str, namespace: tuple[str, ...], count: int) -> subprocess.Popen:
         return subprocess.Popen(
@@ -51,3 +52,9 @@ def test_concurrent_writers_and_readers(location: StoreLocation, tmp_path) -> No
         assert store.stats(ns).documents == 3 * 3 * 40
         assert store.stats(("other-tenant",)).documents == 40
         np.testing.assert_array_equal(store.index_ids(ns), store.span_ids(ns))
+        # The namespace the writers raced to create exists once, listed once under each prefix.
+        assert store.list_namespaces(("shared",)) == [ns]
+        with store.engine.connect() as connection:
+            prefixes = connection.scalar(text("SELECT count(*) FROM icmem_namespace_prefixes"))
+            connection.rollback()
+        assert prefixes == 3 + 3  # ns and the other tenant's (an empty add creates nothing)
