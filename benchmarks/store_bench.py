@@ -1,5 +1,6 @@
 """Memory-store benchmark: add throughput, search latency (unfiltered, and filtered to half of
-the spans), slot fetches and bytes on disk.
+the spans), slot fetches, bytes on disk, and search latency among many namespaces (one thread,
+a tenant prefix, a deep path).
 
 Synthetic but embedding-shaped data: unit vectors of dim 384 drawn around 1,000 centres, each span
 carrying a 128x576 bf16 slot blob (the ICAE's size for SmolLM2). The baseline, measured in the same
@@ -226,6 +227,40 @@ def bytes_per_codec(work: Path, dim: int, shape: tuple[int, int], spans: int) ->
     return out
 
 
+def bench_namespaces(directory: Path, dim: int, count: int, queries: int) -> dict:
+    """Search latency when the store holds ``count`` namespaces (50 tenants, one span each):
+    what finding a namespace or a prefix's namespaces costs next to the search itself."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((count + 1, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    deep = ("org", "team", "project", "notes", "2026", "q4")
+
+    def one_span(i: int) -> list[DocumentRecord]:
+        span = SpanRecord(0, 0, 1, f"span {i}", 1, None, vectors[i])
+        return [DocumentRecord(id=f"doc-{i}", spans=[span])]
+
+    with MemoryStore.open(directory, dim=dim) as store:
+        started = time.perf_counter()
+        for i in range(count):
+            store.add(one_span(i), namespace=(f"tenant-{i % 50}", "agent", f"thread-{i}"))
+        store.add(one_span(count), namespace=deep)
+        add_s = time.perf_counter() - started
+        result = {"namespaces": count + 1, "add_namespaces_per_s": round((count + 1) / add_s, 1)}
+        for name, prefix in (
+            ("search_one_thread", ("tenant-7", "agent", "thread-7")),
+            ("search_tenant_prefix", ("tenant-7",)),
+            ("search_deep_path", deep),
+        ):
+            store.search(vectors[0], 10, namespace=prefix)  # load the shards first
+            seconds = []
+            for q in range(queries):
+                started = time.perf_counter()
+                store.search(vectors[q % count], 10, namespace=prefix)
+                seconds.append(time.perf_counter() - started)
+            result[name] = percentiles(seconds)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
@@ -238,6 +273,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1_024, help="spans per add call")
     parser.add_argument("--codec-spans", type=int, default=1_024)
+    parser.add_argument(
+        "--namespaces", type=int, default=2_000, help="namespaces of the many-namespace search"
+    )
     parser.add_argument("--workdir", default=None, help="where stores are written (a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/store_bench.json")
     args = parser.parse_args()
@@ -277,6 +315,9 @@ def main() -> None:
                 "add_rate_ratio": round(ours["add_spans_per_s"] / baseline["add_spans_per_s"], 3),
             }
         result["bytes_per_codec"] = bytes_per_codec(work, args.dim, shape, args.codec_spans)
+        result["many_namespaces"] = bench_namespaces(
+            work / "namespaces", args.dim, args.namespaces, args.queries
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
