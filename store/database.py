@@ -422,7 +422,13 @@ def _initialise(
                     )
             finally:
                 if keys_off:
-                    _sqlite_foreign_keys(connection, on=True)
+                    try:
+                        _sqlite_foreign_keys(connection, on=True)
+                    except BaseException:
+                        # Never hand a connection without foreign keys back to the pool: later
+                        # deletes would leave orphans instead of cascading.
+                        connection.invalidate()
+                        raise
     except DatabaseError as exc:
         raise _translate(exc) from exc
 

@@ -251,3 +251,24 @@ def test_v1_postgres_store_is_migrated_with_its_index(postgres_server, tmp_path:
             assert store.stats().spans == 14
     finally:
         postgres_server.drop_databases()
+
+
+def test_connections_keep_foreign_keys_after_a_migration(tmp_path: Path) -> None:
+    """The migration runs with foreign keys off; the pooled connection it used must get them
+    back, or later deletes would leave orphan rows instead of cascading."""
+    path = _copy_fixture(tmp_path)
+    with MemoryStore.open(path, dim=DIM) as store:
+        for _ in range(3):  # whichever pooled connection comes back
+            with store.engine.connect() as connection:
+                assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+                connection.rollback()
+        assert store.delete(namespace=("beta",)) == 3
+        with store.engine.connect() as connection:
+            orphans = connection.scalar(
+                text(
+                    "SELECT count(*) FROM icmem_spans WHERE namespace_id NOT IN "
+                    "(SELECT id FROM icmem_namespaces)"
+                )
+            )
+            connection.rollback()
+        assert orphans == 0
