@@ -180,15 +180,20 @@ def _store_options(command: argparse.ArgumentParser) -> None:
         "--namespace",
         type=_namespace,
         default=("default", "default", "default"),
-        help="tenant/agent/thread (default: default/default/default)",
+        help="labels joined by / (default: default/default/default), or a JSON array such as "
+        '\'["users", "u/1", "notes"]\' for labels that hold /',
     )
 
 
-def _namespace(value: str) -> tuple[str, str, str]:
-    parts = tuple(value.split("/"))
-    if len(parts) != 3 or not all(parts):
-        raise argparse.ArgumentTypeError(f"namespace must be tenant/agent/thread, got {value!r}")
-    return parts  # type: ignore[return-value]
+def _namespace(value: str) -> tuple[str, ...]:
+    """A namespace of any depth: labels joined by `/`, or a JSON array for labels holding `/`."""
+    from icmem.store.cli import parse_namespace
+    from icmem.store.errors import StoreError
+
+    try:
+        return parse_namespace(value)
+    except StoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _open_pipeline(args: argparse.Namespace):

@@ -65,3 +65,25 @@ def test_bad_file_is_a_clean_error(tmp_path, tokenizer, capsys):
 
 def test_parser_builds_without_loading_models():
     assert build_parser().prog == "icmem"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("acme/bot/t1", ("acme", "bot", "t1")),
+        ("users", ("users",)),
+        ("org/team/project/notes/2026", ("org", "team", "project", "notes", "2026")),
+        ('["users", "u/1", "memories"]', ("users", "u/1", "memories")),
+    ],
+)
+def test_namespaces_of_any_depth_are_read(value, expected):
+    args = build_parser().parse_args(["ask", "q", "--store", "s", "--namespace", value])
+    assert args.namespace == expected
+
+
+@pytest.mark.parametrize("value", ["a//b", '["a", 1]', "[not json"])
+def test_a_bad_namespace_is_a_clean_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["ask", "q", "--store", "s", "--namespace", value])
+    assert exit_info.value.code == 2
+    assert "namespace" in capsys.readouterr().err

@@ -115,6 +115,7 @@ def load_checkpoint(
         raise CorruptCheckpointError(f"{root / MANIFEST} holds an invalid config: {exc}") from exc
     if dtype is not None:
         config = replace(config, dtype=dtype)  # validated again by __post_init__
+    _check_listed_files(root, manifest["files"], config)
     for name, digest in manifest["files"].items():
         path = root / name
         if not path.is_file():
@@ -140,6 +141,31 @@ def load_checkpoint(
         _load_adapter(icae, root / DECODER_WEIGHTS, "decoder")
     _load_embeddings(icae, root / EMBEDDINGS)
     return icae.eval()
+
+
+def _check_listed_files(root: Path, files: Any, config: ICAEConfig) -> None:
+    """Every file the loader reads must carry a SHA-256 in the manifest, under a plain file
+    name: leaving a file out would otherwise switch its integrity check off."""
+    if not isinstance(files, dict):
+        raise CorruptCheckpointError(f"{root / MANIFEST}: 'files' must map file names to SHA-256")
+    for name in files:
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or Path(name).name != name
+            or ("\\" in name)
+        ):
+            raise CorruptCheckpointError(
+                f"{root / MANIFEST} lists {name!r}; checkpoint files are plain file names in the "
+                "checkpoint directory, so re-save it"
+            )
+    needed = [ADAPTER_WEIGHTS, EMBEDDINGS] + ([DECODER_WEIGHTS] if config.decoder_lora_rank else [])
+    unlisted = [name for name in needed if name not in files]
+    if unlisted:
+        raise CorruptCheckpointError(
+            f"{root / MANIFEST} lists no SHA-256 for {unlisted}, which the loader reads; the "
+            "manifest was edited or damaged, so re-save the checkpoint"
+        )
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:

@@ -116,3 +116,32 @@ def test_resaving_over_a_checkpoint_replaces_it(make_icae, saved, tokenizer):
     loaded = ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
     lora_b = [p for n, p in loaded.model.named_parameters() if "lora_B" in n]
     assert all(torch.count_nonzero(p) == 0 for p in lora_b)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "icae_embeddings.safetensors"])
+def test_a_file_left_out_of_the_manifest_is_refused_not_trusted(saved, tokenizer, name):
+    """Dropping a file's hash must not switch its check off: damage it, unlist it, refuse."""
+    (saved / name).write_bytes((saved / name).read_bytes()[:-8] + b"\x00" * 8)
+    manifest = json.loads((saved / "icae_config.json").read_text())
+    del manifest["files"][name]
+    (saved / "icae_config.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match=f"no SHA-256 for \\['{name}'\\]"):
+        ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
+
+
+@pytest.mark.parametrize("name", ["../adapter_model.safetensors", "/etc/passwd", "sub/x", ".."])
+def test_manifest_names_are_plain_file_names(saved, tokenizer, name):
+    manifest = json.loads((saved / "icae_config.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (saved / "icae_config.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match="plain file names"):
+        ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
+
+
+def test_a_decoder_adapter_must_be_listed_too(make_icae, tokenizer, tmp_path):
+    saved = make_icae(decoder_lora_rank=4).save_pretrained(tmp_path / "dec")
+    manifest = json.loads((saved / "icae_config.json").read_text())
+    del manifest["files"]["decoder_adapter.safetensors"]
+    (saved / "icae_config.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match="decoder_adapter"):
+        ICAE.from_pretrained(saved, base_model=(tiny_icae_base(0), tokenizer))
