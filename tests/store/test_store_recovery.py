@@ -203,21 +203,27 @@ def test_stale_index_still_catches_up_incrementally(location: StoreLocation) -> 
     reader.close()
 
 
-READ_ONLY_WAL_PROBE = textwrap.dedent(
+# The start of a reader that runs as `nobody`: root ignores permission bits. Every code path is
+# first run as root on a copy (`warm`), because `nobody` cannot read the interpreter's files
+# under /root.
+AS_NOBODY = textwrap.dedent(
     """
     import json, os, pwd, sys
     import numpy as np
     from icmem.store import MemoryStore, StoreError
     path, warm, dim = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ns = ("t", "a", "th")
-    # Root ignores permission bits, so the probe reads as `nobody`; every code path is first run
-    # as root on a copy, because `nobody` cannot read the interpreter's files under /root.
     with MemoryStore.open(warm, dim=dim, read_only=True) as store:
         store.search(np.ones(dim, np.float32), 3, namespace=ns)
         store.stats()
     nobody = pwd.getpwnam("nobody")
     os.setgid(nobody.pw_gid)
     os.setuid(nobody.pw_uid)
+    """
+)
+
+READ_ONLY_WAL_PROBE = AS_NOBODY + textwrap.dedent(
+    """
     try:
         with MemoryStore.open(path, dim=dim, read_only=True) as store:
             hits = store.search(np.ones(dim, np.float32), 100, namespace=ns)
@@ -347,19 +353,8 @@ def test_a_long_running_writer_saves_its_index_as_it_goes(location: StoreLocatio
         writer.close()
 
 
-FOLLOWING_READER = textwrap.dedent(
+FOLLOWING_READER = AS_NOBODY + textwrap.dedent(
     """
-    import json, os, pwd, sys
-    import numpy as np
-    from icmem.store import MemoryStore
-    path, warm, dim = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    ns = ("t", "a", "th")
-    with MemoryStore.open(warm, dim=dim, read_only=True) as store:
-        store.search(np.ones(dim, np.float32), 3, namespace=ns)
-        store.stats()
-    nobody = pwd.getpwnam("nobody")
-    os.setgid(nobody.pw_gid)
-    os.setuid(nobody.pw_uid)
     with MemoryStore.open(path, dim=dim, read_only=True) as store:
         before = store.stats().documents
         print("opened", flush=True)
