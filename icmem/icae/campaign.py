@@ -293,7 +293,9 @@ def render_curve(curve: list[dict[str, Any]], training_md: str | Path, png: str 
         for p in curve
     ]
     estimate = (
-        "The curve is not falling yet, so it names no token count for the goal."
+        f"{len(curve)} evaluation(s) so far: too few to extrapolate to the goal."
+        if len(curve) < 3
+        else "The curve is not falling, so it names no token count for the goal."
         if goal is None
         else f"A straight line through the last evaluations (loss against log tokens) reaches "
         f"{GOAL_CE} nats at about {goal:,.0f} tokens."
