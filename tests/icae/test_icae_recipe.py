@@ -14,7 +14,7 @@ from icae_testing import randomise_trained_tensors
 from tiny_models import TINY_ICAE_CONFIG, tiny_icae
 
 from icmem.icae import ICAE, ICAEConfig, ICAEConfigError, ICAEExample, MemorySlots
-from icmem.icae.checkpoint import DEFAULT_CHECKPOINT, EMBEDDINGS, MANIFEST
+from icmem.icae.checkpoint import EMBEDDINGS, MANIFEST
 
 SPAN = TINY_ICAE_CONFIG["span_tokens"]  # 32
 K = TINY_ICAE_CONFIG["num_memory_tokens"]  # 8
@@ -255,18 +255,40 @@ def test_a_recipe_survives_a_checkpoint_round_trip(make, tokenizer, tmp_path):
         torch.testing.assert_close(a.tensor, b.tensor)
 
 
-def test_the_first_shipped_config_reads_as_todays_recipe():
-    """Configs written before the recipe options existed keep their behaviour."""
-    saved = json.loads((DEFAULT_CHECKPOINT / MANIFEST).read_text())["config"]
-    legacy = {
-        k: v for k, v in saved.items() if k not in {"slot_positions", "slot_head", "slot_layer"}
+def test_the_first_shipped_config_reads_as_the_first_recipe():
+    """Configs written before the recipe options existed keep their behaviour: this is the
+    first shipped checkpoint's config, as its icae_config.json held it."""
+    first = {
+        "base_model": "smollm2-135m-instruct",
+        "base_revision": None,
+        "num_memory_tokens": 128,
+        "span_tokens": 512,
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_targets": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        "special_tokens": ["ae", "lm", "ft"],
+        "dtype": "bfloat16",
+        "short_span_policy": "proportional",
+        "min_memory_tokens": 8,
     }
-    config = ICAEConfig.from_dict(legacy)
-    assert (config.slot_positions, config.slot_head, config.slot_layer) == (
-        "sequential",
-        "none",
-        None,
+    config = ICAEConfig.from_dict(first)
+    recipe = (
+        config.slot_positions,
+        config.slot_head,
+        config.slot_layer,
+        config.slot_residual,
+        config.decoder_lora_rank,
     )
+    assert recipe == ("sequential", "none", None, "none", 0)
 
 
 # ------------------------------------------------------------------------- pooled residual
