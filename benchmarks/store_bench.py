@@ -261,6 +261,54 @@ def bench_namespaces(directory: Path, dim: int, count: int, queries: int) -> dic
     return result
 
 
+_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[4])
+from store_bench import clustered_vectors, documents
+from icmem.store import MemoryStore
+n, dim = int(sys.argv[2]), int(sys.argv[3])
+vectors = clustered_vectors(n, dim, seed=0)
+with MemoryStore.open(sys.argv[1], dim=dim) as store:
+    for start in range(0, n, 1024):
+        batch = documents(vectors, start, min(1024, n - start), None)
+        store.add(batch, namespace=("bench", "w", "t"))
+"""
+
+_READER = """
+import json, sys, time
+import numpy as np
+started = time.perf_counter()
+from icmem.store import MemoryStore
+with MemoryStore.open(sys.argv[1], dim=int(sys.argv[2]), read_only=True) as store:
+    opened = time.perf_counter()
+    store.search(np.ones(int(sys.argv[2]), np.float32), 10, namespace=("bench",))
+    searched = time.perf_counter()
+result = {"open_s": opened - started, "first_search_s": searched - opened}
+print(json.dumps({k: round(v, 3) for k, v in result.items()}))
+"""
+
+
+def bench_first_search_after_write(directory: Path, dim: int, n: int) -> dict:
+    """One process only writes `n` spans (no slots) and exits; a fresh read-only process then
+    opens the store and searches once: does it find a current index or rebuild one?"""
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", _WRITER, str(directory), str(n), str(dim), here], check=True
+    )
+    write_s = time.perf_counter() - started
+    reader = subprocess.run(
+        [sys.executable, "-c", _READER, str(directory), str(dim)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return {"spans": n, "writer_s": round(write_s, 1), **json.loads(reader.stdout)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
@@ -275,6 +323,12 @@ def main() -> None:
     parser.add_argument("--codec-spans", type=int, default=1_024)
     parser.add_argument(
         "--namespaces", type=int, default=2_000, help="namespaces of the many-namespace search"
+    )
+    parser.add_argument(
+        "--first-search-spans",
+        type=int,
+        default=50_000,
+        help="spans one process writes before a fresh read-only process searches (0: skip)",
     )
     parser.add_argument("--workdir", default=None, help="where stores are written (a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/store_bench.json")
@@ -318,6 +372,10 @@ def main() -> None:
         result["many_namespaces"] = bench_namespaces(
             work / "namespaces", args.dim, args.namespaces, args.queries
         )
+        if args.first_search_spans:
+            result["first_search_after_write"] = bench_first_search_after_write(
+                work / "written", args.dim, args.first_search_spans
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
