@@ -73,7 +73,10 @@ def test_wheel_ships_the_default_checkpoint_intact(wheel):
         assert f"{folder}/{name}" in names, f"{folder}/{name} is missing from the wheel"
     manifest = json.loads(wheel.read(f"{folder}/icae_config.json"))
     recorded = manifest["files"]
-    assert set(recorded) == {"adapter_model.safetensors", "icae_embeddings.safetensors"}
+    expected = {"adapter_model.safetensors", "icae_embeddings.safetensors"}
+    if manifest["config"].get("decoder_lora_rank"):
+        expected.add("decoder_adapter.safetensors")
+    assert set(recorded) == expected
     for name, digest in recorded.items():
         assert hashlib.sha256(wheel.read(f"{folder}/{name}")).hexdigest() == digest, name
 
