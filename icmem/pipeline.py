@@ -280,6 +280,7 @@ class MemoryPipeline:
             k=k,
             filter=filter,
             max_new_tokens=max_new_tokens,
+            memory=memory,
             **sampling,
         )
         return Answer(text="".join(reply.pieces), hits=reply.hits)
@@ -302,6 +303,7 @@ class MemoryPipeline:
             k=k,
             filter=filter,
             max_new_tokens=max_new_tokens,
+            memory=memory,
             **sampling,
         ).pieces
 

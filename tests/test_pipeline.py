@@ -237,3 +237,21 @@ def test_memory_as_text_gives_the_base_model_the_recalled_spans(pipeline, icae):
     assert texted.prompt_tokens == len(icae.format_chat(expected))
     with pytest.raises(ValueError, match="'slots' or 'text'"):
         pipeline.reply(question, namespace=NS, memory="raw")
+
+
+def test_ask_and_stream_answer_pass_the_memory_form_on(pipeline, icae):
+    ingest_all(pipeline)
+    question = "What is the capital of France?"
+    expected = "".join(
+        pipeline.reply(question, namespace=NS, k=2, max_new_tokens=4, memory="text").pieces
+    )
+    asked = pipeline.ask(question, namespace=NS, k=2, max_new_tokens=4, memory="text").text
+    streamed = "".join(
+        pipeline.stream_answer(question, namespace=NS, k=2, max_new_tokens=4, memory="text")
+    )
+    from_slots = pipeline.ask(question, namespace=NS, k=2, max_new_tokens=4).text
+    recalled = pipeline.recall(question, namespace=NS, k=2)
+    assert asked == streamed == expected
+    assert from_slots == icae.generate(recalled.memory, question, max_new_tokens=4)
+    with pytest.raises(ValueError, match="'slots' or 'text'"):
+        pipeline.ask(question, namespace=NS, memory="raw")
