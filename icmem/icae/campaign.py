@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,6 @@ def background_pid(output_dir: str | Path) -> int | None:
 
 def stop_background(output_dir: str | Path, *, timeout: float = 600.0) -> bool:
     """SIGTERM the campaign (it checkpoints, then exits) and wait; False if none ran."""
-    import time
-
     pid = background_pid(output_dir)
     if pid is None:
         return False
@@ -166,7 +165,9 @@ def stop_background(output_dir: str | Path, *, timeout: float = 600.0) -> bool:
 
 
 def held_out_history(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The held-out evaluations of a run, in step order."""
+    """The held-out evaluations of a run, in step order (none before it first logged)."""
+    if not (Path(output_dir) / "metrics.jsonl").is_file():
+        return []
     return [r for r in read_metrics(output_dir) if "held_out_ae_loss" in r]
 
 
@@ -309,3 +310,24 @@ def render_curve(curve: list[dict[str, Any]], training_md: str | Path, png: str 
     else:
         text = text.rstrip("\n") + "\n\n## The campaign's curve\n\n" + block + "\n"
     path.write_text(text)
+
+
+def report(
+    config: TrainConfig,
+    *,
+    results: str | Path = "benchmarks/results",
+    training_md: str | Path = "TRAINING.md",
+    promote: bool = True,
+) -> dict[str, Any]:
+    """What a session does before it stops: append the run's metrics to the committed log,
+    re-draw the curve, and promote the checkpoint if it beats the shipped one."""
+    results = Path(results)
+    log = results / "icae_campaign_metrics.jsonl"
+    added = append_metrics(config, log)
+    curve = campaign_curve(log)
+    if curve:
+        render_curve(curve, training_md, results / "icae_campaign_curve.png")
+    record: dict[str, Any] = {"metrics_added": added, "evaluations": len(curve)}
+    if promote:
+        record["promotion"] = promote_if_better(config)
+    return record

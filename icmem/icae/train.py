@@ -861,39 +861,16 @@ def _campaign_command(args: argparse.Namespace) -> int:
     elif args.action == "stop":
         print(json.dumps({"stopped": campaign.stop_background(config.output_dir)}))
     elif args.action == "status":
-        history = (
-            campaign.held_out_history(config.output_dir)
-            if (Path(config.output_dir) / "metrics.jsonl").is_file()
-            else []
-        )
-        print(
-            json.dumps(
-                {
-                    "running": campaign.background_pid(config.output_dir),
-                    "next_start": campaign.plan_campaign(config).mode,
-                    "last_held_out": history[-1] if history else None,
-                }
-            )
-        )
+        history = campaign.held_out_history(config.output_dir)
+        status = {
+            "running": campaign.background_pid(config.output_dir),
+            "next_start": campaign.plan_campaign(config).mode,
+            "last_held_out": history[-1] if history else None,
+        }
+        print(json.dumps(status))
     else:
-        record = _campaign_report(config, promote=not args.no_promote)
-        print(json.dumps(record))
+        print(json.dumps(campaign.report(config, promote=not args.no_promote)))
     return 0
-
-
-def _campaign_report(config: TrainConfig, *, promote: bool) -> dict[str, Any]:
-    from icmem.icae import campaign
-
-    results = Path("benchmarks/results")
-    log = results / "icae_campaign_metrics.jsonl"
-    added = campaign.append_metrics(config, log)
-    curve = campaign.campaign_curve(log)
-    if curve:
-        campaign.render_curve(curve, "TRAINING.md", results / "icae_campaign_curve.png")
-    record: dict[str, Any] = {"metrics_added": added, "evaluations": len(curve)}
-    if promote:
-        record["promotion"] = campaign.promote_if_better(config)
-    return record
 
 
 def _corpus_command(args: argparse.Namespace) -> int:

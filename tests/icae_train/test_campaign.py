@@ -93,8 +93,12 @@ def test_run_campaign_warm_starts_then_resumes_exactly(config, tmp_path):
     second = campaign.run_campaign(config, export_dir=export)
     assert second.steps == config.max_steps
     uninterrupted = train(
-        TrainConfig.from_dict({**campaign.plan_campaign(config, export).config.to_dict(),
-                               "output_dir": str(tmp_path / "whole")})
+        TrainConfig.from_dict(
+            {
+                **campaign.plan_campaign(config, export).config.to_dict(),
+                "output_dir": str(tmp_path / "whole"),
+            }
+        )
     )
     # resuming reproduces the uninterrupted warm-started run, step for step
     assert second.losses == pytest.approx(uninterrupted.losses[2:], rel=1e-5)
@@ -102,8 +106,11 @@ def test_run_campaign_warm_starts_then_resumes_exactly(config, tmp_path):
 
 def test_an_export_of_another_recipe_is_not_loaded(config, tmp_path):
     other = TrainConfig.from_dict(
-        {**config.to_dict(), "icae": {**config.icae, "slot_positions": "sequential"},
-         "output_dir": str(tmp_path / "other")}
+        {
+            **config.to_dict(),
+            "icae": {**config.icae, "slot_positions": "sequential"},
+            "output_dir": str(tmp_path / "other"),
+        }
     )
     train(other, until_step=2)
     export = export_checkpoint(other.output_dir, tmp_path / "export")
@@ -140,11 +147,17 @@ def test_metrics_are_appended_once_and_segments_add_up(config, tmp_path):
     last_tokens = max(r["tokens_seen"] for r in records)
     # a second segment (a warm start with another seed) continues the token count
     with log.open("a") as handle:
-        handle.write(json.dumps({"segment": 99, "step": 2, "tokens_seen": 10,
-                                 "held_out_ae_loss": 1.5}) + "\n")
+        handle.write(
+            json.dumps({"segment": 99, "step": 2, "tokens_seen": 10, "held_out_ae_loss": 1.5})
+            + "\n"
+        )
     curve = campaign.campaign_curve(log)
-    assert curve[-1] == {"tokens": last_tokens + 10, "step": 2, "segment": 99,
-                         "held_out_ae_loss": 1.5}
+    assert curve[-1] == {
+        "tokens": last_tokens + 10,
+        "step": 2,
+        "segment": 99,
+        "held_out_ae_loss": 1.5,
+    }
     assert [p["step"] for p in curve[:-1]] == [2, 4]
 
 
@@ -159,8 +172,10 @@ def test_the_goal_estimate_follows_a_log_linear_curve():
 def test_the_curve_is_rewritten_between_its_markers(tmp_path):
     md = tmp_path / "TRAINING.md"
     md.write_text("# Training\n\nintro\n")
-    curve = [{"tokens": 1000 * i, "step": i, "segment": 0, "held_out_ae_loss": 4.0 - i}
-             for i in (1, 2, 3)]
+    curve = [
+        {"tokens": 1000 * i, "step": i, "segment": 0, "held_out_ae_loss": 4.0 - i}
+        for i in (1, 2, 3)
+    ]
     campaign.render_curve(curve, md, tmp_path / "curve.png")
     campaign.render_curve(curve[:2], md, tmp_path / "curve.png")
     text = md.read_text()
@@ -168,3 +183,16 @@ def test_the_curve_is_rewritten_between_its_markers(tmp_path):
     assert text.count(campaign.CURVE_START) == 1 and "| 2,000 | 0 | 2 | 2.000 |" in text
     assert "| 3,000 |" not in text  # the old table is gone
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_a_report_appends_metrics_and_redraws_the_curve(config, tmp_path):
+    assert campaign.held_out_history(config.output_dir) == []  # nothing logged yet
+    train(config)
+    md = tmp_path / "TRAINING.md"
+    md.write_text("# Training\n")
+    record = campaign.report(config, results=tmp_path / "results", training_md=md, promote=False)
+    assert record == {"metrics_added": len(read_metrics(config.output_dir)), "evaluations": 2}
+    assert (tmp_path / "results" / "icae_campaign_curve.png").stat().st_size > 0
+    assert md.read_text().count(campaign.CURVE_START) == 1
+    again = campaign.report(config, results=tmp_path / "results", training_md=md, promote=False)
+    assert again == {"metrics_added": 0, "evaluations": 2}
