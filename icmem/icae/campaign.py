@@ -331,3 +331,33 @@ def report(
     if promote:
         record["promotion"] = promote_if_better(config)
     return record
+
+
+def bootstrap(source: str | Path, config: TrainConfig, out_dir: str | Path) -> Path:
+    """Save an ICAE of `config`'s recipe that starts from `source`, a checkpoint of the same
+    recipe trained with fewer memory tokens (how the 512/128 campaign was seeded from the
+    128/32 ablation winner). Every tensor is copied as is, except the memory embeddings: the
+    trained rows are repeated over the larger k, since spread positions give each memory token
+    its place and the rows mostly say "this is memory"."""
+    import torch
+
+    from icmem.icae.model import ICAE
+
+    trained = ICAE.from_pretrained(source)
+    fresh = ICAE.from_base(config.base_model, **config.icae)
+    sizes = {"num_memory_tokens": None, "span_tokens": None}
+    if _recipe(trained.config) | sizes != _recipe(fresh.config) | sizes:
+        raise TrainingConfigError(
+            f"{source} was trained with another recipe than {config.icae}; bootstrap needs the "
+            "same recipe, differing only in num_memory_tokens and span_tokens"
+        )
+    source_tensors = dict(trained.named_parameters())
+    with torch.no_grad():
+        for name, param in fresh.named_parameters():
+            if not param.requires_grad:
+                continue
+            value = source_tensors[name]
+            if name == "memory_embeddings":
+                value = value.repeat(-(-param.shape[0] // value.shape[0]), 1)[: param.shape[0]]
+            param.copy_(value)
+    return fresh.save_pretrained(out_dir)

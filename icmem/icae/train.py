@@ -809,7 +809,7 @@ def register_cli(subparsers: Any) -> None:
     p = stages.add_parser("campaign", help="continue the default ICAE's training campaign")
     p.add_argument(
         "action",
-        choices=["start", "run", "stop", "status", "report"],
+        choices=["start", "run", "stop", "status", "report", "bootstrap"],
         help="start: in the background at nice 19; run: here, in the foreground; stop: "
         "checkpoint and end it; status: where it stands; report: append metrics, re-draw "
         "the curve in TRAINING.md and promote the checkpoint if held-out loss improved",
@@ -817,6 +817,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--config", default="configs/campaign-smollm2-135m-k128.json")
     p.add_argument("--until-step", type=int, default=None, help="run: stop (checkpointed) here")
     p.add_argument("--no-promote", action="store_true", help="report: never replace the export")
+    p.add_argument("--source", help="bootstrap: a same-recipe checkpoint with fewer memory tokens")
+    p.add_argument("--out", help="bootstrap: where to save the ICAE to start from (init_from)")
     p.set_defaults(func=_campaign_command)
     p = stages.add_parser("corpus", help="write a pretraining corpus from text on this machine")
     p.add_argument("--out", required=True, help="folder to write .txt documents into")
@@ -868,6 +870,10 @@ def _campaign_command(args: argparse.Namespace) -> int:
             "last_held_out": history[-1] if history else None,
         }
         print(json.dumps(status))
+    elif args.action == "bootstrap":
+        if not (args.source and args.out):
+            raise TrainingConfigError("bootstrap needs --source CHECKPOINT and --out DIR")
+        print(json.dumps({"out": str(campaign.bootstrap(args.source, config, args.out))}))
     else:
         print(json.dumps(campaign.report(config, promote=not args.no_promote)))
     return 0

@@ -14,7 +14,14 @@ from tiny_models import tiny_model
 
 from icmem.icae import campaign
 from icmem.icae.model import ICAE
-from icmem.icae.train import TrainConfig, export_checkpoint, latest_checkpoint, read_metrics, train
+from icmem.icae.train import (
+    TrainConfig,
+    TrainingConfigError,
+    export_checkpoint,
+    latest_checkpoint,
+    read_metrics,
+    train,
+)
 
 
 @pytest.fixture
@@ -196,3 +203,24 @@ def test_a_report_appends_metrics_and_redraws_the_curve(config, tmp_path):
     assert md.read_text().count(campaign.CURVE_START) == 1
     again = campaign.report(config, results=tmp_path / "results", training_md=md, promote=False)
     assert again == {"metrics_added": 0, "evaluations": 2}
+
+
+def test_bootstrap_carries_a_smaller_k_checkpoint_over(config, tmp_path):
+    small = ICAE.from_base(
+        config.base_model, **{**config.icae, "num_memory_tokens": 4, "span_tokens": 16}
+    )
+    with torch.no_grad():
+        for param in small.trainable_parameters():
+            param.add_(torch.randn_like(param))
+    small.save_pretrained(tmp_path / "small")
+    out = campaign.bootstrap(tmp_path / "small", config, tmp_path / "big")
+    big, source = ICAE.from_pretrained(out), _tensors(ICAE.from_pretrained(tmp_path / "small"))
+    assert big.config.num_memory_tokens == 8 and big.config.span_tokens == 32
+    for name, tensor in _tensors(big).items():
+        expected = source[name].repeat(2, 1) if name == "memory_embeddings" else source[name]
+        torch.testing.assert_close(tensor, expected, msg=name)
+    other = TrainConfig.from_dict(
+        {**config.to_dict(), "icae": {**config.icae, "slot_positions": "sequential"}}
+    )
+    with pytest.raises(TrainingConfigError, match="another recipe"):
+        campaign.bootstrap(tmp_path / "small", other, tmp_path / "other")
