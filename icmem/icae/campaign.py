@@ -109,7 +109,7 @@ def start_in_background(config_path: str | Path = DEFAULT_CONFIG, *, niceness: i
     if running is not None:
         raise TrainingConfigError(
             f"the campaign is already running (pid {running}); stop it with "
-            "`icmem train campaign --stop` first"
+            "`icmem train campaign stop` first"
         )
     out.mkdir(parents=True, exist_ok=True)
     command = [
@@ -118,9 +118,9 @@ def start_in_background(config_path: str | Path = DEFAULT_CONFIG, *, niceness: i
         "icmem.cli",
         "train",
         "campaign",
+        "run",
         "--config",
         str(config_path),
-        "--foreground",
     ]
     with (out / LOG_FILE).open("a") as log:
         process = subprocess.Popen(
@@ -145,6 +145,11 @@ def background_pid(output_dir: str | Path) -> int | None:
         os.kill(pid, 0)
     except (ValueError, ProcessLookupError, PermissionError):
         return None
+    try:  # a campaign this process started and that has ended is a zombie until reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return None
+    except ChildProcessError:
+        pass  # not our child: kill(pid, 0) above is the answer
     return pid
 
 
@@ -171,9 +176,11 @@ def held_out_history(output_dir: str | Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(output_dir) if "held_out_ae_loss" in r]
 
 
-def held_out_loss(config: TrainConfig, icae_dir: str | Path) -> float:
-    """Held-out `[AE]` loss of a saved ICAE on the run's own held-out examples (the numbers in
-    its metrics), so that two checkpoints of any recipe are compared on the same spans."""
+def held_out_objective(config: TrainConfig, icae_dir: str | Path) -> float:
+    """The run's own objective on its held-out examples: `[AE]` and `[LM]` losses weighted by
+    the mixture the run trains on (pure `[AE]` for an autoencoding phase), so that a mixed phase
+    is not judged by autoencoding alone. Both checkpoints are measured now on the same spans,
+    whatever recipe trained them."""
     import torch
 
     from icmem.icae.model import ICAE
@@ -181,20 +188,24 @@ def held_out_loss(config: TrainConfig, icae_dir: str | Path) -> float:
 
     icae = ICAE.from_pretrained(icae_dir)
     with torch.no_grad():
-        return _HeldOutEval(config, icae).losses()["held_out_ae_loss"]
+        losses = _HeldOutEval(config, icae).losses()
+    if "held_out_ft_loss" in losses:
+        return losses["held_out_ft_loss"]
+    weight = config.ae_fraction
+    return weight * losses["held_out_ae_loss"] + (1.0 - weight) * losses["held_out_lm_loss"]
 
 
 def promote_if_better(
     config: TrainConfig, export_dir: str | Path = DEFAULT_CHECKPOINT
 ) -> dict[str, Any]:
-    """Export the run's latest checkpoint over `export_dir` when its held-out `[AE]` loss is
-    lower than the export's, both measured now on the same held-out spans."""
+    """Export the run's latest checkpoint over `export_dir` when its held-out objective (see
+    `held_out_objective`) is lower than the export's."""
     checkpoint = latest_checkpoint(config.output_dir)
     if checkpoint is None:
         return {"promoted": False, "reason": f"{config.output_dir} has no checkpoint yet"}
-    candidate = held_out_loss(config, checkpoint / "icae")
+    candidate = held_out_objective(config, checkpoint / "icae")
     export = Path(export_dir)
-    committed = held_out_loss(config, export) if (export / MANIFEST).is_file() else None
+    committed = held_out_objective(config, export) if (export / MANIFEST).is_file() else None
     record = {
         "checkpoint": str(checkpoint),
         "candidate_loss": round(candidate, 4),

@@ -3,6 +3,7 @@ export on a fresh clone, and the committed record (metrics log, curve, promotion
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -144,6 +145,21 @@ def test_promotion_replaces_the_export_only_when_held_out_loss_improves(config, 
     assert third["promoted"] and third["candidate_loss"] < third["committed_loss"]
 
 
+def test_a_mixed_phase_is_judged_by_its_own_mixture(config, tmp_path):
+    from icmem.icae.train import _HeldOutEval
+
+    train(config, until_step=2)
+    icae_dir = latest_checkpoint(config.output_dir) / "icae"
+    with torch.no_grad():
+        losses = _HeldOutEval(config, ICAE.from_pretrained(icae_dir)).losses()
+    ae, lm = losses["held_out_ae_loss"], losses["held_out_lm_loss"]
+    assert abs(ae - lm) > 1e-3  # otherwise the weighting below could not be told apart
+    pure = campaign.held_out_objective(config, icae_dir)
+    mixed = campaign.held_out_objective(dataclasses.replace(config, ae_fraction=0.25), icae_dir)
+    assert pure == pytest.approx(ae, rel=1e-5)
+    assert mixed == pytest.approx(0.25 * ae + 0.75 * lm, rel=1e-5)
+
+
 def test_metrics_are_appended_once_and_segments_add_up(config, tmp_path):
     train(config)
     log = tmp_path / "log.jsonl"
@@ -224,3 +240,20 @@ def test_bootstrap_carries_a_smaller_k_checkpoint_over(config, tmp_path):
     )
     with pytest.raises(TrainingConfigError, match="another recipe"):
         campaign.bootstrap(tmp_path / "small", other, tmp_path / "other")
+
+
+def test_a_background_campaign_trains_to_its_last_step_and_logs(config, tmp_path):
+    import time
+
+    path = tmp_path / "campaign.json"
+    path.write_text(json.dumps(config.to_dict()))
+    pid = campaign.start_in_background(path, niceness=0)
+    with pytest.raises(TrainingConfigError, match="already running"):
+        campaign.start_in_background(path)
+    deadline = time.monotonic() + 120
+    while campaign.background_pid(config.output_dir) == pid and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = (tmp_path / "run" / campaign.LOG_FILE).read_text()
+    assert campaign.background_pid(config.output_dir) is None, log
+    assert latest_checkpoint(config.output_dir).name.endswith("4"), log
+    assert max(r["step"] for r in read_metrics(config.output_dir)) == config.max_steps
