@@ -36,6 +36,16 @@ keys the model passes are taken as rotated and contiguous up to the newest token
 ones the Λ mask needs are re-rotated: results are the same, but memory is unbounded. Pass
 ``past_key_values=make_cache(model)`` to get the bounded cache.
 
+Memory that stays in view. A cache made with ``make_cache(model, memory_positions=...)`` takes
+its first forward call as a *memory block* (an ICAE's memory slots, task token and system turn,
+at the position ids the caller passes, any increasing positions): that call is plain causal
+attention, and its keys become the global entries of every later query, which sees them as if
+it sat at ``min(i, W - 1)``, so the block keeps its own order and its distances, placed just
+before the local window. The local window shrinks to ``W - E`` (E: one past the block's last
+position), so every distance stays below W, the pretraining length. Within W positions this is
+exactly stock attention over the same position ids; past it, old turns leave the window while
+the memory stays at the distance it was read at in training.
+
 Not supported: padded batches (they raise :class:`LMInfiniteError`; batch equal-length prompts or
 run one sequence per call), RoPE types whose frequencies change with length ("dynamic",
 "longrope"), and the paper's optional top-k middle tokens (``top_k_middle`` must stay 0: it needs
@@ -44,8 +54,9 @@ every middle key kept, which a bounded cache cannot do).
 
 from __future__ import annotations
 
+import itertools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
@@ -184,6 +195,11 @@ class _KeyWindow:
     end: int
     global_keys: torch.Tensor
     global_values: torch.Tensor
+    # Memory mode (see the module docstring): the globals are rotated at their own positions and
+    # always visible, and the window is ``width`` wide; ``block`` marks the memory block's call.
+    ordered: bool = False
+    width: int | None = None
+    block: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,22 +269,55 @@ def _lambda_attention(
     n = query.shape[-2]
     first = window.end - n
     device = query.device
+    cap = config.local_window - 1
     q = _rotate(query, *binding.exact_cos_sin(first, n, device)).mul_(scaling)
-    # Global tokens some query of this call sees beyond its window: j <= last query - W.
-    n_global = min(window.global_keys.shape[-2], max(0, window.end - config.local_window))
     capped_q = global_k = global_v = None
-    if n_global:
-        capped_q = _rotate(query, *binding.exact_cos_sin(config.local_window - 1, 1, device))
-        capped_q.mul_(scaling)
-        global_k = _rotate(
-            window.global_keys[:, :, :n_global], *binding.exact_cos_sin(0, 1, device)
-        )
-        global_v = window.global_values[:, :, :n_global].float()
+    if window.ordered:
+        n_global = window.global_keys.shape[-2]
+        if n_global:
+            # Each query reads the memory from min(i, W - 1): true distances inside the
+            # pretraining length, the distances of position W - 1 beyond it.
+            below = max(0, min(n, cap - first))
+            cos, sin = binding.exact_cos_sin(first, below, device)
+            cap_cos, cap_sin = binding.exact_cos_sin(cap, 1, device)
+            cos = torch.cat((cos, cap_cos.expand(-1, -1, n - below, -1)), -2)
+            sin = torch.cat((sin, cap_sin.expand(-1, -1, n - below, -1)), -2)
+            capped_q = _rotate(query, cos, sin).mul_(scaling)
+            global_k = window.global_keys.float()
+            global_v = window.global_values.float()
+    else:
+        # Global tokens some query of this call sees beyond its window: j <= last query - W.
+        n_global = min(window.global_keys.shape[-2], max(0, window.end - config.local_window))
+        if n_global:
+            capped_q = _rotate(query, *binding.exact_cos_sin(cap, 1, device)).mul_(scaling)
+            global_k = _rotate(
+                window.global_keys[:, :, :n_global], *binding.exact_cos_sin(0, 1, device)
+            )
+            global_v = window.global_values[:, :, :n_global].float()
     if n == 1:
         out = _decode_attention(q, key, value, capped_q, global_k, global_v)
     else:
-        out = _prefill_attention(q, key, value, window, capped_q, global_k, global_v, config)
+        width = window.width or config.local_window
+        out = _prefill_attention(
+            q, key, value, window, capped_q, global_k, global_v, width, config.query_block
+        )
     return out.to(value.dtype).transpose(1, 2)
+
+
+def _block_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The memory block's own call: causal attention over keys the model rotated itself at the
+    caller's position ids (all below W, so stock attention is exact there)."""
+    groups = query.shape[1] // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(groups, dim=1),
+        value.repeat_interleave(groups, dim=1),
+        is_causal=True,
+        scale=scaling,
+    )
+    return out.transpose(1, 2)
 
 
 def _decode_attention(
@@ -304,7 +353,8 @@ def _prefill_attention(
     capped_q: torch.Tensor | None,
     global_k: torch.Tensor | None,
     global_v: torch.Tensor | None,
-    config: LMInfiniteConfig,
+    width: int,
+    query_block: int,
 ) -> torch.Tensor:
     """Queries in blocks, each block one fused ``scaled_dot_product_attention`` call.
 
@@ -319,12 +369,11 @@ def _prefill_attention(
     batch, heads, n, dim = q.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    width = config.local_window
     first_query = window.end - n
     device = q.device
     out = torch.empty(batch, heads, n, dim, dtype=torch.float32, device=device)
-    for start in range(0, n, config.query_block):
-        stop = min(n, start + config.query_block)
+    for start in range(0, n, query_block):
+        stop = min(n, start + query_block)
         rows = stop - start
         q_pos = torch.arange(first_query + start, first_query + stop, device=device)
         lo = max(0, int(q_pos[0]) - width + 1 - window.start)
@@ -345,8 +394,11 @@ def _prefill_attention(
 
         sees_global = torch.zeros(rows, dtype=torch.bool, device=device)
         if global_k is not None:
-            g_pos = torch.arange(global_k.shape[-2], device=device)
-            beyond = (q_pos[:, None] - g_pos[None, :]) >= width
+            if window.ordered:  # the memory is visible to every query
+                beyond = torch.ones(rows, global_k.shape[-2], dtype=torch.bool, device=device)
+            else:
+                g_pos = torch.arange(global_k.shape[-2], device=device)
+                beyond = (q_pos[:, None] - g_pos[None, :]) >= width
             capped = _grouped(capped_q[:, :, start:stop], kv_heads) @ global_k.transpose(-1, -2)
             capped.masked_fill_(~beyond.repeat(groups, 1), float("-inf"))
             sees_global = beyond.any(dim=-1)
@@ -423,6 +475,10 @@ def _lm_infinite_attention(
             "attention does not pass them, so it is not a supported Llama-family model"
         )
     n = query.shape[-2]
+    window = _HANDOFF.pop(module, None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if window is not None and window.block:
+        return _block_attention(query, key, value, scale).contiguous(), None
     positions = position_ids.reshape(-1, n)
     query_positions = positions[0]
     first = int(query_positions[0])
@@ -433,7 +489,6 @@ def _lm_infinite_attention(
             "(no padding, no packed sequences); pass plain unpadded inputs"
         )
 
-    window = _HANDOFF.pop(module, None)
     if window is None:
         key, value, window = _window_from_model_keys(key, value, first, first + n, binding)
     elif window.end != first + n:
@@ -444,7 +499,6 @@ def _lm_infinite_attention(
         )
 
     query = _unrotate(query, *binding.model_cos_sin(first, n, query.dtype, query.device))
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     output = _lambda_attention(query, key, value, window, binding, scale)
     return output.contiguous(), None
 
@@ -469,19 +523,24 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask_only)
 class LMInfiniteLayer(CacheLayerMixin):
     """One layer's keys and values: the first g tokens, and the W most recent in a ring.
 
-    ``keys``/``values`` are the ring (exactly rotated keys; position p lives in slot p mod W,
-    and the ring grows by doubling up to W slots); ``global_keys``/``global_values`` hold the
-    first g tokens unrotated. ``get_seq_length`` counts every token seen (as transformers
-    expects, to place new tokens); :meth:`held_positions` lists what is actually kept.
+    ``keys``/``values`` are the ring (exactly rotated keys; position p lives in slot
+    (p - origin) mod W, and the ring grows by doubling up to W slots); ``global_keys``/
+    ``global_values`` hold the first g tokens unrotated. With a memory block (``memory``: its
+    position ids) the globals are the block's keys as the model rotated them, the ring starts
+    after the block (``origin``) and is ``W - origin`` wide. ``get_seq_length`` counts every
+    position seen (as transformers expects, to place new tokens); :meth:`held_positions` lists
+    what is actually kept.
     """
 
     is_croppable = False
 
-    def __init__(self, binding: _Binding) -> None:
+    def __init__(self, binding: _Binding, memory: tuple[int, ...] = ()) -> None:
         super().__init__()
         self._binding = binding
-        self.global_tokens = binding.config.global_tokens
-        self.local_window = binding.config.local_window
+        self.memory = memory
+        self.origin = memory[-1] + 1 if memory else 0
+        self.global_tokens = 0 if memory else binding.config.global_tokens
+        self.local_window = binding.config.local_window - self.origin
         self.seen_tokens = 0
         self.global_keys: torch.Tensor | None = None
         self.global_values: torch.Tensor | None = None
@@ -506,6 +565,7 @@ class LMInfiniteLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         start, n = self.seen_tokens, key_states.shape[-2]
         end = start + n
+        origin = self.origin
         if start < self.global_tokens:
             take = min(n, self.global_tokens - start)
             self.global_keys = torch.cat((self.global_keys, key_states[..., :take, :]), -2)
@@ -514,21 +574,49 @@ class LMInfiniteLayer(CacheLayerMixin):
         rotated = _rotate(key_states, *self._binding.exact_cos_sin(start, n, device))
         rotated = rotated.to(key_states.dtype)
         if n > 1:
-            window_start = max(0, start - self.local_window + 1)
-            old_keys, old_values = self._ordered(window_start, start)
+            window_start = max(origin, start - self.local_window + 1)
+            old_keys, old_values = self._ordered(window_start - origin, start - origin)
             keys = torch.cat((old_keys, rotated), -2)
             values = torch.cat((old_values, value_states), -2)
-        self._store(rotated, value_states, start)
+        self._store(rotated, value_states, start - origin)
         self.seen_tokens = end
         if n == 1:
-            held = min(end, self.local_window)
+            held = min(end - origin, self.local_window)
             window_start = end - held
             keys, values = self.keys[..., :held, :], self.values[..., :held, :]
-        self.last_window = _KeyWindow(window_start, end, self.global_keys, self.global_values)
+        self.last_window = _KeyWindow(
+            window_start,
+            end,
+            self.global_keys,
+            self.global_values,
+            ordered=bool(self.memory),
+            width=self.local_window,
+        )
         return keys, values
 
+    def store_memory(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the memory block's keys (rotated by the model at the block's positions) as this
+        layer's global entries; the block's own queries attend causally among them."""
+        if self.is_initialized or len(self.memory) != key_states.shape[-2]:
+            raise LMInfiniteError(
+                f"a cache made with {len(self.memory)} memory positions takes them as its first "
+                f"forward call, got {key_states.shape[-2]} tokens"
+                + (" after earlier calls" if self.is_initialized else "")
+                + "; feed the memory block alone first, then the conversation"
+            )
+        self.lazy_initialization(key_states, value_states)
+        self.global_keys, self.global_values = key_states, value_states
+        self.seen_tokens = self.origin
+        self.last_window = _KeyWindow(
+            0, self.origin, key_states, value_states, ordered=True, block=True
+        )
+        return key_states, value_states
+
     def _slots(self, first: int, stop: int) -> list[tuple[int, int]]:
-        """Ring slot ranges holding positions first .. stop - 1, in position order."""
+        """Ring slot ranges holding ring positions first .. stop - 1 (counted from ``origin``),
+        in position order."""
         if stop <= first:
             return [(0, 0)]
         begin = first % self.local_window
@@ -556,8 +644,8 @@ class LMInfiniteLayer(CacheLayerMixin):
             grown_values = self.values.new_empty(
                 (*self.values.shape[:-2], size, self.values.shape[-1])
             )
-            grown_keys[..., : self.seen_tokens, :] = self.keys[..., : self.seen_tokens, :]
-            grown_values[..., : self.seen_tokens, :] = self.values[..., : self.seen_tokens, :]
+            grown_keys[..., :start, :] = self.keys[..., :start, :]
+            grown_values[..., :start, :] = self.values[..., :start, :]
             self.keys, self.values = grown_keys, grown_values
         kept = min(keys.shape[-2], self.local_window)
         offset = keys.shape[-2] - kept
@@ -569,8 +657,10 @@ class LMInfiniteLayer(CacheLayerMixin):
     def held_positions(self) -> list[int]:
         """Positions whose keys this layer keeps: the global tokens, then the ring's window."""
         n_global = 0 if self.global_keys is None else self.global_keys.shape[-2]
-        ring = min(self.seen_tokens, self.local_window)
-        return [*range(n_global), *range(self.seen_tokens - ring, self.seen_tokens)]
+        ring = min(self.seen_tokens - self.origin, self.local_window)
+        held = range(self.seen_tokens - ring, self.seen_tokens) if ring > 0 else range(0)
+        memory = list(self.memory) if self.memory and n_global else list(range(n_global))
+        return [*memory, *held]
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
@@ -579,7 +669,7 @@ class LMInfiniteLayer(CacheLayerMixin):
         return self.seen_tokens + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.global_tokens + self.local_window
+        return (len(self.memory) or self.global_tokens) + self.local_window
 
     def reset(self) -> None:
         self.keys = self.values = self.global_keys = self.global_values = None
@@ -618,7 +708,7 @@ class LMInfiniteCache(Cache):
     ``model.generate(...)``; it stays bounded however long the conversation runs.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, memory_positions: Sequence[int] = ()) -> None:
         base = _pretrained_model(model)
         modules = _attention_modules(base)
         binding = _BINDINGS.get(modules[0])
@@ -627,10 +717,14 @@ class LMInfiniteCache(Cache):
                 "make_cache(model) needs LM-Infinite enabled on the model; call "
                 "icmem.lm_infinite.enable(model) (or use `with enabled(model):`) first"
             )
+        memory = tuple(int(p) for p in memory_positions)
+        if memory:
+            _check_memory_positions(memory, binding.config.local_window)
         self.config = binding.config
+        self.memory_positions = memory
         self._binding = binding
         self._modules = modules
-        super().__init__(layers=[LMInfiniteLayer(binding) for _ in modules])
+        super().__init__(layers=[LMInfiniteLayer(binding, memory) for _ in modules])
 
     def update(
         self,
@@ -643,6 +737,10 @@ class LMInfiniteCache(Cache):
         """Undo the model's rotation of the new keys (they sit at the next positions), store
         them, and tell the layer's attention function what the returned keys hold."""
         layer = self.layers[layer_idx]
+        if self.memory_positions and not layer.is_initialized:
+            keys, values = layer.store_memory(key_states, value_states)
+            _HANDOFF[self._modules[layer_idx]] = layer.last_window
+            return keys, values
         cos_sin = self._binding.model_cos_sin(
             layer.get_seq_length(), key_states.shape[-2], key_states.dtype, key_states.device
         )
@@ -785,6 +883,25 @@ def enabled(
             enable(model, **{f.name: getattr(old, f.name) for f in fields(old)})
 
 
-def make_cache(model: nn.Module) -> LMInfiniteCache:
-    """A fresh bounded cache for ``model`` (LM-Infinite must be enabled)."""
-    return LMInfiniteCache(model)
+def make_cache(model: nn.Module, memory_positions: Sequence[int] = ()) -> LMInfiniteCache:
+    """A fresh bounded cache for ``model`` (LM-Infinite must be enabled).
+
+    ``memory_positions`` makes the first forward call a memory block at those position ids (see
+    the module docstring): pass them as that call's ``position_ids``; later calls continue at
+    one past the last of them.
+    """
+    return LMInfiniteCache(model, memory_positions)
+
+
+def _check_memory_positions(positions: tuple[int, ...], window: int) -> None:
+    if any(b <= a for a, b in itertools.pairwise(positions)) or positions[0] < 0:
+        raise LMInfiniteError(
+            "memory_positions must be increasing and non-negative, got "
+            f"{list(positions[:8])}...; pass the position ids the memory block is read at"
+        )
+    if positions[-1] + 1 >= window:
+        raise LMInfiniteError(
+            f"the memory block reaches position {positions[-1]}, but the local window is "
+            f"{window} positions and the block must leave room for the conversation; recall "
+            "fewer spans or use a model with a longer context"
+        )

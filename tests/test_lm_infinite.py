@@ -20,11 +20,17 @@ def naive_lm_infinite_logits(
     global_tokens: int,
     window: int,
     inputs_embeds: torch.Tensor | None = None,
+    memory_positions: list[int] | None = None,
 ) -> torch.Tensor:
     """O(n²) forward written from the model's weights: the Λ mask and the distance cap by hand.
 
     Every (query i, key j) pair gets its own rotation by min(i - j, window - 1); the pair is
     visible when 0 <= i - j < window or j < global_tokens (and j <= i).
+
+    With ``memory_positions`` the first tokens are a memory block at those positions and the rest
+    follow at E, E + 1, ... (E one past the block): block queries see the block causally at
+    true distances; later queries see every block key at distance min(p_i, window - 1) - p_j
+    and the other keys when 0 <= p_i - p_j < window - E, at true distance.
     """
     config = model.config
     core = model.model
@@ -40,7 +46,18 @@ def naive_lm_infinite_logits(
     j = torch.arange(n)[None, :]
     distance = i - j
     visible = (distance >= 0) & ((distance < window) | (j < global_tokens))
-    angles = distance.clamp(0, window - 1)[..., None].double() * inv_freq.double()
+    distance = distance.clamp(0, window - 1)
+    if memory_positions is not None:
+        g, extent = len(memory_positions), memory_positions[-1] + 1
+        pos = torch.tensor(memory_positions + list(range(extent, extent + n - g)))
+        p_i, p_j = pos[:, None], pos[None, :]
+        true = p_i - p_j
+        block_key, block_query = j < g, i < g
+        visible = (i >= j) & (block_query | block_key | (true < window - extent))
+        distance = torch.where(
+            block_key & ~block_query, p_i.clamp(max=window - 1) - p_j, true
+        ).clamp(min=0)
+    angles = distance[..., None].double() * inv_freq.double()
     angles = angles.float()  # (n, n, D/2)
     cos, sin = angles.cos(), angles.sin()
 
@@ -129,6 +146,80 @@ def test_matches_naive_reference_far_past_window(model, global_tokens, query_blo
     torch.testing.assert_close(full, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stepwise, reference, rtol=1e-4, atol=1e-4)
+
+
+MEMORY = [1, 3, 4, 6]  # a spread memory block: E = 7, so the local window is WINDOW - 7 wide
+
+
+def memory_cache_logits(model, tokens, memory, chunk_sizes):
+    """Logits of the memory block (one call at its positions) then the rest in chunks."""
+    g = len(memory)
+    cache = make_cache(model, memory_positions=memory)
+    outputs = [model(tokens[:, :g], position_ids=torch.tensor([memory]), past_key_values=cache)]
+    start, step = g, 0
+    while start < tokens.shape[1]:
+        size = chunk_sizes[step % len(chunk_sizes)]
+        outputs.append(model(tokens[:, start : start + size], past_key_values=cache))
+        start, step = start + size, step + 1
+    return torch.cat([o.logits for o in outputs], dim=1), cache
+
+
+@torch.no_grad()
+def test_memory_block_matches_naive_reference_far_past_window(model):
+    tokens = ids(len(MEMORY) + 3 * WINDOW + 5)
+    reference = naive_lm_infinite_logits(
+        model, tokens, global_tokens=0, window=WINDOW, memory_positions=MEMORY
+    )
+    with enabled(model, query_block=7):
+        chunked, cache = memory_cache_logits(model, tokens, MEMORY, [5, 11, 23])
+        stepwise, _ = memory_cache_logits(model, tokens, MEMORY, [1])
+    torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepwise, reference, rtol=1e-4, atol=1e-4)
+    extent = MEMORY[-1] + 1
+    end = extent + tokens.shape[1] - len(MEMORY)
+    held = MEMORY + list(range(end - (WINDOW - extent), end))
+    assert all(layer.held_positions() == held for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_memory_block_is_stock_attention_inside_the_window(model):
+    extent = MEMORY[-1] + 1
+    tokens = ids(len(MEMORY) + WINDOW - extent)  # the last token sits at position WINDOW - 1
+    positions = MEMORY + list(range(extent, WINDOW))
+    stock = model(tokens, position_ids=torch.tensor([positions])).logits
+    with enabled(model):
+        cached, _ = memory_cache_logits(model, tokens, MEMORY, [3, 100])
+    torch.testing.assert_close(cached, stock, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_memory_keeps_its_order_past_the_window(llama):
+    """Beyond the window the memory is read at the distances of position WINDOW - 1, not all at
+    the cap (which would make it a bag): swapping two memory tokens changes the answer."""
+    tokens = ids(len(MEMORY) + 2 * WINDOW)
+    swapped = tokens.clone()
+    swapped[0, [0, 1]] = tokens[0, [1, 0]]
+    with enabled(llama):
+        logits, _ = memory_cache_logits(llama, tokens, MEMORY, [64])
+        other, _ = memory_cache_logits(llama, swapped, MEMORY, [64])
+    assert not torch.allclose(logits[0, -1], other[0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("memory", "match"),
+    [([3, 2, 5], "increasing"), ([-1, 2], "increasing"), ([0, WINDOW - 1], "fewer spans")],
+)
+def test_bad_memory_positions_raise(llama, memory, match):
+    with enabled(llama), pytest.raises(LMInfiniteError, match=match):
+        make_cache(llama, memory_positions=memory)
+
+
+@torch.no_grad()
+def test_memory_cache_takes_the_block_first(llama):
+    with enabled(llama):
+        cache = make_cache(llama, memory_positions=MEMORY)
+        with pytest.raises(LMInfiniteError, match="memory block alone first"):
+            llama(ids(len(MEMORY) + 2), past_key_values=cache)
 
 
 @torch.no_grad()
