@@ -82,9 +82,16 @@ class MemoryPipeline:
         *,
         codec: str = "bf16",
         batch_size: int = 8,
+        conversations: int = 8,
+        window: int | None = None,
     ) -> None:
+        """`conversations` decoder states are kept for reuse by the next turn (0: none);
+        `window` is LM-Infinite's local window (default: the model's pretraining length)."""
+        from icmem.icae.conversation import PromptCache
+
         self.icae, self.store, self.embedder = icae, store, embedder
         self.codec, self.batch_size = codec, batch_size
+        self.prompt_cache = PromptCache(conversations, window=window)
 
     @classmethod
     def open(
@@ -251,9 +258,14 @@ class MemoryPipeline:
         if memory == "text" and recalled.hits:
             conversation = _with_context(conversation, [hit.text for hit in recalled.hits])
             slots = []
-        pieces = self.icae.generate(
-            slots, conversation, max_new_tokens=max_new_tokens, stream=True, **sampling
+        from icmem.icae.model import Sampling
+
+        if max_new_tokens < 1:
+            raise ConversationError(f"max_new_tokens={max_new_tokens}; use 1 or more")
+        tokens = self.prompt_cache.generate(
+            self.icae, slots, conversation, max_new_tokens, Sampling(**sampling)
         )
+        pieces = self.icae.decode_stream(tokens)
         return Reply(
             hits=recalled.hits,
             pieces=pieces,

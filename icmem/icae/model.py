@@ -610,7 +610,7 @@ class ICAE(nn.Module):
             task,
             len(prompt_ids),
         )
-        pieces = self._stream_text(
+        pieces = self.decode_stream(
             self._generate_ids(embeds, max_new_tokens, settings, stream=stream, positions=positions)
         )
         return pieces if stream else "".join(pieces)
@@ -631,7 +631,7 @@ class ICAE(nn.Module):
     ) -> str | Iterator[str]:
         with torch.no_grad():
             embeds = self._embed_list(prompt_ids)
-        pieces = self._stream_text(
+        pieces = self.decode_stream(
             self._generate_ids(embeds, max_new_tokens, settings, stream=stream, memory=False)
         )
         return pieces if stream else "".join(pieces)
@@ -810,17 +810,20 @@ class ICAE(nn.Module):
             param.requires_grad_(True)
 
     @contextmanager
-    def _decoder(self, long_context: bool, memory: bool = True) -> Iterator[None]:
+    def _decoder(
+        self, long_context: bool, memory: bool = True, window: int | None = None
+    ) -> Iterator[None]:
         """The decoder: no gradients, its weights (the plain base model when it reads no
-        memory), LM-Infinite attention if asked."""
+        memory), LM-Infinite attention if asked (``window``: its local window, by default the
+        model's pretraining length)."""
         with self._inference(), self._decoder_weights(memory):
             if long_context:
-                with _lm_infinite().enabled(self.model):
+                with _lm_infinite().enabled(self.model, local_window=window):
                     yield
             else:
                 yield
 
-    def _stream_text(self, token_ids: Iterator[int]) -> Iterator[str]:
+    def decode_stream(self, token_ids: Iterator[int]) -> Iterator[str]:
         """Turn token ids into text pieces, holding back incomplete UTF-8 characters."""
         ids: list[int] = []
         emitted = ""

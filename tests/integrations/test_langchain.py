@@ -90,13 +90,13 @@ def test_chat_answer_equals_decoding_from_recalled_slots():
 def test_every_turn_of_the_conversation_reaches_the_decoder(monkeypatch):
     pipeline = shared_pipeline()
     seen = []
-    real = pipeline.icae.generate
+    real = pipeline.prompt_cache.generate
 
-    def spy(memory, prompt, **kwargs):
-        seen.append((prompt, kwargs["max_new_tokens"]))
-        return real(memory, prompt, **kwargs)
+    def spy(icae, memory, conversation, max_new_tokens, sampling):
+        seen.append((conversation, max_new_tokens))
+        return real(icae, memory, conversation, max_new_tokens, sampling)
 
-    monkeypatch.setattr(pipeline.icae, "generate", spy)
+    monkeypatch.setattr(pipeline.prompt_cache, "generate", spy)
     chat = ChatICAE(pipeline=pipeline, namespace=NS, k=2, max_tokens=6)
     chat.invoke(
         [

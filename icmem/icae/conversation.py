@@ -1,0 +1,237 @@
+"""Conversations of any length at constant cost per turn: bounded decoder state kept between
+turns and reused when the next request extends it.
+
+The decoder reads ``[memory block][conversation]``. The memory block (the recalled spans' memory
+slots, the ``[FT]`` task token, and the system turn) is LM-Infinite's global branch: it stays in
+view however long the conversation grows, read in its own order at the positions the ICAE was
+trained with (see ``icmem.lm_infinite``, memory mode). Everything after it falls out of the local
+window as the conversation passes the model's pretraining length, so the state a conversation
+keeps is bounded: the block plus one window.
+
+A :class:`PromptCache` keeps recent :class:`DecoderSession` objects, keyed by their memory
+block and the conversation tokens they have read (like llama.cpp's prompt cache): a new turn
+whose tokens extend a session's reads only the new tokens. When the memory changes, the session
+is rebuilt from at most one window of the conversation, never the whole of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from icmem.icae.errors import ICAEConfigError
+
+if TYPE_CHECKING:
+    from icmem.icae.model import ICAE, Sampling
+    from icmem.icae.slots import MemorySlots
+
+PREFILL_CHUNK = 512  # tokens per forward call when reading a long turn (bounds activations)
+
+
+class DecoderSession:
+    """One conversation's decoder state: its memory block and the conversation tokens read so
+    far, in a bounded LM-Infinite cache."""
+
+    def __init__(
+        self,
+        icae: ICAE,
+        memory: Sequence[MemorySlots],
+        system_ids: Sequence[int],
+        window: int | None = None,
+    ) -> None:
+        self.icae = icae
+        self.reads_memory = bool(memory)
+        self.key = memory_key(memory, system_ids)
+        self.window = window or icae.max_positions
+        if self.window is None:
+            raise ICAEConfigError(
+                "the decoder's config has no max_position_embeddings; pass window= (the length "
+                "the model was pretrained on)"
+            )
+        with torch.no_grad():
+            if memory:
+                block = icae.decoder_inputs(memory, "ft", list(system_ids))
+            else:
+                block = icae._embed_list(list(system_ids))
+        positions = None
+        if memory and icae.config.slot_positions == "spread":
+            spans = [(s.token_count or icae.config.span_tokens, s.num_slots) for s in memory]
+            positions = icae.decoder_positions(spans, "ft", len(system_ids))
+        self.block_positions: list[int] = positions or list(range(block.shape[0]))
+        self._block = block
+        self.cache: Any = None
+        self.read: list[int] = []  # conversation tokens (after the block) the cache holds
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def room(self) -> int:
+        """How many conversation tokens the window holds beside the memory block."""
+        extent = self.block_positions[-1] + 1 if self.block_positions else 0
+        return self.window - extent
+
+    def skip(self, ids: Sequence[int]) -> None:
+        """Count ``ids`` as read without reading them: a rebuilt session starts from the last
+        window of a long conversation, whose older tokens the next token could not see anyway."""
+        if self.cache is not None:
+            raise ICAEConfigError("a session can skip tokens only before it has read any")
+        self.read += list(ids)
+
+    def extends(self, ids: Sequence[int]) -> bool:
+        """Whether ``ids`` continue what this session has read (and add at least one token)."""
+        n = len(self.read)
+        return len(ids) > n and list(ids[:n]) == self.read
+
+    def generate(
+        self, ids: Sequence[int], max_new_tokens: int, sampling: Sampling
+    ) -> Iterator[int]:
+        """Read the tokens of ``ids`` this session has not read yet, then yield sampled tokens
+        until a stop token; generated tokens become part of what the session has read."""
+        if not self.extends(ids):
+            raise ICAEConfigError(
+                "this decoder session has read other tokens than the conversation starts with; "
+                "rebuild the session (PromptCache does)"
+            )
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.icae.device).manual_seed(sampling.seed)
+        self._feed(list(ids[len(self.read) :]))
+        from icmem.icae.model import _pick
+
+        for _ in range(max_new_tokens):
+            token = _pick(self._logits.float(), sampling, generator)
+            if token in self.icae._stop_ids:
+                return
+            yield token
+            self._feed([token])
+
+    def _feed(self, ids: list[int]) -> None:
+        """Run the decoder over new conversation tokens (the block first, on first use)."""
+        icae = self.icae
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            piece = ids[start : start + PREFILL_CHUNK]
+            # The decoder's state (weights, LM-Infinite) is entered per forward call, never
+            # across a yield, so a paused stream cannot change what another thread sees.
+            with icae._decoder(long_context=True, memory=self.reads_memory, window=self.window):
+                if self.cache is None:
+                    self.cache = self._start()
+                out = icae.model(
+                    input_ids=torch.tensor([piece], device=icae.device),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            self._logits = out.logits[0, -1]
+            self.read += piece
+
+    def _start(self) -> Any:
+        """A fresh bounded cache holding the memory block (LM-Infinite must be on)."""
+        lm_infinite = _lm_infinite()
+        if not self.block_positions:
+            return lm_infinite.make_cache(self.icae.model)
+        cache = lm_infinite.make_cache(self.icae.model, memory_positions=self.block_positions)
+        self.icae.model(
+            inputs_embeds=self._block[None],
+            position_ids=torch.tensor([self.block_positions], device=self.icae.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cache
+
+
+class PromptCache:
+    """Recent decoder sessions, reused when a request extends one (see the module docstring).
+
+    A session is taken out while it decodes, so two threads never share one; at most
+    ``max_sessions`` are kept, least recently used first out.
+    """
+
+    def __init__(self, max_sessions: int = 8, window: int | None = None) -> None:
+        if max_sessions < 0:
+            raise ICAEConfigError(f"max_sessions={max_sessions}; use 0 (no reuse) or more")
+        self.max_sessions = max_sessions
+        self.window = window
+        self._sessions: OrderedDict[int, DecoderSession] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"reused": 0, "rebuilt": 0, "tokens_read": 0}
+
+    def generate(
+        self,
+        icae: ICAE,
+        memory: Sequence[MemorySlots],
+        conversation: str | Sequence[Mapping[str, str]],
+        max_new_tokens: int,
+        sampling: Sampling,
+    ) -> Iterator[int]:
+        """Token ids answering ``conversation`` after ``memory`` (see ``ICAE.generate``)."""
+        ids = icae.prompt_ids(conversation)
+        system = _system_length(icae, conversation, ids)
+        system_ids, turns = ids[:system], ids[system:]
+        session = self._take(memory_key(memory, system_ids), turns)
+        if session is None:
+            session = DecoderSession(icae, memory, system_ids, self.window)
+            # Only the last window can still be seen by the next token: read no more than that.
+            session.skip(turns[: max(0, len(turns) - session.room + 1)])
+            self.stats["rebuilt"] += 1
+        else:
+            self.stats["reused"] += 1
+        self.stats["tokens_read"] += len(turns) - len(session.read)
+        try:
+            yield from session.generate(turns, max_new_tokens, sampling)
+        finally:
+            self._put(session)
+
+    def _take(self, key: tuple, turns: Sequence[int]) -> DecoderSession | None:
+        with self._lock:
+            fitting = [
+                (len(session.read), ident)
+                for ident, session in self._sessions.items()
+                if session.key == key and session.extends(turns)
+            ]
+            return self._sessions.pop(max(fitting)[1]) if fitting else None
+
+    def _put(self, session: DecoderSession) -> None:
+        if self.max_sessions == 0 or session.cache is None:
+            return
+        with self._lock:
+            self._sessions[id(session)] = session
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+
+def memory_key(memory: Sequence[MemorySlots], system_ids: Sequence[int]) -> tuple:
+    """What a memory block is made of: the spans' ids and slot counts, and the system turn."""
+    return (tuple((m.span_id, m.num_slots) for m in memory), tuple(system_ids))
+
+
+def _system_length(
+    icae: ICAE, conversation: str | Sequence[Mapping[str, str]], ids: Sequence[int]
+) -> int:
+    """How many leading tokens of ``ids`` are the conversation's system turn (0 if none, or
+    if the template does not lay the system turn out as a prefix of the conversation)."""
+    if isinstance(conversation, str) or not conversation:
+        return 0
+    first = conversation[0]
+    if first.get("role") != "system" or not getattr(icae.tokenizer, "chat_template", None):
+        return 0
+    text = icae.tokenizer.apply_chat_template(
+        [{"role": "system", "content": first["content"]}],
+        tokenize=False,
+        add_generation_prompt=False,
+    )
+    system_ids = icae.tokenize(text)
+    return len(system_ids) if list(ids[: len(system_ids)]) == system_ids else 0
+
+
+def _lm_infinite() -> Any:
+    from icmem import lm_infinite
+
+    return lm_infinite
