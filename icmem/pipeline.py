@@ -236,6 +236,7 @@ class MemoryPipeline:
         filter: Mapping[str, Any] | None = None,
         max_new_tokens: int = 128,
         memory: MemoryForm = "slots",
+        json_schema: Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> Reply:
         """Recall for `query` and stream the answer to `conversation` from that memory.
@@ -245,7 +246,8 @@ class MemoryPipeline:
         user message. `memory="slots"` decodes after the recalled spans' memory slots;
         `memory="text"` gives the base model the same spans' stored text in the system prompt
         instead (the uncompressed baseline, and a fallback while slots are weak). When recall
-        finds nothing, the base model answers alone (`hits` is empty). The one
+        finds nothing, the base model answers alone (`hits` is empty). With `json_schema` the
+        answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). The one
         recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
         through it.
         """
@@ -262,8 +264,18 @@ class MemoryPipeline:
 
         if max_new_tokens < 1:
             raise ConversationError(f"max_new_tokens={max_new_tokens}; use 1 or more")
+        constraint = None
+        if json_schema is not None:
+            from icmem.constrained import JsonConstraint
+
+            constraint = JsonConstraint(
+                json_schema,
+                self.icae.tokenizer,
+                self.icae.model.get_output_embeddings().weight.shape[0],
+                self.icae._stop_ids,
+            )
         tokens = self.prompt_cache.generate(
-            self.icae, slots, conversation, max_new_tokens, Sampling(**sampling)
+            self.icae, slots, conversation, max_new_tokens, Sampling(**sampling), constraint
         )
         pieces = self.icae.decode_stream(tokens)
         return Reply(

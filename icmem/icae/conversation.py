@@ -26,6 +26,7 @@ import torch
 from icmem.icae.errors import ICAEConfigError
 
 if TYPE_CHECKING:
+    from icmem.constrained import JsonConstraint
     from icmem.icae.model import ICAE, Sampling
     from icmem.icae.slots import MemorySlots
 
@@ -62,6 +63,12 @@ class DecoderSession:
             spans = [(s.token_count or icae.config.span_tokens, s.num_slots) for s in memory]
             positions = icae.decoder_positions(spans, "ft", len(system_ids))
         self.block_positions: list[int] = positions or list(range(block.shape[0]))
+        if self.room < 2:
+            raise ICAEConfigError(
+                f"the memory block takes {self.window - self.room} of the decoder's "
+                f"{self.window} positions, leaving no room for the conversation; recall fewer "
+                "spans or shorten the system prompt"
+            )
         self._block = block
         self.cache: Any = None
         self.read: list[int] = []  # conversation tokens (after the block) the cache holds
@@ -86,10 +93,15 @@ class DecoderSession:
         return len(ids) > n and list(ids[:n]) == self.read
 
     def generate(
-        self, ids: Sequence[int], max_new_tokens: int, sampling: Sampling
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: Sampling,
+        constraint: JsonConstraint | None = None,
     ) -> Iterator[int]:
         """Read the tokens of ``ids`` this session has not read yet, then yield sampled tokens
-        until a stop token; generated tokens become part of what the session has read."""
+        until a stop token; generated tokens become part of what the session has read.
+        ``constraint`` masks each step's logits (JSON-schema-constrained decoding)."""
         if not self.extends(ids):
             raise ICAEConfigError(
                 "this decoder session has read other tokens than the conversation starts with; "
@@ -102,7 +114,12 @@ class DecoderSession:
         from icmem.icae.model import _pick
 
         for _ in range(max_new_tokens):
-            token = _pick(self._logits.float(), sampling, generator)
+            logits = self._logits.float()
+            if constraint is not None:
+                constraint.mask_(logits)
+            token = _pick(logits, sampling, generator)
+            if constraint is not None:
+                constraint.accept(token)
             if token in self.icae._stop_ids:
                 return
             yield token
@@ -166,10 +183,14 @@ class PromptCache:
         conversation: str | Sequence[Mapping[str, str]],
         max_new_tokens: int,
         sampling: Sampling,
+        constraint: JsonConstraint | None = None,
     ) -> Iterator[int]:
         """Token ids answering ``conversation`` after ``memory`` (see ``ICAE.generate``)."""
         ids = icae.prompt_ids(conversation)
         system = _system_length(icae, conversation, ids)
+        window = self.window or icae.max_positions or 0
+        if _memory_extent(icae, memory) + system > window // 2:
+            system = 0  # a long system prompt would crowd out the conversation: it scrolls too
         system_ids, turns = ids[:system], ids[system:]
         session = self._take(memory_key(memory, system_ids), turns)
         if session is None:
@@ -181,7 +202,7 @@ class PromptCache:
             self.stats["reused"] += 1
         self.stats["tokens_read"] += len(turns) - len(session.read)
         try:
-            yield from session.generate(turns, max_new_tokens, sampling)
+            yield from session.generate(turns, max_new_tokens, sampling, constraint)
         finally:
             self._put(session)
 
@@ -210,6 +231,15 @@ class PromptCache:
 def memory_key(memory: Sequence[MemorySlots], system_ids: Sequence[int]) -> tuple:
     """What a memory block is made of: the spans' ids and slot counts, and the system turn."""
     return (tuple((m.span_id, m.num_slots) for m in memory), tuple(system_ids))
+
+
+def _memory_extent(icae: ICAE, memory: Sequence[MemorySlots]) -> int:
+    """Positions the memory and its task token take at the start of the decoder's input."""
+    if not memory:
+        return 0
+    if icae.config.slot_positions == "spread":
+        return sum(m.token_count or icae.config.span_tokens for m in memory) + 1
+    return sum(m.num_slots for m in memory) + 1
 
 
 def _system_length(
