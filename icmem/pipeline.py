@@ -206,10 +206,17 @@ class MemoryPipeline:
         """The `k` spans nearest to `query` and their slots, in multi-span memory order."""
         vector = self.embedder.embed([query])[0]
         hits = self.store.search(vector, k, namespace=namespace, filter=filter)
-        rank = {}
-        for hit in hits:
-            rank.setdefault(hit.document_id, len(rank))
-        hits = sorted(hits, key=lambda h: (rank[h.document_id], h.position))
+        return self._memory_of(hits, namespace)
+
+    def memory_of_spans(
+        self, span_ids: Sequence[int], *, namespace: Sequence[str] = DEFAULT_NAMESPACE
+    ) -> Recall:
+        """Spans already retrieved (their ids, as `ICAERetriever` documents carry them) and
+        their slots, in multi-span memory order: decoding from them needs no second search."""
+        return self._memory_of(self.store.get_spans(span_ids, namespace=namespace), namespace)
+
+    def _memory_of(self, hits: list[SearchHit], namespace: Sequence[str]) -> Recall:
+        hits = memory_order(hits)
         stored = self.store.get_slots([hit.span_id for hit in hits], namespace=namespace)
         # A damaged blob is left out by the store (with a warning): drop its hit too, so that
         # hits and memory stay aligned.
@@ -237,6 +244,7 @@ class MemoryPipeline:
         max_new_tokens: int = 128,
         memory: MemoryForm = "slots",
         json_schema: Mapping[str, Any] | None = None,
+        span_ids: Sequence[int] | None = None,
         **sampling: Any,
     ) -> Reply:
         """Recall for `query` and stream the answer to `conversation` from that memory.
@@ -247,15 +255,21 @@ class MemoryPipeline:
         `memory="text"` gives the base model the same spans' stored text in the system prompt
         instead (the uncompressed baseline, and a fallback while slots are weak). When recall
         finds nothing, the base model answers alone (`hits` is empty). With `json_schema` the
-        answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). The one
+        answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). With
+        `span_ids` (spans a retriever already found) the answer reads those spans instead of
+        recalling (`query`, `k` and `filter` are then unused). The one
         recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
         through it.
         """
         if memory not in ("slots", "text"):
             raise ConversationError(f"memory={memory!r}; use 'slots' or 'text'")
-        if query is None:
-            query = conversation if isinstance(conversation, str) else _last_user_text(conversation)
-        recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
+        if span_ids is not None:
+            recalled = self.memory_of_spans(span_ids, namespace=namespace)
+        else:
+            if query is None:
+                text = isinstance(conversation, str)
+                query = conversation if text else _last_user_text(conversation)
+            recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
         slots = recalled.memory
         if memory == "text" and recalled.hits:
             conversation = _with_context(conversation, [hit.text for hit in recalled.hits])
@@ -372,6 +386,15 @@ class MemoryPipeline:
         )
         (added,) = self.store.upsert([document], namespace=namespace)
         return added
+
+
+def memory_order(hits: Sequence[SearchHit]) -> list[SearchHit]:
+    """Multi-span memory order (see the module docstring): documents in the order of their
+    best hit (``hits`` come best first), each document's spans in reading order."""
+    rank: dict[tuple, int] = {}
+    for hit in hits:
+        rank.setdefault((tuple(hit.namespace), hit.document_id), len(rank))
+    return sorted(hits, key=lambda h: (rank[(tuple(h.namespace), h.document_id)], h.position))
 
 
 def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str:

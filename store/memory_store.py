@@ -328,27 +328,27 @@ class MemoryStore:
                     return []
             top = self._index.search(session, namespaces, query, k, allowed)
             rows = self._hit_rows(session, [span_id for _, span_id in top], ns_ids)
-        names = {row.id: decode_path(row.path) for row in namespaces}
-        hits = []
-        for score, span_id in top:
-            row = rows.get(span_id)
-            if row is None:  # deleted by another process since the index was refreshed
-                continue
-            hits.append(
-                SearchHit(
-                    span_id=span_id,
-                    score=float(score),
-                    document_id=row.key,
-                    namespace=names[row.namespace_id],
-                    position=row.position,
-                    char_start=row.char_start,
-                    char_end=row.char_end,
-                    text=row.text,
-                    metadata=row.document_metadata or {},
-                    source=row.source,
-                )
+        # A span deleted by another process since the index was refreshed is left out.
+        return _hits(top, rows, {row.id: decode_path(row.path) for row in namespaces})
+
+    def get_spans(self, span_ids: Sequence[int], *, namespace: Sequence[str]) -> list[SearchHit]:
+        """The given spans as hits (score NaN: nothing was searched), in the order asked: how a
+        chain that already retrieved spans hands them back to be read from their slots.
+
+        ``namespace`` is a prefix; a span outside it, or gone, raises ``UnknownSpanError``."""
+        wanted = _span_ids(span_ids)
+        ns = validate_namespace(namespace, allow_prefix=True)
+        with self._read() as session:
+            namespaces = self._select_namespaces(session, ns)
+            rows = self._hit_rows(session, wanted, [row.id for row in namespaces])
+        missing = [i for i in wanted if i not in rows]
+        if missing:
+            raise UnknownSpanError(
+                f"no spans {missing[:10]} under namespace {list(ns)}: they were deleted or "
+                "belong to another namespace; retrieve again for current span ids"
             )
-        return hits
+        names = {row.id: decode_path(row.path) for row in namespaces}
+        return _hits([(float("nan"), i) for i in wanted], rows, names)
 
     def get_slots(
         self, span_ids: Sequence[int], *, namespace: Sequence[str] | None = None
@@ -889,6 +889,28 @@ class MemoryStore:
 
     def _write(self) -> AbstractContextManager[Session]:
         return self._database.write()
+
+
+def _hits(
+    scored: Sequence[tuple[float, int]], rows: Mapping[int, Any], names: Mapping[int, Namespace]
+) -> list[SearchHit]:
+    """SearchHits of ``(score, span_id)`` pairs whose rows were found, in the order given."""
+    return [
+        SearchHit(
+            span_id=span_id,
+            score=float(score),
+            document_id=row.key,
+            namespace=names[row.namespace_id],
+            position=row.position,
+            char_start=row.char_start,
+            char_end=row.char_end,
+            text=row.text,
+            metadata=row.document_metadata or {},
+            source=row.source,
+        )
+        for score, span_id in scored
+        if (row := rows.get(span_id)) is not None
+    ]
 
 
 def _numeric(values: Any, what: str) -> np.ndarray:

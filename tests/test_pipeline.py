@@ -255,3 +255,42 @@ def test_ask_and_stream_answer_pass_the_memory_form_on(pipeline, icae):
     assert from_slots == icae.generate(recalled.memory, question, max_new_tokens=4)
     with pytest.raises(ValueError, match="'slots' or 'text'"):
         pipeline.ask(question, namespace=NS, memory="raw")
+
+
+def _hit(document_id: str, position: int, score: float, namespace=("a", "b", "c")):
+    from icmem.store import SearchHit
+
+    return SearchHit(
+        span_id=hash((document_id, position, namespace)) % 10**6,
+        score=score,
+        document_id=document_id,
+        namespace=namespace,
+        position=position,
+        char_start=0,
+        char_end=1,
+        text="",
+        metadata={},
+        source="",
+    )
+
+
+def test_memory_order_groups_documents_by_best_hit_then_reading_order():
+    from icmem.pipeline import memory_order
+
+    hits = [  # best first, as search returns them
+        _hit("zeta", 7, 0.9),
+        _hit("alpha", 2, 0.8),
+        _hit("zeta", 3, 0.7),
+        _hit("alpha", 0, 0.6),
+        _hit("zeta", 5, 0.5),
+        _hit("zeta", 1, 0.4, namespace=("a", "b", "d")),  # same id, another namespace
+    ]
+    ordered = [(h.document_id, h.position, h.namespace[-1]) for h in memory_order(hits)]
+    assert ordered == [
+        ("zeta", 3, "c"),
+        ("zeta", 5, "c"),
+        ("zeta", 7, "c"),
+        ("alpha", 0, "c"),
+        ("alpha", 2, "c"),
+        ("zeta", 1, "d"),
+    ]

@@ -9,11 +9,14 @@ so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+from icmem.integrations.langchain import tool_calls
 from icmem.store import SearchHit
 from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -25,12 +28,18 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline, Reply
 
 # Settings a single call may override: invoke(..., max_tokens=4, namespace=(...), k=2, ...)
 _PER_CALL = ("max_tokens", "temperature", "stop", "namespace", "k", "filter", "memory")
+# Set by bind_tools (and with_structured_output, which binds its schema as a forced tool), and
+# `documents`: spans a retriever already found, read from their slots instead of recalling.
+_CALL_ONLY = ("tools", "tool_choice", "ls_structured_output_format", "documents")
 
 
 class ChatICAE(BaseChatModel):
@@ -66,6 +75,20 @@ class ChatICAE(BaseChatModel):
         params["ls_model_name"] = kwargs.get("model", self.model_name)
         return params
 
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, AIMessage]:
+        """Offer ``tools`` to the model (listed in the system prompt). ``tool_choice`` "any",
+        "required" or a tool's name forces a call, decoded under the tools' JSON schemas so it
+        always parses; "auto" (default) lets the model answer or call; "none" hides the tools."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        choice = tool_calls.normalise_choice(tool_choice, formatted)
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the decoder's own tokenizer (offline, no hub)."""
         return self.pipeline.token_ids(text)
@@ -79,8 +102,11 @@ class ChatICAE(BaseChatModel):
     ) -> ChatResult:
         reply, pieces = self._reply(messages, stop, run_manager, kwargs)
         text = "".join(pieces)
+        content, calls, invalid = _read_calls(text, kwargs.get("tools"), kwargs.get("tool_choice"))
         message = AIMessage(
-            content=text,
+            content=content,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
             response_metadata=self._metadata(reply.hits, reply),
             usage_metadata=self._usage(reply, text),
         )
@@ -93,6 +119,11 @@ class ChatICAE(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
+            # A call is only known once its text is complete: one chunk carries it whole.
+            message = self._generate(messages, stop, run_manager, **kwargs).generations[0].message
+            yield ChatGenerationChunk(message=_as_chunk(message))
+            return
         reply, pieces = self._reply(messages, stop, run_manager, kwargs)
         text = ""
         for piece in pieces:
@@ -112,14 +143,22 @@ class ChatICAE(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None,
         overrides: Mapping[str, Any],
     ) -> tuple[Reply, Iterator[str]]:
-        unknown = sorted(set(overrides) - set(_PER_CALL))
+        unknown = sorted(set(overrides) - set(_PER_CALL) - set(_CALL_ONLY))
         if unknown:
             raise TypeError(
-                f"ChatICAE does not take {unknown} per call; it takes {list(_PER_CALL)}"
+                f"ChatICAE does not take {unknown} per call; it takes {list(_PER_CALL)} "
+                "(and tools through bind_tools)"
             )
         settings = {name: overrides.get(name, getattr(self, name)) for name in _PER_CALL}
         conversation = [_turn(m) for m in messages]
         query = _last_human_text(messages)
+        tools, choice = overrides.get("tools") or [], overrides.get("tool_choice", "auto")
+        schema = None
+        if tools and choice != "none":
+            forced = choice != "auto"
+            conversation = _with_system(conversation, tool_calls.tools_prompt(tools, forced))
+            if forced:
+                schema = tool_calls.forced_call_schema(tools, choice)
         sampling = {"temperature": settings["temperature"]} if settings["temperature"] else {}
         reply = self.pipeline.reply(
             conversation,
@@ -129,9 +168,11 @@ class ChatICAE(BaseChatModel):
             filter=settings["filter"],
             max_new_tokens=settings["max_tokens"],
             memory=settings["memory"],
+            json_schema=schema,
+            span_ids=_span_ids(overrides.get("documents")),
             **sampling,
         )
-        stops = stop or settings["stop"] or []
+        stops = [] if schema else stop or settings["stop"] or []
         return reply, _until_stop(reply.pieces, stops, run_manager)
 
     def _metadata(self, hits: list[SearchHit], reply: Reply) -> dict[str, Any]:
@@ -195,7 +236,8 @@ def _turn(message: BaseMessage) -> dict[str, str]:
     if isinstance(message, HumanMessage):
         return {"role": "user", "content": message.text}
     if isinstance(message, AIMessage):
-        return {"role": "assistant", "content": message.text}
+        calls = tool_calls.render_calls(message.tool_calls) if message.tool_calls else ""
+        return {"role": "assistant", "content": message.text + calls}
     if isinstance(message, ToolMessage):
         # Chat templates of small models have no tool role; the result reads as a user turn.
         return {
@@ -203,3 +245,49 @@ def _turn(message: BaseMessage) -> dict[str, str]:
             "content": f"[result of tool {message.name or 'call'}] {message.text}",
         }
     return {"role": "user", "content": message.text}
+
+
+def _with_system(conversation: list[dict[str, str]], section: str) -> list[dict[str, str]]:
+    """The conversation with ``section`` at the end of its system prompt (added if none)."""
+    if conversation and conversation[0]["role"] == "system":
+        first = {"role": "system", "content": f"{conversation[0]['content']}\n\n{section}"}
+        return [first, *conversation[1:]]
+    return [{"role": "system", "content": section}, *conversation]
+
+
+def _read_calls(
+    text: str, tools: list[dict[str, Any]] | None, choice: str | None
+) -> tuple[str, list, list]:
+    """``(content, tool_calls, invalid_tool_calls)`` of an answer (see tool_calls)."""
+    if not tools or choice == "none":
+        return text, [], []
+    if choice not in (None, "auto"):
+        calls, invalid = tool_calls.parse_forced(text)
+        return "", calls, invalid
+    return tool_calls.parse_free(text, tools)
+
+
+def _as_chunk(message: AIMessage) -> AIMessageChunk:
+    return AIMessageChunk(
+        content=message.content,
+        tool_call_chunks=[
+            {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+            for i, c in enumerate(message.tool_calls)
+        ],
+        invalid_tool_calls=message.invalid_tool_calls,
+        response_metadata=message.response_metadata,
+        usage_metadata=message.usage_metadata,
+    )
+
+
+def _span_ids(documents: Sequence[Document] | None) -> list[int] | None:
+    """The span ids of retrieved documents (``ICAERetriever`` puts them in the metadata)."""
+    if documents is None:
+        return None
+    ids = [doc.metadata.get("span_id") for doc in documents]
+    if any(not isinstance(i, int) for i in ids):
+        raise ValueError(
+            "documents= takes the documents ICAERetriever returns (metadata['span_id'] names "
+            "their stored spans); for other documents put their text in the prompt instead"
+        )
+    return ids

@@ -276,3 +276,22 @@ def test_long_memory_decodes_through_lm_infinite(tokenizer, monkeypatch):
     assert not torch.allclose(plain, expected, atol=1e-2)  # the window matters here
     torch.testing.assert_close(torch.stack(seen), expected, rtol=1e-4, atol=1e-4)
     assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"temperature": 1.0, "top_k": 1}, {0}),
+        ({"temperature": 1.0, "top_k": 2}, {0, 1}),
+        ({"temperature": 1.0, "top_k": 3}, {0, 1, 2}),
+        ({"temperature": 1.0, "top_p": 0.6}, {0}),  # p(0) = 0.644 already covers 0.6
+        ({"temperature": 1.0, "top_p": 0.7}, {0, 1}),  # 0.644 + 0.237 = 0.881
+        ({"temperature": 1.0, "top_p": 0.9}, {0, 1, 2}),  # + 0.087 = 0.968
+        ({"temperature": 1.0}, {0, 1, 2, 3}),
+    ],
+)
+def test_top_k_and_top_p_keep_exactly_the_nucleus(settings, expected):
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    drawn = {pick_token(logits, Sampling(**settings), generator) for _ in range(400)}
+    assert drawn == expected

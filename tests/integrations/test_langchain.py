@@ -218,3 +218,50 @@ def test_memory_survives_a_restart(pipeline, tmp_path):
     restored.clear()
     assert restored.messages == []
     reopened.close()
+
+
+def test_chat_reads_documents_a_retriever_found_without_searching_again(monkeypatch):
+    from icmem.integrations.langchain import slot_rag_chain
+
+    pipeline = shared_pipeline()
+    retriever = ICAERetriever(pipeline=pipeline, namespace=NS, k=2)
+    chat = ChatICAE(pipeline=pipeline, namespace=NS, max_tokens=5)
+    question = "Which city is the capital of France?"
+    documents = retriever.invoke(question)
+    span_ids = [doc.metadata["span_id"] for doc in documents]
+    expected = "".join(
+        pipeline.reply(question, span_ids=span_ids, namespace=NS, max_new_tokens=5).pieces
+    )
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the chat model searched again")
+
+    monkeypatch.setattr(pipeline.store, "search", no_search)
+    message = chat.invoke(question, documents=documents)
+    assert message.content == expected
+    in_memory_order = [h.span_id for h in pipeline.memory_of_spans(span_ids, namespace=NS).hits]
+    assert sorted(in_memory_order) == sorted(span_ids)
+    assert [s["span_id"] for s in message.response_metadata["sources"]] == in_memory_order
+    monkeypatch.undo()
+    chained = slot_rag_chain(retriever, chat).invoke(question)
+    assert chained.content == expected
+
+
+def test_documents_from_elsewhere_are_refused():
+    from langchain_core.documents import Document
+
+    chat = ChatICAE(pipeline=shared_pipeline(), namespace=NS, max_tokens=2)
+    with pytest.raises(ValueError, match="ICAERetriever"):
+        chat.invoke("hi", documents=[Document("some text")])
+
+
+def test_spans_outside_the_namespace_are_not_read():
+    from icmem.store import UnknownSpanError
+
+    pipeline = shared_pipeline()
+    span_id = pipeline.recall("fox", namespace=NS, k=1).hits[0].span_id
+    assert pipeline.store.get_spans([span_id], namespace=NS)[0].span_id == span_id
+    with pytest.raises(UnknownSpanError, match="another namespace"):
+        pipeline.store.get_spans([span_id], namespace=("other", "agent", "thread"))
+    with pytest.raises(UnknownSpanError):
+        pipeline.store.get_spans([10**9], namespace=NS)
