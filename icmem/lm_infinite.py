@@ -177,6 +177,10 @@ class _Binding:
 _BINDINGS: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
 # Attention module -> the _KeyWindow describing the keys LMInfiniteCache.update just returned.
 _HANDOFF: weakref.WeakKeyDictionary[nn.Module, _KeyWindow] = weakref.WeakKeyDictionary()
+# Model -> its attention modules in layer order (found once: enable() runs per decode step).
+_ATTENTION_MODULES: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
 # Model -> the attention implementation to restore on disable().
 _PREVIOUS_IMPLEMENTATION: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
@@ -766,6 +770,13 @@ def _pretrained_model(model: nn.Module) -> PreTrainedModel:
 
 
 def _attention_modules(base: PreTrainedModel) -> list[nn.Module]:
+    found = _ATTENTION_MODULES.get(base)
+    if found is None:
+        found = _ATTENTION_MODULES[base] = _find_attention_modules(base)
+    return found
+
+
+def _find_attention_modules(base: PreTrainedModel) -> list[nn.Module]:
     modules = [
         m
         for m in base.modules()

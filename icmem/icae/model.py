@@ -797,17 +797,40 @@ class ICAE(nn.Module):
                 finally:
                     self._activate(ENCODER_ADAPTER)
             else:
-                with self.model.disable_adapter():
+                with self._adapters_off():
                     yield
 
-    def _activate(self, adapter: str) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+    @contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        """The base model: what peft's ``disable_adapter()`` does for LoRA, without its
+        per-call walk over the model and status checks (a decode step enters this once per
+        token)."""
+        layers = self._tuner_layers()
+        for module in layers:
+            module.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for module in layers:
+                module.enable_adapters(True)
+            for param in self._lora_parameters:  # disabling froze every adapter
+                param.requires_grad_(True)
 
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.set_adapter(adapter)
+    def _activate(self, adapter: str) -> None:
+        for module in self._tuner_layers():
+            module.set_adapter(adapter)
         for param in self._lora_parameters:  # set_adapter freezes the inactive adapter
             param.requires_grad_(True)
+
+    def _tuner_layers(self) -> list[nn.Module]:
+        """The PEFT model's LoRA layers, found once (the model's structure never changes)."""
+        found = self.__dict__.get("_tuner_layer_cache")
+        if found is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            found = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            self.__dict__["_tuner_layer_cache"] = found
+        return found
 
     @contextmanager
     def _decoder(

@@ -17,7 +17,7 @@ from icmem.integrations.langchain import tool_calls
 from icmem.store import SearchHit
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, ModelProfile
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -88,6 +88,25 @@ class ChatICAE(BaseChatModel):
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         choice = tool_calls.normalise_choice(tool_choice, formatted)
         return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def _resolve_model_profile(self) -> ModelProfile:
+        """What LangChain can rely on: text in and out, tools (forced calls always parse) and
+        structured output; no input limit (LM-Infinite reads conversations of any length)."""
+        return ModelProfile(
+            name=self.model_name,
+            open_weights=True,
+            text_inputs=True,
+            image_inputs=False,
+            audio_inputs=False,
+            pdf_inputs=False,
+            video_inputs=False,
+            text_outputs=True,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=False,
+            structured_output=True,
+            temperature=True,
+        )
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the decoder's own tokenizer (offline, no hub)."""

@@ -11,7 +11,7 @@ from icmem.integrations.langchain import ChatICAE, ICAEMemory, ICAERetriever
 from icmem.integrations.langchain.chat_model import _until_stop
 from icmem.store import MemoryStore
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from langchain_tests.integration_tests import RetrieversIntegrationTests
+from langchain_tests.integration_tests import ChatModelIntegrationTests, RetrieversIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from tiny_models import tiny_embedder, tiny_icae, tiny_tokenizer
 
@@ -92,9 +92,9 @@ def test_every_turn_of_the_conversation_reaches_the_decoder(monkeypatch):
     seen = []
     real = pipeline.prompt_cache.generate
 
-    def spy(icae, memory, conversation, max_new_tokens, sampling):
+    def spy(icae, memory, conversation, max_new_tokens, sampling, constraint=None):
         seen.append((conversation, max_new_tokens))
-        return real(icae, memory, conversation, max_new_tokens, sampling)
+        return real(icae, memory, conversation, max_new_tokens, sampling, constraint)
 
     monkeypatch.setattr(pipeline.prompt_cache, "generate", spy)
     chat = ChatICAE(pipeline=pipeline, namespace=NS, k=2, max_tokens=6)
@@ -265,3 +265,81 @@ def test_spans_outside_the_namespace_are_not_read():
         pipeline.store.get_spans([span_id], namespace=("other", "agent", "thread"))
     with pytest.raises(UnknownSpanError):
         pipeline.store.get_spans([10**9], namespace=NS)
+
+
+class TestChatICAEIntegration(ChatModelIntegrationTests):
+    """The standard integration suite on the tiny model. Tool calls are forced (tool_choice
+    "any"): a random tiny model never calls a tool unprompted, and neither reliably does a
+    135M one; forced calls are decoded under the tools' schemas, so they always parse."""
+
+    @property
+    def chat_model_class(self) -> type[ChatICAE]:
+        return ChatICAE
+
+    @property
+    def chat_model_params(self) -> dict:
+        # enough for a forced call to close (the tiny tokenizer spends a token per character)
+        return {"pipeline": shared_pipeline(), "namespace": NS, "k": 1, "max_tokens": 96}
+
+    @property
+    def standard_chat_model_params(self) -> dict:
+        params = dict(super().standard_chat_model_params)
+        params.pop("api_key", None)
+        return params
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def tool_choice_value(self) -> str:
+        return "any"
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supported_usage_metadata_details(self) -> dict:
+        return {"invoke": [], "stream": []}
+
+
+def test_profile_says_what_the_model_can_do():
+    profile = ChatICAE(pipeline=shared_pipeline()).profile
+    assert profile["tool_calling"] and profile["structured_output"] and profile["tool_choice"]
+    assert not profile["image_inputs"] and "max_input_tokens" not in profile
+
+    # The standard suite also checks that the model reads argument values out of the question
+    # (input=3, a Chinese greeting, a non-empty style) and answers after a tool result. A random
+    # tiny model cannot; its forced calls still parse and fit the schemas (tested above). The
+    # same tests on a capable base model are what they are for.
+    _NEEDS_A_CAPABLE_MODEL = (
+        "asserts argument values read from the question; the random tiny test model writes "
+        "schema-valid but arbitrary ones"
+    )
+
+    @pytest.mark.xfail(reason=_NEEDS_A_CAPABLE_MODEL, strict=True)
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_tool_calling(self, model) -> None:
+        super().test_tool_calling(model)
+
+    @pytest.mark.xfail(reason=_NEEDS_A_CAPABLE_MODEL, strict=True)
+    async def test_tool_calling_async(self, model) -> None:
+        await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(reason=_NEEDS_A_CAPABLE_MODEL, strict=True)
+    def test_bind_runnables_as_tools(self, model) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @pytest.mark.xfail(reason=_NEEDS_A_CAPABLE_MODEL, strict=True)
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason=_NEEDS_A_CAPABLE_MODEL, strict=True)
+    def test_unicode_tool_call_integration(self, model) -> None:
+        super().test_unicode_tool_call_integration(model)
