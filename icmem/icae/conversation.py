@@ -89,8 +89,30 @@ class DecoderSession:
 
     def extends(self, ids: Sequence[int]) -> bool:
         """Whether ``ids`` continue what this session has read (and add at least one token)."""
+        return self.continuation(ids) is not None
+
+    def continuation(self, ids: Sequence[int]) -> int | None:
+        """How many leading tokens of ``ids`` this session has read, or None if it has read
+        something else. The same tokens count, and so does the same text in other tokens: an
+        answer the session generated comes back in the next turn re-tokenized from its text,
+        which need not give the ids the model sampled (the session keeps what it read)."""
         n = len(self.read)
-        return len(ids) > n and list(ids[:n]) == self.read
+        if len(ids) > n and list(ids[:n]) == self.read:
+            return n
+        common = 0
+        for mine, theirs in zip(self.read, ids, strict=False):
+            if mine != theirs:
+                break
+            common += 1
+        decode = self.icae.tokenizer.decode
+        rest = decode(self.read[common:])
+        for end in range(common, len(ids)):  # from common: tokens without text count too
+            text = decode(ids[common:end])
+            if text == rest:
+                return end
+            if len(text) > len(rest) + 8:  # past it (slack for partial characters)
+                return None
+        return None
 
     def generate(
         self,
@@ -102,7 +124,8 @@ class DecoderSession:
         """Read the tokens of ``ids`` this session has not read yet, then yield sampled tokens
         until a stop token; generated tokens become part of what the session has read.
         ``constraint`` masks each step's logits (JSON-schema-constrained decoding)."""
-        if not self.extends(ids):
+        done = self.continuation(ids)
+        if done is None:
             raise ICAEConfigError(
                 "this decoder session has read other tokens than the conversation starts with; "
                 "rebuild the session (PromptCache does)"
@@ -110,7 +133,8 @@ class DecoderSession:
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.icae.device).manual_seed(sampling.seed)
-        self._feed(list(ids[len(self.read) :]))
+        self.read = list(ids[:done])  # the same text; from now on in the conversation's tokens
+        self._feed(list(ids[done:]))
         from icmem.icae.model import _pick
 
         for _ in range(max_new_tokens):
@@ -192,28 +216,32 @@ class PromptCache:
         if _memory_extent(icae, memory) + system > window // 2:
             system = 0  # a long system prompt would crowd out the conversation: it scrolls too
         system_ids, turns = ids[:system], ids[system:]
-        session = self._take(memory_key(memory, system_ids), turns)
+        session, done = self._take(memory_key(memory, system_ids), turns)
         if session is None:
             session = DecoderSession(icae, memory, system_ids, self.window)
             # Only the last window can still be seen by the next token: read no more than that.
-            session.skip(turns[: max(0, len(turns) - session.room + 1)])
-            self.stats["rebuilt"] += 1
-        else:
-            self.stats["reused"] += 1
-        self.stats["tokens_read"] += len(turns) - len(session.read)
+            done = max(0, len(turns) - session.room + 1)
+            session.skip(turns[:done])
+        with self._lock:
+            self.stats["reused" if session.cache is not None else "rebuilt"] += 1
+            self.stats["tokens_read"] += len(turns) - done
         try:
             yield from session.generate(turns, max_new_tokens, sampling, constraint)
         finally:
             self._put(session)
 
-    def _take(self, key: tuple, turns: Sequence[int]) -> DecoderSession | None:
+    def _take(self, key: tuple, turns: Sequence[int]) -> tuple[DecoderSession | None, int]:
+        """The kept session that has read the most of ``turns`` (taken out), and how much."""
         with self._lock:
             fitting = [
-                (len(session.read), ident)
+                (done, ident)
                 for ident, session in self._sessions.items()
-                if session.key == key and session.extends(turns)
+                if session.key == key and (done := session.continuation(turns)) is not None
             ]
-            return self._sessions.pop(max(fitting)[1]) if fitting else None
+            if not fitting:
+                return None, 0
+            done, ident = max(fitting)
+            return self._sessions.pop(ident), done
 
     def _put(self, session: DecoderSession) -> None:
         if self.max_sessions == 0 or session.cache is None:

@@ -165,3 +165,55 @@ def test_a_decode_paused_mid_forward_keeps_its_weights(tokenizer, decoder_lora_r
         handle.remove()
     torch.testing.assert_close(results["first"], alone)
     torch.testing.assert_close(results["second"], alone)
+
+
+@pytest.mark.parametrize("decoder_lora_rank", [0, 4])
+def test_conversations_in_threads_get_what_they_get_alone(tokenizer, decoder_lora_rank):
+    """Threads holding conversations past the LM-Infinite window (the attention switch and the
+    adapters are process-wide state of the model) while another compresses: every answer and
+    every slot equals what it is alone."""
+    from icmem.icae.conversation import PromptCache
+    from icmem.icae.model import Sampling
+
+    icae = tiny_icae(tokenizer, decoder_lora_rank=decoder_lora_rank)
+    randomise_trained_tensors(icae)
+    spans = spans_of([32, 17, 25], seed=7)
+    memory = icae.compress(spans)
+    slots_alone = [s.tensor for s in icae.compress(spans)]
+    talks = {
+        name: [{"role": "user", "content": f"{name} " * 40}, {"role": "user", "content": name}]
+        for name in ("ada", "bob", "cy")
+    }
+
+    def converse(cache: PromptCache, turns: list[dict]) -> list[list[int]]:
+        answers, conversation = [], []
+        for turn in turns:
+            conversation.append(turn)
+            ids = list(cache.generate(icae, memory[:2], conversation, 6, Sampling()))
+            answers.append(ids)
+            conversation.append({"role": "assistant", "content": icae.tokenizer.decode(ids)})
+        return answers
+
+    alone = {name: converse(PromptCache(window=64), turns) for name, turns in talks.items()}
+    shared = PromptCache(window=64)
+    results: dict[str, list] = {}
+    slot_runs: list[list[torch.Tensor]] = []
+
+    def compress() -> None:
+        for _ in range(3):
+            slot_runs.append([s.tensor for s in icae.compress(spans)])
+
+    workers = [
+        threading.Thread(target=lambda n=name: results.__setitem__(n, converse(shared, talks[n])))
+        for name in talks
+    ]
+    workers.append(threading.Thread(target=compress))
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert results == alone
+    assert shared.stats["reused"] == len(talks), shared.stats  # each second turn: its own session
+    for run in slot_runs:
+        for a, b in zip(run, slots_alone, strict=True):
+            torch.testing.assert_close(a, b)
