@@ -307,12 +307,6 @@ class TestChatICAEIntegration(ChatModelIntegrationTests):
     def supported_usage_metadata_details(self) -> dict:
         return {"invoke": [], "stream": []}
 
-
-def test_profile_says_what_the_model_can_do():
-    profile = ChatICAE(pipeline=shared_pipeline()).profile
-    assert profile["tool_calling"] and profile["structured_output"] and profile["tool_choice"]
-    assert not profile["image_inputs"] and "max_input_tokens" not in profile
-
     # The standard suite also checks that the model reads argument values out of the question
     # (input=3, a Chinese greeting, a non-empty style) and answers after a tool result. A random
     # tiny model cannot; its forced calls still parse and fit the schemas (tested above). The
@@ -343,3 +337,9 @@ def test_profile_says_what_the_model_can_do():
     @pytest.mark.xfail(reason=_NEEDS_A_CAPABLE_MODEL, strict=True)
     def test_unicode_tool_call_integration(self, model) -> None:
         super().test_unicode_tool_call_integration(model)
+
+
+def test_profile_says_what_the_model_can_do():
+    profile = ChatICAE(pipeline=shared_pipeline()).profile
+    assert profile["tool_calling"] and profile["structured_output"] and profile["tool_choice"]
+    assert not profile["image_inputs"] and "max_input_tokens" not in profile
