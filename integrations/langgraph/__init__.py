@@ -6,9 +6,15 @@
 - `make_memory_tools`: `remember`, `recall` and `forget` tools for an agent.
 """
 
-from .context import user_namespace
+from .context import MemoryContext, user_namespace
 from .middleware import ICAEMemoryMiddleware
 from .store import ICAEMemory
 from .tools import make_memory_tools
 
-__all__ = ["ICAEMemory", "ICAEMemoryMiddleware", "make_memory_tools", "user_namespace"]
+__all__ = [
+    "ICAEMemory",
+    "ICAEMemoryMiddleware",
+    "MemoryContext",
+    "make_memory_tools",
+    "user_namespace",
+]

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from langgraph.store.base import BaseStore
 
 NamespaceFor = Callable[[Any], Sequence[str]]
+
+
+class MemoryContext(TypedDict, total=False):
+    """The run context the memory middleware and tools read: `create_agent(...,
+    context_schema=MemoryContext)`, then `agent.invoke(..., context={"user_id": "u1"})`."""
+
+    user_id: str
+    thread_id: str
 
 
 def user_namespace(runtime: Any) -> tuple[str, ...]:
