@@ -25,6 +25,7 @@ from langgraph_fixtures import fresh_pipeline
 
 NAMESPACES = [("a",), ("a", "x"), ("a", "x", "z"), ("a", "y"), ("b", "x")]
 KEYS = ["k1", "k2", "k3", "k4"]
+TOLERANCE = 1e-4  # ours are float32 inner products, InMemoryStore's float64 cosines
 TEXTS = [
     "Paris is the capital of France",
     "the quick brown fox jumps",
@@ -48,7 +49,7 @@ values = st.builds(
     st.sampled_from(["red", "blue"]),
 )
 namespaces = st.sampled_from(NAMESPACES)
-prefixes = st.sampled_from([(), ("a",), ("a", "x"), ("b",), ("c",)])
+prefixes = st.sampled_from([(), ("a",), ("a", "x"), ("b",)])
 keys = st.sampled_from(KEYS)
 puts = st.builds(lambda ns, key, value: PutOp(ns, key, value), namespaces, keys, values)
 deletes = st.builds(lambda ns, key: PutOp(ns, key, None), namespaces, keys)
@@ -76,8 +77,20 @@ listings = st.builds(
     st.integers(1, 5),
     st.integers(0, 2),
 )
-operations = st.one_of(puts, puts, deletes, gets, searches, searches, listings)
-batches = st.lists(st.lists(operations, min_size=1, max_size=3), min_size=1, max_size=8)
+# Reads are cheap and writes compress: weight towards reads, so each example checks many
+# (hypothesis also leans to the first branches of one_of).
+operations = st.one_of(searches, searches, listings, gets, puts, deletes)
+# After every batch, every filter is also checked over everything, with and without a query.
+PROBES = [
+    *(SearchOp((), filter, 20) for filter in FILTERS),
+    *(SearchOp((), filter, 20, query="capital") for filter in FILTERS[:3]),
+    ListNamespacesOp(max_depth=2, limit=20),
+]
+# A first batch of puts gives the reads something to find; then mixed batches.
+batches = st.tuples(
+    st.lists(puts, min_size=3, max_size=8),
+    st.lists(st.lists(operations, min_size=1, max_size=4), min_size=2, max_size=8),
+).map(lambda first_and_rest: [first_and_rest[0], *first_and_rest[1]])
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +102,7 @@ def one_torch_thread():
 
 
 @settings(
-    max_examples=20,
+    max_examples=15,
     deadline=None,
     derandomize=True,  # the same examples in every run: CI never flakes on a new draw
     phases=[Phase.explicit, Phase.generate, Phase.shrink],
@@ -105,7 +118,7 @@ def test_icae_memory_answers_like_inmemorystore(batches):
         )
         for namespace in sorted(NAMESPACES):
             reference.get(namespace, "touch")  # InMemoryStore orders namespaces by first touch
-        for batch in batches:
+        for batch in [step for written in batches for step in (written, PROBES)]:
             expected = _reference_batch(reference, batch)
             got = ours.batch(batch)
             for op, want, have in zip(batch, expected, got, strict=True):
@@ -139,12 +152,30 @@ def _listing_without_empty_namespaces(reference: InMemoryStore, op: ListNamespac
 def _assert_same(op, want, have) -> None:
     if isinstance(op, GetOp):
         assert _item(have) == _item(want), op
+    elif isinstance(op, SearchOp) and op.query:
+        _assert_same_ranking(op, want, have)
     elif isinstance(op, SearchOp):
         assert [_item(i) for i in have] == [_item(i) for i in want], op
-        if op.query:
-            assert [i.score for i in have] == pytest.approx([i.score for i in want], abs=1e-4)
     else:
         assert have == want, op
+
+
+def _assert_same_ranking(op, want, have) -> None:
+    """Equal scores rank by position, but the same text embedded twice differs in its last
+    bits, so items whose scores are within the tolerance may trade places (also across the
+    limit). Everything else must match: the scores rank by rank, each item's own score, and
+    every item not tied with the last one returned."""
+    assert [i.score for i in have] == pytest.approx([i.score for i in want], abs=TOLERANCE), op
+    theirs = {(i.namespace, i.key): i for i in want}
+    for item in have:
+        if (item.namespace, item.key) in theirs:
+            reference = theirs[(item.namespace, item.key)]
+            assert item.value == reference.value, op
+            assert item.score == pytest.approx(reference.score, abs=TOLERANCE), op
+    if want:
+        cutoff = want[-1].score
+        clear = {(i.namespace, i.key) for i in want if abs(i.score - cutoff) > TOLERANCE}
+        assert clear <= {(i.namespace, i.key) for i in have}, op
 
 
 def _item(item):
