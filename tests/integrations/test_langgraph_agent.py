@@ -108,7 +108,7 @@ def test_chat_icae_gets_the_users_memory_as_slots(tmp_path):
 
 def test_memory_tools_remember_recall_and_forget_per_user(tmp_path):
     memory = ICAEMemory(fresh_pipeline(tmp_path / "store"))
-    tools = make_memory_tools(memory)
+    tools = make_memory_tools()  # the agent's store, from the tool runtime
     assert [t.name for t in tools] == ["remember", "recall", "forget"]
     script = [
         AIMessage("", tool_calls=[_call("remember", content="Alice owns a red bicycle")]),
