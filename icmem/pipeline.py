@@ -10,6 +10,8 @@ so the decoder sees each document's spans in the order they were written.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +24,11 @@ from icmem.icae.slots import MemorySlots
 from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from icmem.embedding import TextEmbedder
     from icmem.icae.model import ICAE
-    from icmem.store import AddedDocument, MemoryStore, SearchHit
+    from icmem.store import AddedDocument, DocumentInfo, MemoryStore, SearchHit, SpanRecord
 
 DEFAULT_NAMESPACE = ("default", "default", "default")
 
@@ -105,7 +109,10 @@ class MemoryPipeline:
     ) -> MemoryPipeline:
         """Open (or create) a store and load the models that read and write it.
 
-        `icae` is an `ICAE`, a checkpoint directory, or None for the shipped default.
+        `icae` is an `ICAE`, a checkpoint directory, or None for the shipped default;
+        `embedder` a `TextEmbedder`, a model name or directory, or any object with `embed(texts)`
+        and `dim` (such as `icmem.integrations.langchain.LangChainEmbedder` over a LangChain
+        `Embeddings`).
         """
         from icmem.embedding import DEFAULT_EMBEDDER, TextEmbedder
         from icmem.icae.model import ICAE
@@ -113,7 +120,7 @@ class MemoryPipeline:
 
         if not isinstance(icae, ICAE):
             icae = ICAE.from_pretrained(icae)
-        if not isinstance(embedder, TextEmbedder):
+        if embedder is None or isinstance(embedder, str | os.PathLike):
             embedder = TextEmbedder.load(embedder or DEFAULT_EMBEDDER)
         opened = MemoryStore.open(
             store, dim=embedder.dim, index_dir=index_dir, model_fingerprint=icae.fingerprint
@@ -386,6 +393,147 @@ class MemoryPipeline:
         )
         (added,) = self.store.upsert([document], namespace=namespace)
         return added
+
+    # ------------------------------------------------------------------ documents as records
+    # Operations the LangGraph store, the vector store and the chat history build on: whole
+    # documents addressed by id (several texts each, possibly none), read back with their
+    # metadata, and spans found by text or by vector. Adapters use these instead of reaching
+    # into the store, the ICAE or the embedder.
+
+    def write_documents(
+        self, documents: Sequence[TextDocument], *, namespace: Sequence[str]
+    ) -> list[AddedDocument]:
+        """Store documents in exactly one namespace, replacing any with the same ids.
+
+        Each text of a document is chunked on its own (a field never bleeds into the next one's
+        span) and all spans of the batch are compressed together. A document whose texts are
+        unchanged since it was stored keeps its spans and slots: only its metadata is replaced,
+        so re-writing a value's non-indexed fields never re-encodes anything. A document with
+        no text is stored without spans: it can be read back and listed, never recalled.
+        """
+        from icmem.store import AddedDocument, DocumentRecord
+
+        stored = {
+            info.id: info
+            for info in self.store.get_documents(
+                [d.document_id for d in documents], namespace=namespace
+            )
+        }
+        unchanged = {
+            d.document_id: dict(d.metadata)
+            for d in documents
+            if d.document_id in stored and stored[d.document_id].content_hash == d.content_hash
+        }
+        self.store.update_metadata(unchanged, namespace=namespace)
+        changed = [d for d in documents if d.document_id not in unchanged]
+        span_lists = [self._chunk_texts(d.texts) for d in changed]
+        records = self._span_records([span for spans in span_lists for span in spans])
+        rows = []
+        for document, spans in zip(changed, span_lists, strict=True):
+            mine, records = records[: len(spans)], records[len(spans) :]
+            rows.append(
+                DocumentRecord(
+                    spans=mine,
+                    metadata=dict(document.metadata),
+                    content_hash=document.content_hash,
+                    id=document.document_id,
+                )
+            )
+        added = {a.id: a for a in self.store.upsert(rows, namespace=namespace)} if rows else {}
+        return [
+            added.get(d.document_id) or AddedDocument(id=d.document_id, span_ids=())
+            for d in documents
+        ]
+
+    def update_metadata(
+        self, updates: Mapping[str, Mapping[str, Any]], *, namespace: Sequence[str]
+    ) -> int:
+        """Replace stored documents' metadata without touching their spans."""
+        return self.store.update_metadata(updates, namespace=namespace)
+
+    def get_documents(
+        self, document_ids: Sequence[str], *, namespace: Sequence[str]
+    ) -> list[DocumentInfo]:
+        """Documents of exactly this namespace by id, in the order asked; unknown ids left out."""
+        return self.store.get_documents(document_ids, namespace=namespace)
+
+    def list_documents(
+        self, namespace: Sequence[str], *, exact: bool = False
+    ) -> list[DocumentInfo]:
+        """Documents under a namespace prefix (or of exactly that namespace), oldest first."""
+        return self.store.list_documents(namespace, exact=exact)
+
+    def delete_documents(
+        self, document_ids: Sequence[str] | None = None, *, namespace: Sequence[str]
+    ) -> int:
+        """Delete documents by id from exactly one namespace, or (no ids) everything under a
+        namespace prefix; returns how many were deleted."""
+        return self.store.delete(namespace=namespace, document_ids=document_ids)
+
+    def namespaces(self, prefix: Sequence[str] | None = None) -> list[tuple[str, ...]]:
+        """Every namespace holding or having held documents, optionally under a prefix; sorted."""
+        return self.store.list_namespaces(prefix)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Retrieval vectors of texts, one row each, from the embedder the store was built with."""
+        return self.embedder.embed(list(texts))
+
+    def search(
+        self,
+        query: str | np.ndarray,
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        k: int = 4,
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[SearchHit]:
+        """The `k` spans nearest to a query text (or an already embedded query), best first,
+        without their slots: what a retriever or a store search needs."""
+        vector = self.embed([query])[0] if isinstance(query, str) else query
+        return self.store.search(vector, k, namespace=namespace, filter=filter)
+
+    def _chunk_texts(self, texts: Sequence[str]) -> list[Span]:
+        """The spans of several texts, each chunked alone, numbered on across them."""
+        spans: list[Span] = []
+        for text in texts:
+            for span in chunk(text, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens):
+                spans.append(dataclasses.replace(span, index=len(spans)))
+        return spans
+
+    def _span_records(self, spans: Sequence[Span]) -> list[SpanRecord]:
+        """Compress and embed spans (all in one batch) into store records."""
+        from icmem.store import SpanRecord
+
+        if not spans:
+            return []
+        slots = self.icae.compress([list(s.token_ids) for s in spans], batch_size=self.batch_size)
+        vectors = self.embed([s.text for s in spans])
+        return [
+            SpanRecord(
+                position=span.index,
+                char_start=span.char_start,
+                char_end=span.char_end,
+                text=span.text,
+                token_count=span.token_count,
+                slots=memory.to_bytes(self.codec),
+                embedding=vector,
+                content_id=span.content_id,
+            )
+            for span, memory, vector in zip(spans, slots, vectors, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class TextDocument:
+    """A document to write as a whole: its texts (each chunked on its own; none is allowed), the
+    metadata kept with it, and the hash that says whether its texts changed."""
+
+    document_id: str
+    texts: tuple[str, ...]
+    metadata: Mapping[str, Any]
+
+    @property
+    def content_hash(self) -> str:
+        return content_id_of(json.dumps(list(self.texts), ensure_ascii=False))
 
 
 def memory_order(hits: Sequence[SearchHit]) -> list[SearchHit]:

@@ -294,6 +294,43 @@ class MemoryStore:
             self._index.keep_current(list(removed))
         return deleted_documents
 
+    def update_metadata(
+        self, updates: Mapping[str, Mapping[str, Any]], *, namespace: Sequence[str]
+    ) -> int:
+        """Replace the metadata of existing documents of exactly one namespace, keeping their
+        spans, slots and embeddings: a change that needs no re-encoding (a LangGraph item's
+        non-indexed fields, its timestamps) costs one row update, not a new compression.
+        Documents that do not exist are skipped; returns the number updated."""
+        ns = validate_namespace(namespace)
+        if not isinstance(updates, Mapping):
+            raise InvalidRecordError(
+                f"updates must map document ids to metadata, got {type(updates).__name__}"
+            )
+        keys = _document_keys(list(updates))
+        checked = {
+            key: check_metadata(updates[key], f"metadata of document {key!r}") for key in keys
+        }
+        if not checked:
+            return 0
+        with self._write() as session:
+            rows = self._select_namespaces(session, ns, exact=True)
+            if not rows:
+                return 0
+            ns_id = rows[0].id
+            documents = session.scalars(
+                select(DocumentRow).where(
+                    DocumentRow.namespace_id == ns_id, DocumentRow.key.in_(list(checked))
+                )
+            ).all()
+            for document in documents:
+                document.metadata_ = checked[document.key]
+            # Filter answers are cached per generation: a metadata change must move it on.
+            old_generation = self._bump_generation(session, ns_id) - 1 if documents else None
+        if old_generation is not None:
+            self._index.apply_delta(ns_id, old_generation=old_generation)
+            self._index.keep_current([ns_id])
+        return len(documents)
+
     # ------------------------------------------------------------------ reads
 
     def search(
@@ -456,6 +493,45 @@ class MemoryStore:
                 for row in rows
             ]
 
+    def get_documents(
+        self, document_ids: Sequence[str], *, namespace: Sequence[str]
+    ) -> list[DocumentInfo]:
+        """The documents of exactly this namespace with the given ids, in the order asked;
+        ids that are not stored are left out."""
+        ns = validate_namespace(namespace)
+        keys = _document_keys(document_ids)
+        if not keys:
+            return []
+        span_count = (
+            select(func.count(SpanRow.id))
+            .where(SpanRow.document_id == DocumentRow.id)
+            .scalar_subquery()
+        )
+        found: dict[str, DocumentInfo] = {}
+        with self._read() as session:
+            rows = self._select_namespaces(session, ns, exact=True)
+            if not rows:
+                return []
+            for chunk in chunks(sorted(set(keys))):
+                for row in session.execute(
+                    select(
+                        DocumentRow.key,
+                        DocumentRow.source,
+                        DocumentRow.metadata_.label("document_metadata"),
+                        DocumentRow.content_hash,
+                        span_count.label("span_count"),
+                    ).where(DocumentRow.namespace_id == rows[0].id, DocumentRow.key.in_(chunk))
+                ):
+                    found[row.key] = DocumentInfo(
+                        id=row.key,
+                        namespace=ns,
+                        source=row.source,
+                        metadata=row.document_metadata or {},
+                        content_hash=row.content_hash,
+                        span_count=int(row.span_count),
+                    )
+        return [found[key] for key in keys if key in found]
+
     def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
         """Every namespace written to and not deleted, optionally under a prefix; sorted."""
         ns = () if prefix is None else validate_namespace(prefix, allow_prefix=True)
@@ -597,6 +673,20 @@ class MemoryStore:
     ) -> list[DocumentInfo]:
         return await asyncio.to_thread(
             functools.partial(self.list_documents, namespace, exact=exact)
+        )
+
+    async def aupdate_metadata(
+        self, updates: Mapping[str, Mapping[str, Any]], *, namespace: Sequence[str]
+    ) -> int:
+        return await asyncio.to_thread(
+            functools.partial(self.update_metadata, updates, namespace=namespace)
+        )
+
+    async def aget_documents(
+        self, document_ids: Sequence[str], *, namespace: Sequence[str]
+    ) -> list[DocumentInfo]:
+        return await asyncio.to_thread(
+            functools.partial(self.get_documents, document_ids, namespace=namespace)
         )
 
     async def alist_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:

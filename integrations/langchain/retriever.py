@@ -29,11 +29,10 @@ class ICAERetriever(BaseRetriever):
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
-        k = kwargs.get("k", self.k)
-        hits = self.pipeline.store.search(
-            self.pipeline.embedder.embed([query])[0],
-            k,
+        hits = self.pipeline.search(
+            query,
             namespace=self.namespace,
+            k=kwargs.get("k", self.k),
             filter=kwargs.get("filter", self.filter),
         )
         return [

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from icmem.integrations.langchain import ChatICAE, ICAEMemory, ICAERetriever
+from icmem.integrations.langchain import ChatICAE, ICAEChatMessageHistory, ICAERetriever
 from icmem.integrations.langchain.chat_model import _until_stop
 from icmem.store import MemoryStore
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
@@ -199,14 +199,14 @@ def test_retriever_documents_carry_their_origin():
 
 
 def test_memory_survives_a_restart(pipeline, tmp_path):
-    history = ICAEMemory(pipeline, NS)
+    history = ICAEChatMessageHistory(pipeline, NS)
     history.add_messages([HumanMessage("my name is Ada"), AIMessage("hello Ada")])
     history.add_message(HumanMessage("what is my name?"))
     pipeline.close()
 
     reopened_store = MemoryStore.open(tmp_path / "store", dim=pipeline.embedder.dim)
     reopened = MemoryPipeline(pipeline.icae, reopened_store, pipeline.embedder)
-    restored = ICAEMemory(reopened, NS)
+    restored = ICAEChatMessageHistory(reopened, NS)
     assert [(m.type, m.content) for m in restored.messages] == [
         ("human", "my name is Ada"),
         ("ai", "hello Ada"),
@@ -214,7 +214,7 @@ def test_memory_survives_a_restart(pipeline, tmp_path):
     ]
     hits = reopened.recall("my name is Ada", namespace=NS, k=3).hits
     assert {h.document_id for h in hits} == {d.id for d in reopened.store.list_documents(NS)}
-    assert ICAEMemory(reopened, ("tenant", "agent", "other")).messages == []
+    assert ICAEChatMessageHistory(reopened, ("tenant", "agent", "other")).messages == []
     restored.clear()
     assert restored.messages == []
     reopened.close()
