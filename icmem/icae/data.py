@@ -58,6 +58,12 @@ class Triple:
 # --------------------------------------------------------------------------- corpus readers
 
 
+DEFAULT_HELD_OUT_FRACTION = 0.05  # share of a corpus's documents never trained on
+DEFAULT_SPLIT_SEED = 0
+DEFAULT_MAN_PAGES = 300  # rendered man pages in the local pretraining corpus
+DEFAULT_RETENTION = 2000  # templated retention triples for fine-tuning
+
+
 def read_text_dir(path: str | Path, pattern: str = "**/*.txt") -> list[Document]:
     """Each file under `path` matching `pattern` is one document, named by its relative path."""
     root = Path(path)
@@ -104,7 +110,7 @@ def read_corpus(path: str | Path) -> list[Document]:
 
 
 def split_by_document(
-    docs: Sequence[Document], held_out_fraction: float, seed: int = 0
+    docs: Sequence[Document], held_out_fraction: float, seed: int = DEFAULT_SPLIT_SEED
 ) -> DocumentSplit:
     """Hold out whole documents: those whose seeded id hash falls below `held_out_fraction`.
 
@@ -136,6 +142,25 @@ def split_by_document(
     )
 
 
+def write_held_out(
+    corpus: str | Path,
+    out_dir: str | Path,
+    *,
+    held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+) -> list[str]:
+    """Copy the held-out documents of `corpus` (split as pretraining splits it) into `out_dir`:
+    the evaluation text of a run, exactly the documents its training never sampled. Returns
+    their ids."""
+    split = split_by_document(read_corpus(corpus), held_out_fraction, split_seed)
+    out = Path(out_dir)
+    for doc in split.held_out:
+        target = out / doc.doc_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(doc.text, encoding="utf-8")
+    return [doc.doc_id for doc in split.held_out]
+
+
 def tokenize_documents(
     docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase
 ) -> list[list[int]]:
@@ -152,7 +177,7 @@ def build_local_corpus(
     shakespeare: bool = True,
     licenses: bool = True,
     debian_docs: bool = True,
-    man_pages: int = 300,
+    man_pages: int = DEFAULT_MAN_PAGES,
     python_docs: bool = True,
     python_docs_root: str | Path = "/usr/share/doc",
     min_chars: int = 2000,
@@ -559,12 +584,12 @@ def build_instruction_data(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    retention: int = 2000,
+    retention: int = DEFAULT_RETENTION,
     distill_model: PreTrainedModel | None = None,
     distill: int = 0,
     context_tokens: int = 384,
-    held_out_fraction: float = 0.05,
-    split_seed: int = 0,
+    held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
     seed: int = 0,
 ) -> dict[str, int]:
     """Write `train.jsonl` and `held_out.jsonl` of PwC-style triples built from a corpus.
