@@ -330,9 +330,12 @@ def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[SourceDocument | S
 # Elements whose text is not part of the page, and elements that end a line of text.
 _HIDDEN = ("script", "style", "noscript", "template", "head")
 _BLOCKS = frozenset(
-    ("address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "figcaption")
-    + ("figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li")
-    + ("main", "nav", "ol", "p", "pre", "section", "table", "tr", "td", "th", "ul")
+    {
+        *("address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt"),
+        *("figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6"),
+        *("header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "table"),
+        *("tr", "td", "th", "ul"),
+    }
 )
 
 

@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
             if group_word not in groups:
                 group = next(g for g in GROUPS if g.word == group_word)
                 group_parser = top.add_parser(group.word, help=group.help)
+                named = {"dest": group.dest} if group.dest else {}
                 groups[group_word] = group_parser.add_subparsers(
-                    title=group.title, metavar=group.metavar, dest=group.dest, required=True
+                    title=group.title, metavar=group.metavar, required=True, **named
                 )
             subparsers = groups[group_word]
         sub = subparsers.add_parser(word, help=command.help, description=command.help)
@@ -194,9 +195,12 @@ def quiet_libraries(*, verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        for module in ("transformers", "peft", "torch", "accelerate", "huggingface_hub"):
-            warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
+    # Deprecations inside transformers are often attributed (by stacklevel) to the caller.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for module in ("transformers", "peft", "torch", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=rf"{module}(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=rf"{module}(\.|$)")
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # a damaged PDF is reported as a skip
     if "transformers" in sys.modules:  # already imported (tests, notebooks): tell it directly
         from transformers.utils import logging as hf_logging
 

@@ -3,7 +3,6 @@ never trusts an index built from another database, and never lets one bad row ta
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import textwrap
@@ -19,10 +18,10 @@ from icmem.store import (
     SpanRecord,
     StoreDamageWarning,
 )
-from icmem.store.cli import register
 from icmem.store.schema import SlotRow
 from sqlalchemy import select, update
 
+from icmem.cli import build_parser
 from icmem.codec import decode_slots
 
 NS = ("t", "a", "th")
@@ -35,9 +34,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
