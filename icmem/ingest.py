@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -424,7 +425,7 @@ def ingest_paths(
     def skip(item: Skip) -> None:
         report.unreadable.append(item)
         if progress:
-            tqdm.write(f"icmem: skipped {item.path}: {item.reason}")
+            tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
 
     def flush() -> None:
         if not batch:
@@ -439,7 +440,7 @@ def ingest_paths(
 
     for item in report.unreadable:
         if progress:
-            tqdm.write(f"icmem: skipped {item.path}: {item.reason}")
+            tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
     try:
         done_bytes, total_bytes = 0, max(1, sum(sizes))
         for path, size in zip(files, sizes, strict=True):

@@ -174,15 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
-    except IcmemError as exc:
-        print(f"icmem: error: {exc}", file=sys.stderr)
-        return 1
     except BrokenPipeError:
         # `icmem chunk ... | head` closed our stdout: not an error. Point stdout at devnull so
         # that the interpreter's final flush does not raise again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except (IcmemError, OSError) as exc:  # bad input or a missing file: the message says which
+        print(f"icmem: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def quiet_libraries(*, verbose: bool) -> None:
