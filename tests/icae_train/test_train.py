@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_icae
 from tiny_models import tiny_model
+from train_testing import build_tiny_icae
 
 from icmem.cli import build_parser
 from icmem.icae.data import Triple, write_pwc_jsonl

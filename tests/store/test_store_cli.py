@@ -7,8 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-from conftest import DIM, make_document
 from icmem.store import MemoryStore
+from store_testing import DIM, make_document
 
 from icmem.cli import build_parser
 

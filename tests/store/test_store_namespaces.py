@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import StoreLocation, embedding, make_document
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from icmem.store import InvalidRecordError, MemoryStore, UnknownSpanError
@@ -20,6 +19,7 @@ from icmem.store.namespaces import (
     parse_namespace,
 )
 from sqlalchemy import text
+from store_testing import StoreLocation, embedding, make_document
 
 from icmem.cli import build_parser
 

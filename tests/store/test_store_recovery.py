@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import DIM, FINGERPRINT, StoreLocation, embedding, make_document
 from icmem.store import (
     DocumentRecord,
     InvalidRecordError,
@@ -20,6 +19,7 @@ from icmem.store import (
 )
 from icmem.store.schema import SlotRow
 from sqlalchemy import select, update
+from store_testing import DIM, FINGERPRINT, StoreLocation, embedding, make_document
 
 from icmem.cli import build_parser
 from icmem.codec import decode_slots
@@ -84,7 +84,7 @@ CREATE_RACE = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, sys.argv[3])
-    from conftest import DIM, make_document
+    from store_testing import DIM, make_document
     from icmem.store import MemoryStore
     time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
     with MemoryStore.open(sys.argv[1], dim=DIM) as store:
@@ -235,7 +235,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
-    from conftest import DIM, make_document
+    from store_testing import DIM, make_document
     from icmem.store import MemoryStore
     store = MemoryStore.open(sys.argv[1], dim=DIM)
     late = [make_document(f"late{i}", 1, seed=50 + i) for i in range(5)]
