@@ -33,7 +33,8 @@ def write_corpus(root: Path, files: int, chars: int) -> int:
     root.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(files):
-        piece = text[i * chars : (i + 1) * chars]
+        start = (i * chars) % (len(text) - chars)  # wraps around: every document is full
+        piece = text[start : start + chars]
         kind = i % 4
         if kind == 0:
             (root / f"doc{i:04d}.txt").write_text(piece, encoding="utf-8")
@@ -83,23 +84,27 @@ def tiny_pipeline(directory: Path) -> MemoryPipeline:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny-files", type=int, default=200, help="files for the tiny model")
-    parser.add_argument("--default-files", type=int, default=12, help="files, default model")
+    parser.add_argument("--tiny-files", type=int, default=120, help="files for the tiny model")
+    parser.add_argument("--default-files", type=int, default=4, help="files, default model")
     parser.add_argument("--chars", type=int, default=2000, help="characters per file")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--tiny-threads", type=int, default=1, help="tiny matmuls: one thread is fastest"
+    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         size = write_corpus(root / "tiny-corpus", args.tiny_files, args.chars)
+        torch.set_num_threads(args.tiny_threads)
         with tiny_pipeline(root / "tiny-store") as pipeline:
             runs.append(
                 measure(
                     "tiny random ICAE (tests/tiny_models.py)", pipeline, root / "tiny-corpus", size
                 )
             )
+        torch.set_num_threads(args.threads)
         size = write_corpus(root / "corpus", args.default_files, args.chars)
         started = time.perf_counter()
         with MemoryPipeline.open(root / "store") as pipeline:
@@ -110,7 +115,8 @@ def main() -> None:
         run["load_seconds"] = round(load_seconds, 2)
         runs.append(run)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "machine": platform.processor() or platform.machine(),
+        "threads": {"tiny": args.tiny_threads, "default": args.threads},
         "chars_per_file": args.chars,
         "runs": runs,
     }
