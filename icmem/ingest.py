@@ -430,12 +430,25 @@ def ingest_paths(
     def flush() -> None:
         if not batch:
             return
-        pipeline.store_chunked(batch, namespace=namespace, timings=report.seconds)
-        report.ingested += len(batch)
-        spans = sum(len(d.spans) for d in batch)
+        try:
+            pipeline.store_chunked(batch, namespace=namespace, timings=report.seconds)
+            stored = list(batch)
+        except InvalidRecordError:
+            # The store refused one of them (an id over 255 characters, a character it cannot
+            # hold): store them one by one and skip only those it refuses.
+            stored = []
+            for document in batch:
+                try:
+                    pipeline.store_chunked([document], namespace=namespace, timings=report.seconds)
+                except InvalidRecordError as exc:
+                    skip(Skip(str(document.document_id), f"refused by the store: {exc}"))
+                else:
+                    stored.append(document)
+        report.ingested += len(stored)
+        spans = sum(len(d.spans) for d in stored)
         report.spans += spans
-        report.tokens += sum(s.token_count for d in batch for s in d.spans)
-        bar.update(spans)
+        report.tokens += sum(s.token_count for d in stored for s in d.spans)
+        bar.update(sum(len(d.spans) for d in batch))
         batch.clear()
 
     for item in report.unreadable:

@@ -200,3 +200,17 @@ def test_missing_path_and_replaced_bytes(tmp_path):
     found = list(read_documents([tmp_path / "nope", tmp_path], ReadOptions(errors="replace")))
     assert found[0] == Skip(str(tmp_path / "nope"), "does not exist; pass files or folders")
     assert found[1].text == "caf\ufffd"
+
+
+def test_a_document_the_store_refuses_is_skipped_and_its_batch_stored(pipeline, tmp_path):
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    (deep / "long.txt").write_text("an id longer than the store's 255 characters", "utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8")
+    report = ingest_paths(pipeline, [tmp_path], namespace=NS, progress=False)
+    assert report.ingested == 2
+    (refused,) = report.unreadable
+    assert refused.path == str(deep / "long.txt") and "255" in refused.reason
+    stored = sorted(d.id for d in pipeline.store.list_documents(NS))
+    assert stored == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]

@@ -183,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (IcmemError, OSError) as exc:  # bad input or a missing file: the message says which
         print(f"icmem: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "icmem: interrupted; what finished is kept (ingest again: stored documents are "
+            "skipped; training: continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def quiet_libraries(*, verbose: bool) -> None:
