@@ -281,7 +281,7 @@ def read_file(path: Path, options: ReadOptions = ReadOptions()) -> Iterator[Sour
         yield Skip(source, _os_reason(exc))
         return
     except (ChunkingError, _UnreadableFile) as exc:
-        yield Skip(source, str(exc))
+        yield Skip(source, str(exc).removeprefix(f"{source}: "))  # the path is said once
         return
     yield SourceDocument(source, text, {"format": kind, **metadata}, source)
 

@@ -49,7 +49,7 @@ def test_ingest_reports_skips_in_its_summary_and_exit_status(tiny_cli, tmp_path,
         {"path": str(tmp_path / "missing"), "reason": "does not exist; pass files or folders"},
         {
             "path": str(docs / "bad.txt"),
-            "reason": f"{docs / 'bad.txt'}: invalid UTF-8 at byte offset 3; fix the file or pass "
+            "reason": "invalid UTF-8 at byte offset 3; fix the file or pass "
             "errors='replace' (CLI: --errors replace) to substitute U+FFFD",
         },
     ]
