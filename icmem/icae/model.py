@@ -32,6 +32,7 @@ from icmem.chunking import Span, chunk
 from icmem.icae.config import ICAEConfig
 from icmem.icae.errors import BaseModelMismatchError, ICAEConfigError
 from icmem.icae.slots import MemorySlots
+from icmem.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -182,7 +183,7 @@ class ICAE(nn.Module):
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_base(cls, source: ModelSource = "smollm2-135m-instruct", **config: Any) -> ICAE:
+    def from_base(cls, source: ModelSource = DEFAULT_MODEL, **config: Any) -> ICAE:
         """An untrained ICAE on ``source``: any name or path ``icmem.load_model`` accepts, or an
         already loaded ``(model, tokenizer)`` pair (whose ``base_model`` name defaults to the
         model's ``name_or_path``). Keyword arguments override ``ICAEConfig`` fields."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.errors import IcmemError
 from icmem.icae.data import (
     DEFAULT_HELD_OUT_FRACTION,
@@ -45,6 +46,7 @@ from icmem.icae.data import (
     split_by_document,
     tokenize_documents,
 )
+from icmem.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +84,7 @@ class TrainConfig:
     stage: str
     data: str
     output_dir: str
-    base_model: str = "smollm2-135m-instruct"
+    base_model: str = DEFAULT_MODEL
     init_from: str | None = None
     icae: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -98,7 +100,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION
     split_seed: int = DEFAULT_SPLIT_SEED
-    span_tokens: int | tuple[int, int] = 512
+    span_tokens: int | tuple[int, int] = DEFAULT_SPAN_TOKENS
     continuation_tokens: int = 256
     ae_fraction: float = 0.5
     ae_only_steps: int = 0
