@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icmem.errors import IcmemError
+from icmem.icae.data import decode_text
 
 if TYPE_CHECKING:
     import torch
@@ -278,7 +279,7 @@ def _bucket(
         return BucketResult(length=length, k=k, spans=len(pairs), token_ce=ce, prior_ce=prior)
     bleu, prefix = [], []
     for memory, (span, _) in zip(slots, pairs, strict=True):
-        reference = icae.tokenize(icae.tokenizer.decode(span))
+        reference = icae.tokenize(decode_text(icae.tokenizer, span))
         hypothesis = icae.tokenize(icae.reconstruct([memory], max_new_tokens=len(span) + 8))
         bleu.append(bleu4(hypothesis, reference))
         prefix.append(exact_prefix_ratio(hypothesis, reference))
@@ -336,6 +337,7 @@ def qa_agreement(icae: ICAE, triples: Sequence[Triple], *, max_new_tokens: int =
     for triple in triples:
         memory = icae.compress(triple.input)
         from_slots = icae.generate(memory, triple.prompt, max_new_tokens=max_new_tokens)
+        assert isinstance(from_slots, str)  # not streamed
         from_raw = raw_context_answer(icae, triple.input, triple.prompt, max_new_tokens)
         f1, same = answer_agreement(from_slots, from_raw)
         f1s.append(f1)
@@ -360,7 +362,7 @@ def raw_context_answer(icae: ICAE, context: str, prompt: str, max_new_tokens: in
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+    return decode_text(tokenizer, out[0, len(ids) :], skip_special_tokens=True).strip()
 
 
 def format_table(result: dict[str, Any]) -> str:

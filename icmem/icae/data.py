@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from icmem.errors import IcmemError
 
@@ -380,6 +380,14 @@ class PretrainSampler:
         return ICAEExample(context_ids=context, task="lm", target_ids=target)
 
 
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Any, **options: Any) -> str:
+    """The text of one sequence of token ids (transformers also types `decode` as returning a
+    list, for batches)."""
+    text = tokenizer.decode(ids, **options)
+    assert isinstance(text, str)
+    return text
+
+
 def ae_fraction_at(step: int, ae_fraction: float, ae_only_steps: int) -> float:
     """Autoencoding only for the first `ae_only_steps` optimizer steps, then the mixed ratio."""
     return 1.0 if step < ae_only_steps else ae_fraction
@@ -492,7 +500,7 @@ def retention_triples(
         doc = rng.choice(usable)
         start = rng.randrange(len(doc) - context_tokens - 32 + 1)
         ids = list(doc[start : start + context_tokens])
-        text = tokenizer.decode(ids)
+        text = decode_text(tokenizer, ids)
         task = ("repeat", "continue", "quote", "names", "numbers")[attempts % 5]
         triple = _retention_triple(task, ids, doc[start + context_tokens :], text, tokenizer, rng)
         if triple is not None:
@@ -509,10 +517,11 @@ def _retention_triple(
     rng: random.Random,
 ) -> Triple | None:
     if task == "repeat":
-        short = tokenizer.decode(ids[: max(16, len(ids) // 4)])
+        short = decode_text(tokenizer, ids[: max(16, len(ids) // 4)])
         return Triple(short, "Repeat the text word for word.", short, "repeat")
     if task == "continue":
-        return Triple(text, "Continue the text.", tokenizer.decode(following[:32]), "continue")
+        following_text = decode_text(tokenizer, following[:32])
+        return Triple(text, "Continue the text.", following_text, "continue")
     if task == "quote":
         words = text.split()
         if len(words) < 24:
@@ -564,17 +573,18 @@ def distill_triples(
     for context in contexts:
         prompt = rng.choice(list(prompts))
         messages = [{"role": "user", "content": f"{context}\n\n{prompt}"}]
-        input_ids = tokenizer.apply_chat_template(
+        encoded: Any = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(model.device)
+        )
+        input_ids = encoded["input_ids"].to(model.device)
         with torch.no_grad():
-            out = model.generate(
+            out = cast(Any, model).generate(  # transformers types `generate` oddly
                 input_ids,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        answer = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+        answer = decode_text(tokenizer, out[0, input_ids.shape[1] :], skip_special_tokens=True)
         triples.append(Triple(context, prompt, answer.strip(), "distill"))
     return triples
 
@@ -615,7 +625,7 @@ def build_instruction_data(
             for _ in range(max(1, int(distill * scale))):
                 doc = rng.choice(usable)
                 start = rng.randrange(len(doc) - context_tokens + 1)
-                contexts.append(tokenizer.decode(doc[start : start + context_tokens]))
+                contexts.append(decode_text(tokenizer, doc[start : start + context_tokens]))
             triples += distill_triples(distill_model, tokenizer, contexts, seed=seed)
         counts[name] = write_pwc_jsonl(out / f"{name}.jsonl", triples)
     return counts

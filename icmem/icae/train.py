@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.errors import IcmemError
@@ -124,7 +124,7 @@ class TrainConfig:
             raise TrainingConfigError("`data` and `output_dir` are required paths")
         if isinstance(self.span_tokens, list):
             self.span_tokens = tuple(self.span_tokens)
-        self.adam_betas = tuple(self.adam_betas)
+        self.adam_betas = cast("tuple[float, float]", tuple(self.adam_betas))
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "continuation_tokens")
         for name in (*positive, "eval_examples", "keep_checkpoints", "log_every_steps"):
             value = getattr(self, name)
