@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.icmem-installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo check test lint bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/icmem demo
 
-test: $(STAMP)
+# Habits CI enforces on the library before any test runs: lint, formatting, types
+# (settings in pyproject.toml: [tool.ruff], [tool.mypy]).
+check: $(STAMP)
+	$(VENV)/bin/ruff check icmem store integrations
+	$(VENV)/bin/ruff format --check icmem store integrations
+	$(VENV)/bin/mypy
+
+test: check
 	bash .ci/postgres-deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +49,8 @@ class TextEmbedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        config: Any = self.model.config
+        return int(config.hidden_size)
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """Return a `(len(texts), dim)` float32 array of unit vectors."""

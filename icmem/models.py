@@ -76,7 +76,7 @@ def load_model(
     directory = _resolve(str(name_or_path), revision)
     model, tokenizer = _load_directory(directory, dtype=dtype, revision=revision)
     if device is not None:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
     return model.eval(), tokenizer
 
 

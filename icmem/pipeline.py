@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from icmem.chunking import DecodeErrors, Span, chunk, chunk_file, read_utf8
+from icmem.chunking import DecodeErrors, chunk, chunk_file
 from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
+from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, StageClock, ingest_paths
 from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
@@ -39,18 +40,6 @@ class Recall:
 
     hits: list[SearchHit]
     memory: list[MemorySlots]
-
-
-@dataclass
-class IngestReport:
-    """What a batch ingestion did with each file."""
-
-    ingested: int = 0
-    skipped: int = 0  # already stored with the same content
-    empty: int = 0  # no text to compress
-
-    def as_dict(self) -> dict[str, int]:
-        return {"ingested": self.ingested, "skipped": self.skipped, "empty": self.empty}
 
 
 @dataclass(frozen=True)
@@ -147,9 +136,8 @@ class MemoryPipeline:
     ) -> AddedDocument | None:
         """Compress and store one document (replacing one with the same id); None if empty."""
         spans = chunk(text, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens)
-        return self._store_document(
-            spans, namespace, document_id, source, metadata, content_id_of(text)
-        )
+        document = ChunkedDocument(spans, document_id, source, metadata or {}, content_id_of(text))
+        return self._store_one(document, namespace)
 
     def ingest_file(
         self,
@@ -168,9 +156,10 @@ class MemoryPipeline:
             )
         )
         digest = content_id_of("".join(span.text for span in spans))
-        return self._store_document(
-            spans, namespace, document_id or str(path), str(path), metadata, digest
+        document = ChunkedDocument(
+            spans, document_id or str(path), str(path), metadata or {}, digest
         )
+        return self._store_one(document, namespace)
 
     def ingest_files(
         self,
@@ -180,27 +169,16 @@ class MemoryPipeline:
         errors: DecodeErrors = "strict",
         progress: bool = True,
     ) -> IngestReport:
-        """Ingest many files, each under its path as id; resumable.
+        """Ingest files and folders (txt, md, html, pdf, jsonl), each file under its path as id;
+        resumable. `icmem.ingest.ingest_paths` has every option.
 
         A file already stored with the same content is skipped, so a batch that was interrupted
-        continues where it stopped and a re-run only compresses what changed.
+        continues where it stopped and a re-run only compresses what changed. A file that
+        cannot be read is reported in `IngestReport.unreadable`, and the rest are ingested.
         """
-        from tqdm import tqdm
-
-        stored = {d.id: d.content_hash for d in self.store.list_documents(namespace, exact=True)}
-        report = IngestReport()
-        for path in tqdm(paths, desc="ingesting", unit="file", disable=not progress):
-            text = "".join(read_utf8(Path(path), errors))
-            if stored.get(str(path)) == content_id_of(text):
-                report.skipped += 1
-            elif (
-                self.ingest(text, namespace=namespace, document_id=str(path), source=str(path))
-                is None
-            ):
-                report.empty += 1
-            else:
-                report.ingested += 1
-        return report
+        return ingest_paths(
+            self, paths, namespace=namespace, options=ReadOptions(errors=errors), progress=progress
+        )
 
     def recall(
         self,
@@ -356,21 +334,33 @@ class MemoryPipeline:
         """The decoder's token ids of plain text (to count tokens the way the model does)."""
         return self.icae.tokenize(text)
 
-    def _store_document(
+    def store_chunked(
         self,
-        spans: list[Span],
-        namespace: Sequence[str],
-        document_id: str | None,
-        source: str,
-        metadata: Mapping[str, Any] | None,
-        content_hash: str,
-    ) -> AddedDocument | None:
+        documents: Sequence[ChunkedDocument],
+        *,
+        namespace: Sequence[str] = DEFAULT_NAMESPACE,
+        timings: dict[str, float] | None = None,
+    ) -> list[AddedDocument]:
+        """Compress, embed and store chunked documents, replacing those with the same ids.
+
+        The spans of all documents are compressed together, so many small documents still fill
+        the ICAE's batches, and they are written in one transaction. Documents without spans
+        are not stored. `timings`, when given, accumulates the seconds spent in "compress",
+        "embed" and "write".
+        """
         from icmem.store import DocumentRecord, SpanRecord
 
-        if not spans:
-            return None
-        slots = self.icae.compress([list(s.token_ids) for s in spans], batch_size=self.batch_size)
-        embeddings = self.embedder.embed([s.text for s in spans])
+        documents = [d for d in documents if d.spans]
+        if not documents:
+            return []
+        spans = [span for d in documents for span in d.spans]
+        clock = StageClock(timings)
+        with clock("compress"):
+            slots = self.icae.compress(
+                [list(s.token_ids) for s in spans], batch_size=self.batch_size
+            )
+        with clock("embed"):
+            embeddings = self.embedder.embed([s.text for s in spans])
         records = [
             SpanRecord(
                 position=span.index,
@@ -384,15 +374,26 @@ class MemoryPipeline:
             )
             for span, memory, vector in zip(spans, slots, embeddings, strict=True)
         ]
-        document = DocumentRecord(
-            spans=records,
-            source=source,
-            metadata=dict(metadata or {}),
-            content_hash=content_hash,
-            id=document_id,
-        )
-        (added,) = self.store.upsert([document], namespace=namespace)
-        return added
+        rows, start = [], 0
+        for d in documents:
+            rows.append(
+                DocumentRecord(
+                    spans=records[start : start + len(d.spans)],
+                    source=d.source,
+                    metadata=dict(d.metadata),
+                    content_hash=d.content_hash,
+                    id=d.document_id,
+                )
+            )
+            start += len(d.spans)
+        with clock("write"):
+            return self.store.upsert(rows, namespace=namespace)
+
+    def _store_one(
+        self, document: ChunkedDocument, namespace: Sequence[str]
+    ) -> AddedDocument | None:
+        added = self.store_chunked([document], namespace=namespace)
+        return added[0] if added else None
 
     # ------------------------------------------------------------------ documents as records
     # Operations the LangGraph store, the vector store and the chat history build on: whole

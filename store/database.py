@@ -188,7 +188,9 @@ class Database:
         if self.dialect == "postgresql":
             total = 0
             for table in Base.metadata.sorted_tables:
-                total += session.scalar(select(func.pg_total_relation_size(table.name)))
+                total += session.execute(
+                    select(func.pg_total_relation_size(table.name))
+                ).scalar_one()
             return int(total)
         return 0
 
@@ -435,6 +437,7 @@ def _initialise(
 
 def _sqlite_foreign_keys(connection: Connection, *, on: bool) -> None:
     driver = connection.connection.driver_connection  # no transaction open: the pragma applies
+    assert driver is not None  # a connection checked out of the pool has its DBAPI connection
     driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
 
 
@@ -457,7 +460,7 @@ def _initialise_in(
                 "and no icmem store; create the store in a new directory"
             )
         if engine.dialect.name == "sqlite" and not create:
-            database = engine.url.database.removeprefix("file:").split("?")[0]
+            database = (engine.url.database or "").removeprefix("file:").split("?")[0]
             raise _not_a_store_any_more(Path(database))
         if read_only:
             raise NotAStoreError("the database holds no icmem store (no schema table)")

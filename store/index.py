@@ -183,6 +183,7 @@ class NamespaceIndex:
 
     def _rebuild(self, *, ivf: bool) -> None:
         ids, vectors = self._contents(with_vectors=True)
+        assert vectors is not None  # asked for with_vectors
         if not ivf:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
             self.trained_on = 0

@@ -264,9 +264,9 @@ class MemoryStore:
             deleted_documents = 0
             for row in self._select_namespaces(session, ns, exact=keys is not None):
                 if keys is None:
-                    deleted_documents += session.scalar(
+                    deleted_documents += session.execute(
                         select(func.count()).where(DocumentRow.namespace_id == row.id)
-                    )
+                    ).scalar_one()
                     session.execute(delete(NamespaceRow).where(NamespaceRow.id == row.id))
                     session.execute(
                         delete(SettingRow).where(SettingRow.key.startswith(token_key(row.id, "")))
@@ -546,20 +546,22 @@ class MemoryStore:
             ns_ids = [row.id for row in self._select_namespaces(session, ns)]
             documents = spans = slot_bytes = embedding_bytes = 0
             for chunk in chunks(ns_ids):
-                documents += session.scalar(
+                documents += session.execute(
                     select(func.count()).where(DocumentRow.namespace_id.in_(chunk))
-                )
-                spans += session.scalar(select(func.count()).where(SpanRow.namespace_id.in_(chunk)))
-                slot_bytes += session.scalar(
+                ).scalar_one()
+                spans += session.execute(
+                    select(func.count()).where(SpanRow.namespace_id.in_(chunk))
+                ).scalar_one()
+                slot_bytes += session.execute(
                     select(func.coalesce(func.sum(func.length(SlotRow.blob)), 0))
                     .join(SpanRow, SlotRow.span_id == SpanRow.id)
                     .where(SpanRow.namespace_id.in_(chunk))
-                )
-                embedding_bytes += session.scalar(
+                ).scalar_one()
+                embedding_bytes += session.execute(
                     select(func.coalesce(func.sum(func.length(EmbeddingRow.vector)), 0)).where(
                         EmbeddingRow.namespace_id.in_(chunk)
                     )
-                )
+                ).scalar_one()
             database_bytes = self._database.nbytes(session)
         return StoreStats(
             namespaces=len(ns_ids),
@@ -853,15 +855,17 @@ class MemoryStore:
                 [{"prefix_key": k, "namespace_id": created} for k in prefix_keys(ns)],
             )
             return created
-        return session.scalar(select(NamespaceRow.id).where(NamespaceRow.path_key == key))
+        return session.execute(
+            select(NamespaceRow.id).where(NamespaceRow.path_key == key)
+        ).scalar_one()
 
     def _bump_generation(self, session: Session, ns_id: int) -> int:
-        return session.scalar(
+        return session.execute(
             update(NamespaceRow)
             .where(NamespaceRow.id == ns_id)
             .values(generation=NamespaceRow.generation + 1)
             .returning(NamespaceRow.generation)
-        )
+        ).scalar_one()
 
     def _put_document(
         self, session: Session, ns_id: int, doc: _PreparedDocument, *, replace: bool
@@ -929,7 +933,7 @@ class MemoryStore:
                 "blob": bytes(span.slots),
             }
             for span_id, span, header in zip(span_ids, spans, doc.slot_headers, strict=True)
-            if header is not None
+            if header is not None and span.slots is not None
         ]
         if slot_rows:
             session.execute(SlotRow.__table__.insert(), slot_rows)

@@ -30,8 +30,8 @@ def _namespaces_as_paths(connection: Connection) -> None:
     rows = connection.execute(
         text("SELECT id, tenant, agent, thread, generation FROM icmem_namespaces ORDER BY id")
     ).all()
-    values = []
-    prefixes = []
+    values: list[dict[str, object]] = []
+    prefixes: list[dict[str, object]] = []
     for ns_id, tenant, agent, thread, generation in rows:
         path = encode_path((tenant, agent, thread))
         values.append(

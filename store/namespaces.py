@@ -27,6 +27,8 @@ __all__ = [
     "MAX_NAMESPACE_DEPTH",
     "decode_path",
     "encode_path",
+    "format_namespace",
+    "parse_namespace",
     "path_key",
     "prefix_keys",
     "validate_namespace",
@@ -78,3 +80,28 @@ def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) 
     for depth, label in enumerate(labels):
         check_text(label, f"namespace label {depth}", max_chars=MAX_KEY_CHARS)
     return labels
+
+
+def parse_namespace(text: str) -> tuple[str, ...]:
+    """A namespace written as text (on a command line): a JSON array of labels
+    (``["users", "u/1"]``, for labels holding ``/``, newlines or a leading ``[``) or labels joined
+    by ``/`` (``acme/bot``)."""
+    if text.startswith("["):
+        try:
+            labels = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRecordError(
+                f"--namespace {text!r} starts with '[' but is not a JSON array of labels: {exc}"
+            ) from exc
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise InvalidRecordError(
+                f'--namespace {text!r} must be a JSON array of strings, such as \'["a", "b"]\''
+            )
+        return validate_namespace(labels, allow_prefix=True)
+    return validate_namespace(text.split("/"), allow_prefix=True)
+
+
+def format_namespace(namespace: tuple[str, ...]) -> str:
+    """A namespace as one line of text, whatever its labels hold: a JSON array of them
+    (``parse_namespace`` reads it back)."""
+    return json.dumps(list(namespace), ensure_ascii=False)

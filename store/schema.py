@@ -9,6 +9,7 @@ Postgres), which is what lets an index catch up by comparing id sets alone.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -56,7 +58,8 @@ def _now() -> datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    # Every model here maps one declared Table (SQLAlchemy types it as any FromClause).
+    __table__: ClassVar[Table]
 
 
 class SchemaVersionRow(Base):

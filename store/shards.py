@@ -189,6 +189,7 @@ class Shards:
                 return
             shard.remove(np.asarray(remove, np.int64))
             if add_ids is not None and len(add_ids):
+                assert add_vectors is not None, "add_ids come with their add_vectors"
                 # Under READ COMMITTED a concurrent catch-up can read this write's rows yet label
                 # the index with the generation before it, so skip ids the index already holds.
                 fresh = ~np.isin(add_ids, shard.ids())

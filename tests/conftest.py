@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_embedder, tiny_icae, tiny_model, tiny_tokenizer
+from tiny_models import randomise_trained_tensors, tiny_embedder, tiny_icae, tiny_tokenizer
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -14,15 +14,18 @@ def tokenizer():
 
 
 @pytest.fixture
-def llama_gqa():
-    """Tiny Llama with grouped-query attention (4 query heads, 2 KV heads)."""
-    return tiny_model("llama", heads=4, kv_heads=2)
+def make_icae(tokenizer):
+    """Build a tiny ICAE in eval mode: `make_icae(seed=0, trained=False, **config_overrides)`.
+    `trained=True` gives its trainable tensors (LoRA B, memory embeddings) random values, as
+    training would, so that an adapter that is on differs from one that is off."""
 
+    def make(seed: int = 0, *, trained: bool = False, **overrides):
+        icae = tiny_icae(tokenizer, seed=seed, **overrides)
+        if trained:
+            randomise_trained_tensors(icae)
+        return icae.eval()
 
-@pytest.fixture
-def llama_mha():
-    """Tiny Llama with plain multi-head attention."""
-    return tiny_model("llama", heads=4, kv_heads=4)
+    return make
 
 
 @pytest.fixture(scope="session")

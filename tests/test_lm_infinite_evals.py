@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -11,6 +10,7 @@ import torch
 from tiny_models import tiny_model
 
 from icmem import lm_infinite
+from icmem.cli import build_parser
 from icmem.evals import long_context
 from icmem.evals.long_context import (
     EvaluationError,
@@ -147,9 +147,7 @@ def test_passkey_scores_whether_the_answer_holds_the_key(tokenizer, monkeypatch,
 
 def test_cli_prints_json_for_both_evaluations(model, tokenizer, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("icmem.models.load_model", lambda name: (model, tokenizer))
-    parser = argparse.ArgumentParser(prog="icmem")
-    evals = parser.add_subparsers().add_parser("eval").add_subparsers()
-    long_context.register_cli(evals)
+    parser = build_parser()
     text = tmp_path / "play.txt"
     text.write_text(TEXT, encoding="utf-8")
 
@@ -183,10 +181,8 @@ def test_cli_prints_json_for_both_evaluations(model, tokenizer, tmp_path, monkey
 
 
 def test_cli_rejects_bad_depths():
-    parser = argparse.ArgumentParser()
-    long_context.register_cli(parser.add_subparsers())
     with pytest.raises(SystemExit):
-        parser.parse_args(["passkey", "--tokens", "10", "--depths", "half"])
+        build_parser().parse_args(["eval", "passkey", "--tokens", "10", "--depths", "half"])
 
 
 def test_bucket_summary_measures_deviation_past_the_split():

@@ -51,6 +51,7 @@ def test_wheel_has_no_top_level_store_or_integrations(wheel):
     assert "store" not in top and "integrations" not in top
     assert "icmem/store/__init__.py" in names
     assert "icmem/integrations/langchain/__init__.py" in names
+    assert "icmem/cli/__main__.py" in names  # `python -m icmem.cli`, as the campaign runs it
     assert any(name.startswith("icmem/data/") for name in names)
 
 

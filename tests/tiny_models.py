@@ -131,3 +131,12 @@ def tiny_embedder(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0):
         intermediate_size=64,
     )
     return TextEmbedder(BertModel(config), tokenizer)
+
+
+def randomise_trained_tensors(icae, seed: int = 1) -> None:
+    """Give LoRA B (zero at init) and the new embeddings random values, as training would, so
+    that tests can tell an adapter that is on from one that is off."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in icae.trainable_parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))

@@ -8,18 +8,19 @@ functions so that building the CLI parser stays cheap.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from icmem.errors import IcmemError
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_BUCKET = 2048  # perplexity bucket width in tokens
+DEFAULT_CHUNK = 1024  # prefill chunk in tokens
+DEFAULT_GLOBAL_TOKENS = 10  # LM-Infinite's leading tokens every query attends to
+DEFAULT_TRIALS = 5  # passkey trials per depth
 
 _PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -84,10 +85,10 @@ def perplexity_by_bucket(
     text: str,
     *,
     tokens: int,
-    bucket: int = 2048,
+    bucket: int = DEFAULT_BUCKET,
     lm_infinite: bool = True,
-    chunk: int = 1024,
-    global_tokens: int = 10,
+    chunk: int = DEFAULT_CHUNK,
+    global_tokens: int = DEFAULT_GLOBAL_TOKENS,
     local_window: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -196,11 +197,11 @@ def passkey_accuracy(
     *,
     tokens: int,
     depths: Sequence[float] = DEFAULT_DEPTHS,
-    trials: int = 5,
+    trials: int = DEFAULT_TRIALS,
     lm_infinite: bool = True,
     seed: int = 0,
-    chunk: int = 1024,
-    global_tokens: int = 10,
+    chunk: int = DEFAULT_CHUNK,
+    global_tokens: int = DEFAULT_GLOBAL_TOKENS,
     local_window: int | None = None,
     max_new_tokens: int = 8,
     progress: bool = True,
@@ -258,115 +259,3 @@ def passkey_accuracy(
         results.append(entry)
     total = sum(e["correct"] for e in results) / sum(e["trials"] for e in results)
     return {**settings, "tokens": tokens, "trials": trials, "accuracy": total, "depths": results}
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
-def register_cli(eval_commands: argparse._SubParsersAction) -> None:
-    """Add ``ppl`` and ``passkey`` to the ``icmem eval`` subcommand group."""
-    ppl = eval_commands.add_parser("ppl", help="perplexity per position bucket on a long text")
-    ppl.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
-    ppl.add_argument("--tokens", required=True, type=int, help="how many tokens to score")
-    ppl.add_argument("--bucket", type=int, default=2048, help="bucket width in tokens")
-    _common_options(ppl)
-    ppl.set_defaults(func=ppl_command)
-
-    passkey = eval_commands.add_parser("passkey", help="passkey retrieval at several depths")
-    passkey.add_argument("--tokens", required=True, type=int, help="prompt length in tokens")
-    passkey.add_argument(
-        "--depths",
-        type=_depth_list,
-        default=DEFAULT_DEPTHS,
-        help="comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)",
-    )
-    passkey.add_argument("--trials", type=int, default=5, help="trials per depth")
-    passkey.add_argument("--seed", type=int, default=0)
-    _common_options(passkey)
-    passkey.set_defaults(func=passkey_command)
-
-
-def _common_options(parser: argparse.ArgumentParser) -> None:
-    from icmem.models import DEFAULT_MODEL
-
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory")
-    parser.add_argument("--vanilla", action="store_true", help="stock attention (the baseline)")
-    parser.add_argument("--global-tokens", type=int, default=10)
-    parser.add_argument(
-        "--local-window", type=int, default=None, help="default: the model's pretraining length"
-    )
-    parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk in tokens")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _depth_list(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in value.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5,1; got {value!r}") from exc
-
-
-def ppl_command(args: argparse.Namespace) -> int:
-    from icmem.models import load_model
-
-    model, tokenizer = load_model(args.model)
-    try:
-        text = args.text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvaluationError(f"cannot read --text {args.text}: {exc}; pass a UTF-8 file") from exc
-    result = perplexity_by_bucket(
-        model,
-        tokenizer,
-        text,
-        tokens=args.tokens,
-        bucket=args.bucket,
-        lm_infinite=not args.vanilla,
-        chunk=args.chunk,
-        global_tokens=args.global_tokens,
-        local_window=args.local_window,
-    )
-    result["model"] = args.model
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['mode']}: perplexity per {args.bucket}-token bucket")
-        for b in result["buckets"]:
-            print(f"  [{b['start']:>6}, {b['end']:>6})  {b['ppl']:10.2f}")
-        summary = result["summary"]
-        if "worst_deviation_past" in summary:
-            print(
-                f"  past {summary['split']}: worst {summary['worst_deviation_past']:.1%} from the "
-                f"mean below it ({summary['mean_below']:.2f})"
-            )
-    return 0
-
-
-def passkey_command(args: argparse.Namespace) -> int:
-    from icmem.models import load_model
-
-    model, tokenizer = load_model(args.model)
-    result = passkey_accuracy(
-        model,
-        tokenizer,
-        tokens=args.tokens,
-        depths=args.depths,
-        trials=args.trials,
-        lm_infinite=not args.vanilla,
-        seed=args.seed,
-        chunk=args.chunk,
-        global_tokens=args.global_tokens,
-        local_window=args.local_window,
-    )
-    result["model"] = args.model
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{result['mode']}: passkey accuracy {result['accuracy']:.0%} at {args.tokens} tokens"
-        )
-        for d in result["depths"]:
-            seen = "in window" if d["in_window"] else "outside window"
-            print(f"  depth {d['depth']:.2f}: {d['accuracy']:.0%} ({seen})")
-    return 0

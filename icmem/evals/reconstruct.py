@@ -14,8 +14,6 @@ reference text, so both pass through the same text-to-ids path.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import re
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icmem.errors import IcmemError
+from icmem.icae.data import decode_text
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +35,9 @@ if TYPE_CHECKING:
     from icmem.icae.slots import MemorySlots
 
 DEFAULT_LENGTHS = (64, 128, 256, 512)
+DEFAULT_SPANS_PER_LENGTH = 8
+DEFAULT_CONTINUATION_TOKENS = 128
+DEFAULT_QA_MAX_NEW_TOKENS = 64
 
 
 class EvaluationError(IcmemError, ValueError):
@@ -182,11 +184,11 @@ def evaluate_reconstruction(
     *,
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     ks: Sequence[int] | None = None,
-    spans_per_length: int = 8,
-    continuation_tokens: int = 128,
+    spans_per_length: int = DEFAULT_SPANS_PER_LENGTH,
+    continuation_tokens: int = DEFAULT_CONTINUATION_TOKENS,
     generate: bool = True,
     qa_triples: Sequence[Triple] = (),
-    qa_max_new_tokens: int = 64,
+    qa_max_new_tokens: int = DEFAULT_QA_MAX_NEW_TOKENS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate `icae` on held-out `texts`; returns a JSON-ready dict.
@@ -277,7 +279,7 @@ def _bucket(
         return BucketResult(length=length, k=k, spans=len(pairs), token_ce=ce, prior_ce=prior)
     bleu, prefix = [], []
     for memory, (span, _) in zip(slots, pairs, strict=True):
-        reference = icae.tokenize(icae.tokenizer.decode(span))
+        reference = icae.tokenize(decode_text(icae.tokenizer, span))
         hypothesis = icae.tokenize(icae.reconstruct([memory], max_new_tokens=len(span) + 8))
         bleu.append(bleu4(hypothesis, reference))
         prefix.append(exact_prefix_ratio(hypothesis, reference))
@@ -335,6 +337,7 @@ def qa_agreement(icae: ICAE, triples: Sequence[Triple], *, max_new_tokens: int =
     for triple in triples:
         memory = icae.compress(triple.input)
         from_slots = icae.generate(memory, triple.prompt, max_new_tokens=max_new_tokens)
+        assert isinstance(from_slots, str)  # not streamed
         from_raw = raw_context_answer(icae, triple.input, triple.prompt, max_new_tokens)
         f1, same = answer_agreement(from_slots, from_raw)
         f1s.append(f1)
@@ -359,48 +362,7 @@ def raw_context_answer(icae: ICAE, context: str, prompt: str, max_new_tokens: in
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register_cli(eval_subparsers: Any) -> None:
-    """Add `reconstruct` to the subparsers of an `icmem eval` command."""
-    p = eval_subparsers.add_parser(
-        "reconstruct", help="BLEU, exact match and loss of ICAE reconstruction on held-out text"
-    )
-    p.add_argument("--checkpoint", default=None, help="ICAE directory (default: the shipped one)")
-    p.add_argument("--text", required=True, help="held-out text: a .txt file or a folder of them")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
-    p.add_argument("--k", type=int, nargs="+", default=None, help="slot counts (default: own)")
-    p.add_argument("--spans", type=int, default=8, help="spans per length")
-    p.add_argument("--continuation", type=int, default=128, help="continuation tokens")
-    p.add_argument("--no-generate", action="store_true", help="skip greedy reconstruction")
-    p.add_argument("--qa", default=None, help="PwC-style JSONL of held-out triples")
-    p.add_argument("--qa-limit", type=int, default=8, help="triples to answer from --qa")
-    p.set_defaults(func=reconstruct_command)
-
-
-def reconstruct_command(args: argparse.Namespace) -> int:
-    from icmem.icae.data import read_pwc_jsonl
-    from icmem.icae.model import ICAE
-
-    icae = ICAE.from_pretrained(args.checkpoint)
-    result = evaluate_reconstruction(
-        icae,
-        _read_texts(args.text),
-        lengths=args.lengths,
-        ks=args.k,
-        spans_per_length=args.spans,
-        continuation_tokens=args.continuation,
-        generate=not args.no_generate,
-        qa_triples=read_pwc_jsonl(args.qa)[: args.qa_limit] if args.qa else (),
-    )
-    result["checkpoint"] = args.checkpoint or "default"
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
+    return decode_text(tokenizer, out[0, len(ids) :], skip_special_tokens=True).strip()
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -429,7 +391,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _read_texts(path: str) -> list[str]:
+def read_held_out_texts(path: str | Path) -> list[str]:
+    """The texts of a held-out .txt file or of every .txt file below a folder."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.txt") if f.is_file())

@@ -367,7 +367,7 @@ def bootstrap(source: str | Path, config: TrainConfig, out_dir: str | Path) -> P
         for name, param in fresh.named_parameters():
             if not param.requires_grad:
                 continue
-            value = source_tensors[name]
+            value: torch.Tensor = source_tensors[name]
             if name == "memory_embeddings":
                 value = value.repeat(-(-param.shape[0] // value.shape[0]), 1)[: param.shape[0]]
             param.copy_(value)

@@ -10,7 +10,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.icae.errors import ICAEConfigError
+from icmem.models import DEFAULT_MODEL
 
 DTYPES = ("float32", "bfloat16")
 SHORT_SPAN_POLICIES = ("proportional", "fixed")
@@ -56,10 +58,10 @@ class ICAEConfig:
       answers exactly as before. 0 keeps the paper's frozen decoder.
     """
 
-    base_model: str = "smollm2-135m-instruct"
+    base_model: str = DEFAULT_MODEL
     base_revision: str | None = None
     num_memory_tokens: int = 128
-    span_tokens: int = 512
+    span_tokens: int = DEFAULT_SPAN_TOKENS
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.05

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from icmem.errors import IcmemError
 
@@ -56,6 +56,12 @@ class Triple:
 
 
 # --------------------------------------------------------------------------- corpus readers
+
+
+DEFAULT_HELD_OUT_FRACTION = 0.05  # share of a corpus's documents never trained on
+DEFAULT_SPLIT_SEED = 0
+DEFAULT_MAN_PAGES = 300  # rendered man pages in the local pretraining corpus
+DEFAULT_RETENTION = 2000  # templated retention triples for fine-tuning
 
 
 def read_text_dir(path: str | Path, pattern: str = "**/*.txt") -> list[Document]:
@@ -104,7 +110,7 @@ def read_corpus(path: str | Path) -> list[Document]:
 
 
 def split_by_document(
-    docs: Sequence[Document], held_out_fraction: float, seed: int = 0
+    docs: Sequence[Document], held_out_fraction: float, seed: int = DEFAULT_SPLIT_SEED
 ) -> DocumentSplit:
     """Hold out whole documents: those whose seeded id hash falls below `held_out_fraction`.
 
@@ -136,6 +142,25 @@ def split_by_document(
     )
 
 
+def write_held_out(
+    corpus: str | Path,
+    out_dir: str | Path,
+    *,
+    held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+) -> list[str]:
+    """Copy the held-out documents of `corpus` (split as pretraining splits it) into `out_dir`:
+    the evaluation text of a run, exactly the documents its training never sampled. Returns
+    their ids."""
+    split = split_by_document(read_corpus(corpus), held_out_fraction, split_seed)
+    out = Path(out_dir)
+    for doc in split.held_out:
+        target = out / doc.doc_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(doc.text, encoding="utf-8")
+    return [doc.doc_id for doc in split.held_out]
+
+
 def tokenize_documents(
     docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase
 ) -> list[list[int]]:
@@ -152,7 +177,7 @@ def build_local_corpus(
     shakespeare: bool = True,
     licenses: bool = True,
     debian_docs: bool = True,
-    man_pages: int = 300,
+    man_pages: int = DEFAULT_MAN_PAGES,
     python_docs: bool = True,
     python_docs_root: str | Path = "/usr/share/doc",
     min_chars: int = 2000,
@@ -355,6 +380,14 @@ class PretrainSampler:
         return ICAEExample(context_ids=context, task="lm", target_ids=target)
 
 
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Any, **options: Any) -> str:
+    """The text of one sequence of token ids (transformers also types `decode` as returning a
+    list, for batches)."""
+    text = tokenizer.decode(ids, **options)
+    assert isinstance(text, str)
+    return text
+
+
 def ae_fraction_at(step: int, ae_fraction: float, ae_only_steps: int) -> float:
     """Autoencoding only for the first `ae_only_steps` optimizer steps, then the mixed ratio."""
     return 1.0 if step < ae_only_steps else ae_fraction
@@ -467,7 +500,7 @@ def retention_triples(
         doc = rng.choice(usable)
         start = rng.randrange(len(doc) - context_tokens - 32 + 1)
         ids = list(doc[start : start + context_tokens])
-        text = tokenizer.decode(ids)
+        text = decode_text(tokenizer, ids)
         task = ("repeat", "continue", "quote", "names", "numbers")[attempts % 5]
         triple = _retention_triple(task, ids, doc[start + context_tokens :], text, tokenizer, rng)
         if triple is not None:
@@ -484,10 +517,11 @@ def _retention_triple(
     rng: random.Random,
 ) -> Triple | None:
     if task == "repeat":
-        short = tokenizer.decode(ids[: max(16, len(ids) // 4)])
+        short = decode_text(tokenizer, ids[: max(16, len(ids) // 4)])
         return Triple(short, "Repeat the text word for word.", short, "repeat")
     if task == "continue":
-        return Triple(text, "Continue the text.", tokenizer.decode(following[:32]), "continue")
+        following_text = decode_text(tokenizer, following[:32])
+        return Triple(text, "Continue the text.", following_text, "continue")
     if task == "quote":
         words = text.split()
         if len(words) < 24:
@@ -539,17 +573,18 @@ def distill_triples(
     for context in contexts:
         prompt = rng.choice(list(prompts))
         messages = [{"role": "user", "content": f"{context}\n\n{prompt}"}]
-        input_ids = tokenizer.apply_chat_template(
+        encoded: Any = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(model.device)
+        )
+        input_ids = encoded["input_ids"].to(model.device)
         with torch.no_grad():
-            out = model.generate(
+            out = cast(Any, model).generate(  # transformers types `generate` oddly
                 input_ids,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        answer = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+        answer = decode_text(tokenizer, out[0, input_ids.shape[1] :], skip_special_tokens=True)
         triples.append(Triple(context, prompt, answer.strip(), "distill"))
     return triples
 
@@ -559,12 +594,12 @@ def build_instruction_data(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    retention: int = 2000,
+    retention: int = DEFAULT_RETENTION,
     distill_model: PreTrainedModel | None = None,
     distill: int = 0,
     context_tokens: int = 384,
-    held_out_fraction: float = 0.05,
-    split_seed: int = 0,
+    held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
     seed: int = 0,
 ) -> dict[str, int]:
     """Write `train.jsonl` and `held_out.jsonl` of PwC-style triples built from a corpus.
@@ -590,7 +625,7 @@ def build_instruction_data(
             for _ in range(max(1, int(distill * scale))):
                 doc = rng.choice(usable)
                 start = rng.randrange(len(doc) - context_tokens + 1)
-                contexts.append(tokenizer.decode(doc[start : start + context_tokens]))
+                contexts.append(decode_text(tokenizer, doc[start : start + context_tokens]))
             triples += distill_triples(distill_model, tokenizer, contexts, seed=seed)
         counts[name] = write_pwc_jsonl(out / f"{name}.jsonl", triples)
     return counts

@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from icmem.chunking import Span, chunk
 from icmem.icae.config import ICAEConfig
 from icmem.icae.errors import BaseModelMismatchError, ICAEConfigError
 from icmem.icae.slots import MemorySlots
+from icmem.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -181,7 +183,7 @@ class ICAE(nn.Module):
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_base(cls, source: ModelSource = "smollm2-135m-instruct", **config: Any) -> ICAE:
+    def from_base(cls, source: ModelSource = DEFAULT_MODEL, **config: Any) -> ICAE:
         """An untrained ICAE on ``source``: any name or path ``icmem.load_model`` accepts, or an
         already loaded ``(model, tokenizer)`` pair (whose ``base_model`` name defaults to the
         model's ``name_or_path``). Keyword arguments override ``ICAEConfig`` fields."""
@@ -442,15 +444,22 @@ class ICAE(nn.Module):
             source = [source]
         documents = []
         for index, doc in enumerate(source):
-            ids = self.tokenize(doc) if isinstance(doc, str) else [int(t) for t in doc]
-            if not ids:
+            if isinstance(doc, str):
+                # The one span splitter: spans never end inside a character.
+                spans = [list(span.token_ids) for span in self._chunk(doc)]
+            else:
+                spans = self.split_spans([int(t) for t in doc])
+            if not spans:
                 raise ICAEConfigError(f"document {index} has no tokens; drop empty texts first")
-            documents.append(self.split_spans(ids))
+            documents.append(spans)
         if not documents:
             raise ICAEConfigError("nothing to compress: pass a text or token ids")
         return documents
 
     # ----------------------------------------------------------------- prompts
+
+    def _chunk(self, text: str) -> list[Span]:
+        return chunk(text, self.tokenizer, span_tokens=self.config.span_tokens)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of plain text, without special tokens."""

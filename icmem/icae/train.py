@@ -18,7 +18,6 @@ Run directory layout::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -31,10 +30,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.errors import IcmemError
 from icmem.icae.data import (
+    DEFAULT_HELD_OUT_FRACTION,
+    DEFAULT_SPLIT_SEED,
     PretrainSampler,
     Triple,
     ae_fraction_at,
@@ -44,6 +46,7 @@ from icmem.icae.data import (
     split_by_document,
     tokenize_documents,
 )
+from icmem.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 STAGES = ("pretrain", "finetune")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 _CHECKPOINT_PREFIX = "step-"
+DEFAULT_EXPORT_DTYPE = "bfloat16"
 
 
 class TrainingConfigError(IcmemError, ValueError):
@@ -80,7 +84,7 @@ class TrainConfig:
     stage: str
     data: str
     output_dir: str
-    base_model: str = "smollm2-135m-instruct"
+    base_model: str = DEFAULT_MODEL
     init_from: str | None = None
     icae: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -94,9 +98,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float | None = 1.0
-    held_out_fraction: float = 0.05
-    split_seed: int = 0
-    span_tokens: int | tuple[int, int] = 512
+    held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION
+    split_seed: int = DEFAULT_SPLIT_SEED
+    span_tokens: int | tuple[int, int] = DEFAULT_SPAN_TOKENS
     continuation_tokens: int = 256
     ae_fraction: float = 0.5
     ae_only_steps: int = 0
@@ -120,7 +124,7 @@ class TrainConfig:
             raise TrainingConfigError("`data` and `output_dir` are required paths")
         if isinstance(self.span_tokens, list):
             self.span_tokens = tuple(self.span_tokens)
-        self.adam_betas = tuple(self.adam_betas)
+        self.adam_betas = cast("tuple[float, float]", tuple(self.adam_betas))
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "continuation_tokens")
         for name in (*positive, "eval_examples", "keep_checkpoints", "log_every_steps"):
             value = getattr(self, name)
@@ -690,7 +694,7 @@ def export_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    dtype: str | None = "bfloat16",
+    dtype: str | None = DEFAULT_EXPORT_DTYPE,
     base_model: Any = None,
 ) -> Path:
     """Write the ICAE of a training checkpoint (or of a run's latest one) to `out_dir`.
@@ -791,153 +795,3 @@ class _StopFlag:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add `train pretrain|finetune|corpus|instructions` to an argparse subparsers."""
-    train_parser = subparsers.add_parser("train", help="train an ICAE and build its data")
-    stages = train_parser.add_subparsers(dest="stage", required=True)
-    for stage, entry in (("pretrain", pretrain), ("finetune", finetune)):
-        p = stages.add_parser(stage, help=f"{stage} an ICAE from a JSON config")
-        p.add_argument("--config", required=True, help="JSON TrainConfig (see configs/)")
-        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-        p.add_argument("--until-step", type=int, default=None, help="stop (checkpointed) here")
-        p.set_defaults(func=_cli_runner(entry))
-    p = stages.add_parser("campaign", help="continue the default ICAE's training campaign")
-    p.add_argument(
-        "action",
-        choices=["start", "run", "stop", "status", "report", "bootstrap"],
-        help="start: in the background at nice 19; run: here, in the foreground; stop: "
-        "checkpoint and end it; status: where it stands; report: append metrics, re-draw "
-        "the curve in TRAINING.md and promote the checkpoint if held-out loss improved",
-    )
-    p.add_argument("--config", default="configs/campaign-smollm2-135m-k128.json")
-    p.add_argument("--until-step", type=int, default=None, help="run: stop (checkpointed) here")
-    p.add_argument("--no-promote", action="store_true", help="report: never replace the export")
-    p.add_argument("--source", help="bootstrap: a same-recipe checkpoint with fewer memory tokens")
-    p.add_argument("--out", help="bootstrap: where to save the ICAE to start from (init_from)")
-    p.set_defaults(func=_campaign_command)
-    p = stages.add_parser("corpus", help="write a pretraining corpus from text on this machine")
-    p.add_argument("--out", required=True, help="folder to write .txt documents into")
-    p.add_argument("--man-pages", type=int, default=300, help="rendered man pages to include")
-    p.set_defaults(func=_corpus_command)
-    p = stages.add_parser("export", help="save a run's latest checkpoint as a loadable ICAE")
-    p.add_argument("--run", required=True, help="run output_dir, or one checkpoints/step-* dir")
-    p.add_argument("--out", required=True, help="directory for ICAE.from_pretrained")
-    p.add_argument("--dtype", default="bfloat16", help="precision of the stored tensors")
-    p.set_defaults(func=_export_command)
-    p = stages.add_parser("held-out", help="copy a corpus's held-out documents to a folder")
-    p.add_argument("--corpus", required=True, help="corpus folder (as for pretraining)")
-    p.add_argument("--out", required=True, help="folder for the held-out .txt documents")
-    p.add_argument("--held-out-fraction", type=float, default=0.05, help="as in pretraining")
-    p.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
-    p.set_defaults(func=_held_out_command)
-    p = stages.add_parser("instructions", help="write PwC-style fine-tuning triples")
-    p.add_argument("--corpus", required=True, help="corpus folder (as for pretraining)")
-    p.add_argument("--out", required=True, help="folder for train.jsonl and held_out.jsonl")
-    p.add_argument("--base-model", default="smollm2-135m-instruct")
-    p.add_argument("--retention", type=int, default=2000, help="templated retention triples")
-    p.add_argument("--distill", type=int, default=0, help="context-distilled triples")
-    p.add_argument("--held-out-fraction", type=float, default=0.05, help="as in pretraining")
-    p.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
-    p.set_defaults(func=_instructions_command)
-
-
-def _campaign_command(args: argparse.Namespace) -> int:
-    from icmem.icae import campaign
-
-    config = TrainConfig.from_file(args.config)
-    if args.action == "start":
-        plan = campaign.plan_campaign(config)
-        pid = campaign.start_in_background(args.config)
-        log = Path(config.output_dir) / campaign.LOG_FILE
-        print(
-            json.dumps({"started": pid, "mode": plan.mode, "reason": plan.reason, "log": str(log)})
-        )
-    elif args.action == "run":
-        result = campaign.run_campaign(config, until_step=args.until_step)
-        print(json.dumps({"steps": result.steps, "tokens_seen": result.tokens_seen}))
-    elif args.action == "stop":
-        print(json.dumps({"stopped": campaign.stop_background(config.output_dir)}))
-    elif args.action == "status":
-        history = campaign.held_out_history(config.output_dir)
-        status = {
-            "running": campaign.background_pid(config.output_dir),
-            "next_start": campaign.plan_campaign(config).mode,
-            "last_held_out": history[-1] if history else None,
-        }
-        print(json.dumps(status))
-    elif args.action == "bootstrap":
-        if not (args.source and args.out):
-            raise TrainingConfigError("bootstrap needs --source CHECKPOINT and --out DIR")
-        print(json.dumps({"out": str(campaign.bootstrap(args.source, config, args.out))}))
-    else:
-        print(json.dumps(campaign.report(config, promote=not args.no_promote)))
-    return 0
-
-
-def _corpus_command(args: argparse.Namespace) -> int:
-    from icmem.icae.data import build_local_corpus
-
-    written = build_local_corpus(args.out, man_pages=args.man_pages)
-    print(json.dumps({"out": args.out, "documents": len(written)}))
-    return 0
-
-
-def _export_command(args: argparse.Namespace) -> int:
-    target = export_checkpoint(args.run, args.out, dtype=args.dtype)
-    print(json.dumps({"out": str(target)}))
-    return 0
-
-
-def _held_out_command(args: argparse.Namespace) -> int:
-    """The evaluation text of a run: exactly the documents its training never sampled."""
-    split = split_by_document(read_corpus(args.corpus), args.held_out_fraction, args.split_seed)
-    out = Path(args.out)
-    for doc in split.held_out:
-        target = out / doc.doc_id
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(doc.text, encoding="utf-8")
-    print(json.dumps({"out": str(out), "documents": [d.doc_id for d in split.held_out]}))
-    return 0
-
-
-def _instructions_command(args: argparse.Namespace) -> int:
-    from icmem.icae.data import build_instruction_data
-    from icmem.models import load_model
-
-    model, tokenizer = load_model(args.base_model)
-    counts = build_instruction_data(
-        args.corpus,
-        args.out,
-        tokenizer,
-        retention=args.retention,
-        distill_model=model if args.distill else None,
-        distill=args.distill,
-        held_out_fraction=args.held_out_fraction,
-        split_seed=args.split_seed,
-    )
-    print(json.dumps({"out": args.out, **counts}))
-    return 0
-
-
-def _cli_runner(entry: Callable[..., TrainResult]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        result = entry(args.config, resume=args.resume, until_step=args.until_step)
-        print(
-            json.dumps(
-                {
-                    "output_dir": str(result.output_dir),
-                    "final_dir": str(result.final_dir),
-                    "steps": result.steps,
-                    "tokens_seen": result.tokens_seen,
-                    "last_loss": result.losses[-1] if result.losses else None,
-                }
-            )
-        )
-        return 0
-
-    return run

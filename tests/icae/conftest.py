@@ -1,31 +1,18 @@
-"""Tiny ICAEs for the model tests: small k and spans so every test runs in well under a second."""
+"""Fixtures of the ICAE model tests (`make_icae` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from icae_testing import randomise_trained_tensors
-from tiny_models import tiny_icae, tiny_icae_base
+from tiny_models import tiny_icae_base
 
 from icmem.icae import ICAE
 
 
 @pytest.fixture
-def make_icae(tokenizer):
-    """Build a tiny ICAE; `trained=True` randomises its trainable tensors."""
-
-    def make(seed: int = 0, trained: bool = True, **overrides) -> ICAE:
-        icae = tiny_icae(tokenizer, seed=seed, **overrides)
-        if trained:
-            randomise_trained_tensors(icae)
-        return icae.eval()
-
-    return make
-
-
-@pytest.fixture
 def icae(make_icae) -> ICAE:
-    return make_icae()
+    """A tiny ICAE whose trainable tensors hold random values, as after training."""
+    return make_icae(trained=True)
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def test_manifest_names_are_plain_file_names(saved, tokenizer, name):
 
 
 def test_a_decoder_adapter_must_be_listed_too(make_icae, tokenizer, tmp_path):
-    saved = make_icae(decoder_lora_rank=4).save_pretrained(tmp_path / "dec")
+    saved = make_icae(decoder_lora_rank=4, trained=True).save_pretrained(tmp_path / "dec")
     manifest = json.loads((saved / "icae_config.json").read_text())
     del manifest["files"]["decoder_adapter.safetensors"]
     (saved / "icae_config.json").write_text(json.dumps(manifest))

@@ -126,7 +126,7 @@ def test_bad_generation_arguments_are_refused(icae, kwargs, error):
 
 
 def test_memory_from_another_base_model_is_refused(icae, make_icae):
-    foreign = make_icae(seed=5).compress("Paris")
+    foreign = make_icae(seed=5, trained=True).compress("Paris")
     with pytest.raises(BaseModelMismatchError, match="re-compress"):
         icae.generate(foreign, "Where?")
     with pytest.raises(ICAEConfigError, match="at least one"):

@@ -10,8 +10,7 @@ import threading
 
 import pytest
 import torch
-from icae_testing import randomise_trained_tensors
-from tiny_models import tiny_icae
+from tiny_models import randomise_trained_tensors, tiny_icae
 
 RECIPES = [
     {},

@@ -10,8 +10,7 @@ import json
 
 import pytest
 import torch
-from icae_testing import randomise_trained_tensors
-from tiny_models import TINY_ICAE_CONFIG, tiny_icae
+from tiny_models import TINY_ICAE_CONFIG, randomise_trained_tensors, tiny_icae
 
 from icmem.icae import ICAE, ICAEConfig, ICAEConfigError, ICAEExample, MemorySlots
 from icmem.icae.checkpoint import EMBEDDINGS, MANIFEST

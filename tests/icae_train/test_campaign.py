@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_ICAE
 from tiny_models import tiny_model
+from train_testing import TINY_ICAE
 
 from icmem.icae import campaign
 from icmem.icae.model import ICAE

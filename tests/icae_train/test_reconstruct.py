@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -14,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_icae_base
 
+from icmem.cli import build_parser
 from icmem.evals.reconstruct import (
     EvaluationError,
     _encode,
@@ -24,7 +24,6 @@ from icmem.evals.reconstruct import (
     evaluate_reconstruction,
     exact_prefix_ratio,
     format_table,
-    register_cli,
     sample_spans,
 )
 from icmem.icae.data import Triple
@@ -140,9 +139,9 @@ def test_evaluate_reconstruction_errors(make_icae):
 
 
 def test_cli_parses_eval_reconstruct():
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["reconstruct", "--text", "held.txt", "--json", "--k", "32", "128"])
+    args = build_parser().parse_args(
+        ["eval", "reconstruct", "--text", "held.txt", "--json", "--k", "32", "128"]
+    )
     assert args.checkpoint is None and args.text == "held.txt" and args.json
     assert args.k == [32, 128] and args.lengths == [64, 128, 256, 512]
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from icmem.evals.reconstruct import register_cli
+from icmem.cli import build_parser
 from icmem.icae.model import ICAE
 
 
@@ -18,10 +17,8 @@ def test_eval_reconstruct_command_prints_json_per_bucket(tmp_path, capsys):
     icae.save_pretrained(tmp_path / "ckpt")
     held_out = tmp_path / "held.txt"
     held_out.write_text("It was a bright cold day in April, and the clocks were striking. " * 30)
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["reconstruct", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(held_out),
+    args = build_parser().parse_args(
+        ["eval", "reconstruct", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(held_out),
          "--json", "--lengths", "64", "--spans", "1", "--continuation", "16"]
     )  # fmt: skip
     assert args.func(args) == 0

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_icae
 from tiny_models import tiny_model
+from train_testing import build_tiny_icae
 
+from icmem.cli import build_parser
 from icmem.icae.data import Triple, write_pwc_jsonl
 from icmem.icae.model import ICAE
 from icmem.icae.train import (
@@ -20,7 +21,6 @@ from icmem.icae.train import (
     export_checkpoint,
     latest_checkpoint,
     read_metrics,
-    register_cli,
     train,
 )
 
@@ -219,10 +219,8 @@ def test_shipped_example_configs_are_valid():
 
 
 def test_cli_parses_train_commands():
-    import argparse
 
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["train", "pretrain", "--config", "c.json", "--resume"])
     assert (args.stage, args.config, args.resume) == ("pretrain", "c.json", True)
     args = parser.parse_args(["train", "finetune", "--config", "f.json", "--until-step", "5"])

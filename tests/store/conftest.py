@@ -1,68 +1,25 @@
 """Store fixtures: the backends the store suite runs against (SQLite and a real, throw-away
-PostgreSQL cluster started from Debian's packages) and small record builders."""
+PostgreSQL cluster started from Debian's packages). Helpers are in store_testing.py."""
 
 from __future__ import annotations
 
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-from icmem.store import DocumentRecord, MemoryStore, SpanRecord
-
-from icmem.codec import encode_slots
-
-DIM = 16
-FINGERPRINT = "tiny-test-model@1"
-PG_FIX = "run `bash .ci/postgres-deps.sh` as root (it apt-installs postgresql) and re-run the tests"
-
-
-def _as_postgres_user(command: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; the tests run as root in CI containers.
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class PostgresServer:
-    host: str
-    port: int
-    user: str = "postgres"
-    databases: list[str] = field(default_factory=list)
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{database}"
-
-    def _admin(self, sql: str) -> None:
-        import psycopg
-
-        dsn = f"host={self.host} port={self.port} user={self.user} dbname=postgres"
-        with psycopg.connect(dsn, autocommit=True) as connection:
-            connection.execute(sql)
-
-    def create_database(self) -> str:
-        name = f"icmem_{uuid.uuid4().hex[:12]}"
-        self._admin(f'CREATE DATABASE "{name}"')
-        self.databases.append(name)
-        return self.url(name)
-
-    def drop_databases(self) -> None:
-        while self.databases:
-            self._admin(f'DROP DATABASE "{self.databases.pop()}" WITH (FORCE)')
+from icmem.store import MemoryStore
+from store_testing import (
+    PG_FIX,
+    PostgresServer,
+    StoreLocation,
+    as_postgres_user,
+    free_port,
+)
 
 
 @pytest.fixture(scope="session")
@@ -78,11 +35,11 @@ def postgres_server() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
     data, log = base / "data", base / "server.log"
-    port = _free_port()
+    port = free_port()
     run = {"check": True, "capture_output": True, "text": True}
     try:
         subprocess.run(
-            _as_postgres_user(
+            as_postgres_user(
                 [
                     str(bindir / "initdb"),
                     "-D",
@@ -100,7 +57,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         )
         options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
         subprocess.run(
-            _as_postgres_user(
+            as_postgres_user(
                 [
                     str(bindir / "pg_ctl"),
                     "-D",
@@ -122,25 +79,10 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield PostgresServer("127.0.0.1", port)
     finally:
         subprocess.run(
-            _as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
             capture_output=True,
         )
         shutil.rmtree(base, ignore_errors=True)
-
-
-@dataclass
-class StoreLocation:
-    """Where a test's store lives; ``open`` may be called again to reopen the same store."""
-
-    backend: str
-    target: str
-    index_dir: Path
-
-    def open(self, **kwargs: Any) -> MemoryStore:
-        kwargs.setdefault("dim", DIM)
-        if self.backend == "postgres":
-            kwargs.setdefault("index_dir", self.index_dir)
-        return MemoryStore.open(self.target, **kwargs)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -157,43 +99,3 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreLo
 def store(location: StoreLocation) -> Iterator[MemoryStore]:
     with location.open() as opened:
         yield opened
-
-
-def make_slots(seed: int, *, fingerprint: str = FINGERPRINT, codec: str = "bf16") -> bytes:
-    values = np.random.default_rng(seed).standard_normal((4, 8)).astype(np.float32)
-    return encode_slots(values, codec=codec, fingerprint=fingerprint)
-
-
-def embedding(seed: int) -> np.ndarray:
-    vector = np.random.default_rng(10_000 + seed).standard_normal(DIM).astype(np.float32)
-    return vector / np.linalg.norm(vector)
-
-
-def make_document(
-    key: str | None,
-    n_spans: int = 2,
-    *,
-    seed: int = 0,
-    metadata: dict | None = None,
-    fingerprint: str = FINGERPRINT,
-    vector: Callable[[int], np.ndarray] = embedding,
-) -> DocumentRecord:
-    spans = [
-        SpanRecord(
-            position=p,
-            char_start=100 * p,
-            char_end=100 * p + 99,
-            text=f"{key} span {p} seed {seed}",
-            token_count=20 + p,
-            slots=make_slots(seed * 100 + p, fingerprint=fingerprint),
-            embedding=vector(seed * 100 + p),
-        )
-        for p in range(n_spans)
-    ]
-    return DocumentRecord(
-        id=key,
-        source=f"file://{key}",
-        metadata=metadata or {},
-        content_hash=f"hash-{key}-{seed}",
-        spans=spans,
-    )

@@ -19,8 +19,8 @@ from sqlalchemy import event
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import DIM, embedding, make_document
 from icmem.store import MemoryStore
+from store_testing import DIM, embedding, make_document
 
 SPANS_PER_DOCUMENT = 6
 DOCUMENTS_PER_BATCH = 40

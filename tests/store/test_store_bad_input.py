@@ -16,7 +16,6 @@ from pathlib import Path
 import icmem.store.database as database_module
 import numpy as np
 import pytest
-from conftest import DIM, FINGERPRINT, StoreLocation, embedding, make_document, make_slots
 from icmem.store import (
     DimensionMismatchError,
     DocumentRecord,
@@ -31,6 +30,7 @@ from icmem.store import (
 )
 from icmem.store.schema import MIGRATIONS, SchemaVersionRow
 from sqlalchemy import event, insert, text
+from store_testing import DIM, FINGERPRINT, StoreLocation, embedding, make_document, make_slots
 
 NS = ("t", "a", "th")
 

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 from pathlib import Path
 
 import numpy as np
-from conftest import DIM, make_document
 from icmem.store import MemoryStore
-from icmem.store.cli import register
+from store_testing import DIM, make_document
+
+from icmem.cli import build_parser
 
 NS = ("t", "a", "th")
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

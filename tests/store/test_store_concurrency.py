@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import StoreLocation
 from sqlalchemy import text
+from store_testing import StoreLocation
 
 WORKER = Path(__file__).with_name("store_worker.py")
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import StoreLocation
 from icmem.store.schema import DocumentRow, EmbeddingRow, SlotRow, SpanRow
 from sqlalchemy import func, select
+from store_testing import StoreLocation
 
 WORKER = Path(__file__).with_name("store_worker.py")
 NS = ("crash", "agent", "thread")

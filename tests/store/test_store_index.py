@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import StoreLocation, make_document
 from icmem.store import IndexFileError, IndexPolicy
 from icmem.store.index import IndexFiles, NamespaceIndex
+from store_testing import StoreLocation, make_document
 
 DIM = 16
 POLICY = IndexPolicy(flat_max=1_000)

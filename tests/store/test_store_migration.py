@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PostgresServer
 from icmem.store import MemoryStore, SchemaVersionError
 from icmem.store.schema import (
     SCHEMA_VERSION,
@@ -23,6 +22,7 @@ from icmem.store.schema import (
     SpanRow,
 )
 from sqlalchemy import create_engine, inspect, select, text
+from store_testing import PostgresServer
 
 FIXTURES = Path(__file__).with_name("fixtures")
 V1_STORE = FIXTURES / "v1-store"

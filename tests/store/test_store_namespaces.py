@@ -3,19 +3,25 @@ prefix, whatever the labels hold; checked against SQLite and PostgreSQL alike.""
 
 from __future__ import annotations
 
-import argparse
 import json
 import uuid
 
 import numpy as np
 import pytest
-from conftest import StoreLocation, embedding, make_document
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from icmem.store import InvalidRecordError, MemoryStore, UnknownSpanError
-from icmem.store.cli import format_namespace, parse_namespace, register
-from icmem.store.namespaces import MAX_NAMESPACE_DEPTH, decode_path, encode_path
+from icmem.store.namespaces import (
+    MAX_NAMESPACE_DEPTH,
+    decode_path,
+    encode_path,
+    format_namespace,
+    parse_namespace,
+)
 from sqlalchemy import text
+from store_testing import StoreLocation, embedding, make_document
+
+from icmem.cli import build_parser
 
 # Each pair of neighbours would be confused by a naive encoding: a joined string, a LIKE pattern,
 # a missing terminator or a label holding the separator.
@@ -146,9 +152,7 @@ def test_depth_and_label_limits(store: MemoryStore) -> None:
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -6,13 +6,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import DIM, FINGERPRINT, embedding, make_document, make_slots
 from icmem.store import (
     DuplicateDocumentError,
     InvalidFilterError,
     MemoryStore,
     UnknownSpanError,
 )
+from store_testing import DIM, FINGERPRINT, embedding, make_document, make_slots
 
 from icmem.codec import decode_slots
 

@@ -7,10 +7,10 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import StoreLocation, embedding, make_document
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from icmem.store import DuplicateDocumentError, MemoryStore
+from store_testing import StoreLocation, embedding, make_document
 
 KEYS = ["a", "b", "c", "d"]
 operations = st.lists(

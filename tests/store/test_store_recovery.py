@@ -3,14 +3,12 @@ never trusts an index built from another database, and never lets one bad row ta
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import DIM, FINGERPRINT, StoreLocation, embedding, make_document
 from icmem.store import (
     DocumentRecord,
     InvalidRecordError,
@@ -19,10 +17,11 @@ from icmem.store import (
     SpanRecord,
     StoreDamageWarning,
 )
-from icmem.store.cli import register
 from icmem.store.schema import SlotRow
 from sqlalchemy import select, update
+from store_testing import DIM, FINGERPRINT, StoreLocation, embedding, make_document
 
+from icmem.cli import build_parser
 from icmem.codec import decode_slots
 
 NS = ("t", "a", "th")
@@ -35,9 +34,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -87,7 +84,7 @@ CREATE_RACE = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, sys.argv[3])
-    from conftest import DIM, make_document
+    from store_testing import DIM, make_document
     from icmem.store import MemoryStore
     time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
     with MemoryStore.open(sys.argv[1], dim=DIM) as store:
@@ -238,7 +235,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
-    from conftest import DIM, make_document
+    from store_testing import DIM, make_document
     from icmem.store import MemoryStore
     store = MemoryStore.open(sys.argv[1], dim=DIM)
     late = [make_document(f"late{i}", 1, seed=50 + i) for i in range(5)]

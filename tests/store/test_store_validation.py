@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import DIM, StoreLocation, embedding, make_document
 from icmem.store import (
     DamagedStoreError,
     DocumentRecord,
@@ -21,6 +20,7 @@ from icmem.store import (
 )
 from icmem.store.schema import EmbeddingRow
 from sqlalchemy import update
+from store_testing import DIM, StoreLocation, embedding, make_document
 
 NS = ("t", "a", "th")
 
