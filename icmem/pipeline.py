@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from icmem.chunking import DecodeErrors, chunk, chunk_file
+from icmem.chunking import DecodeErrors, Span, chunk, chunk_file
 from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
 from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, StageClock, ingest_paths

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
@@ -42,6 +42,7 @@ __all__ = ["DATABASE_FILE", "INDEX_DIR", "Database", "chunks"]
 DATABASE_FILE = "store.sqlite"
 INDEX_DIR = "index"
 _IN_CHUNK = 900  # ids per IN (...) clause, below SQLite's default parameter limit
+_T = TypeVar("_T")
 _PG_INIT_LOCK = 0x1C3E30  # advisory lock key serialising schema creation across workers
 
 
@@ -209,7 +210,7 @@ class Database:
                     old.dispose()
 
 
-def chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
+def chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), _IN_CHUNK):
         yield items[start : start + _IN_CHUNK]
 

@@ -91,13 +91,13 @@ class ICAEMemoryMiddleware(AgentMiddleware):
 
     # ------------------------------------------------------------------ remember
 
-    def after_agent(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
+    def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         turn = self._turn(state, runtime)
         if turn is not None:
             resolve_store(self.memory, runtime).put(*turn, index=["text"])
         return None
 
-    async def aafter_agent(self, state: dict[str, Any], runtime: Any) -> dict[str, Any] | None:
+    async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         turn = self._turn(state, runtime)
         if turn is not None:
             await resolve_store(self.memory, runtime).aput(*turn, index=["text"])

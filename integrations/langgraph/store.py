@@ -73,15 +73,24 @@ class _Stored:
     ttl: float | None  # minutes
     span_count: int
 
-    def item(self, score: float | None = None, *, scored: bool = False) -> Item:
-        fields = dict(
+    def item(self) -> Item:
+        return Item(
             namespace=self.namespace,
             key=self.key,
             value=self.value,
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
-        return SearchItem(**fields, score=score) if scored else Item(**fields)
+
+    def search_item(self, score: float | None = None) -> SearchItem:
+        return SearchItem(
+            namespace=self.namespace,
+            key=self.key,
+            value=self.value,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            score=score,
+        )
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -305,7 +314,7 @@ class ICAEMemory(BaseStore):
         ]
         if vector is None:
             page = candidates[op.offset : op.offset + op.limit]
-            return [stored.item(scored=True) for stored in page]
+            return [stored.search_item() for stored in page]
         wanted = op.offset + op.limit
         total = sum(document.span_count for document in documents)
         scores = self._best_scores(op.namespace_prefix, vector, candidates, wanted, total)
@@ -315,9 +324,7 @@ class ICAEMemory(BaseStore):
         )
         unscored = [c for c in candidates if (c.namespace, c.key) not in scores]
         page = (ranked + unscored)[op.offset : wanted]
-        return [
-            stored.item(scores.get((stored.namespace, stored.key)), scored=True) for stored in page
-        ]
+        return [stored.search_item(scores.get((stored.namespace, stored.key))) for stored in page]
 
     def _best_scores(
         self,
@@ -394,7 +401,8 @@ class ICAEMemory(BaseStore):
         for op, result in zip(ops, results, strict=True):
             if isinstance(op, GetOp | SearchOp) and op.refresh_ttl and result:
                 for item in result if isinstance(result, list) else [result]:
-                    touched.setdefault(item.namespace, set()).add(item.key)
+                    if isinstance(item, Item):
+                        touched.setdefault(item.namespace, set()).add(item.key)
         for namespace, keys in touched.items():
             updates = {
                 stored.key: _metadata(stored, now, refreshed=True)
@@ -485,7 +493,7 @@ def _put_metadata(op: PutOp, existing: _Stored | None, now: datetime) -> dict[st
     stored = _Stored(
         namespace=op.namespace,
         key=op.key,
-        value=dict(op.value),
+        value=dict(op.value or {}),
         created_at=existing.created_at if existing else now,
         updated_at=now,
         expires_at=None,
