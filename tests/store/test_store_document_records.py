@@ -7,8 +7,8 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import embedding, make_document
 from icmem.store import InvalidRecordError, MemoryStore
+from store_testing import embedding, make_document
 
 NS = ("acme", "bot", "t1")
 
