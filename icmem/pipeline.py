@@ -348,32 +348,14 @@ class MemoryPipeline:
         are not stored. `timings`, when given, accumulates the seconds spent in "compress",
         "embed" and "write".
         """
-        from icmem.store import DocumentRecord, SpanRecord
+        from icmem.store import DocumentRecord
 
         documents = [d for d in documents if d.spans]
         if not documents:
             return []
         spans = [span for d in documents for span in d.spans]
         clock = StageClock(timings)
-        with clock("compress"):
-            slots = self.icae.compress(
-                [list(s.token_ids) for s in spans], batch_size=self.batch_size
-            )
-        with clock("embed"):
-            embeddings = self.embedder.embed([s.text for s in spans])
-        records = [
-            SpanRecord(
-                position=span.index,
-                char_start=span.char_start,
-                char_end=span.char_end,
-                text=span.text,
-                token_count=span.token_count,
-                slots=memory.to_bytes(self.codec),
-                embedding=vector,
-                content_id=span.content_id,
-            )
-            for span, memory, vector in zip(spans, slots, embeddings, strict=True)
-        ]
+        records = self._span_records(spans, clock)
         rows, start = [], 0
         for d in documents:
             rows.append(
@@ -500,14 +482,22 @@ class MemoryPipeline:
                 spans.append(dataclasses.replace(span, index=len(spans)))
         return spans
 
-    def _span_records(self, spans: Sequence[Span]) -> list[SpanRecord]:
-        """Compress and embed spans (all in one batch) into store records."""
+    def _span_records(
+        self, spans: Sequence[Span], clock: StageClock | None = None
+    ) -> list[SpanRecord]:
+        """Compress and embed spans (all in one batch) into store records; `clock` times the
+        two stages."""
         from icmem.store import SpanRecord
 
         if not spans:
             return []
-        slots = self.icae.compress([list(s.token_ids) for s in spans], batch_size=self.batch_size)
-        vectors = self.embed([s.text for s in spans])
+        clock = clock or StageClock(None)
+        with clock("compress"):
+            slots = self.icae.compress(
+                [list(s.token_ids) for s in spans], batch_size=self.batch_size
+            )
+        with clock("embed"):
+            vectors = self.embed([s.text for s in spans])
         return [
             SpanRecord(
                 position=span.index,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 from icmem.integrations.langchain import ICAEChatMessageHistory
 from icmem.integrations.langgraph import ICAEMemory
 from icmem.store import DocumentRecord
@@ -14,14 +13,6 @@ from langchain_core.messages import AIMessage, HumanMessage, message_to_dict
 from langgraph_fixtures import fresh_pipeline
 
 NS = ("acme", "bot", "thread-1")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from icmem.integrations.langchain import (
     ICAEEmbeddings,
     ICAEVectorStore,
@@ -19,14 +18,6 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_tests.integration_tests import VectorStoreIntegrationTests
 from langgraph_fixtures import fresh_pipeline, tiny_models
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -12,20 +12,11 @@ import asyncio
 import time
 
 import pytest
-import torch
 from icmem.integrations.langgraph import ICAEMemory
 from langgraph.store.base import GetOp, InvalidNamespaceError, PutOp, SearchOp
 from langgraph_fixtures import fresh_pipeline
 
 USER = ("users", "u1")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
