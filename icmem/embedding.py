@@ -76,6 +76,13 @@ class TextEmbedder:
         return out
 
 
+def embedding_dim(name_or_path: str | os.PathLike[str] = DEFAULT_EMBEDDER) -> int:
+    """The vector length of an embedding model, read from its config without the weights."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(_resolve(str(name_or_path))).hidden_size)
+
+
 def _resolve(name: str) -> str:
     if name in _EMBEDDED:
         from icmem.models import embedded_package_dir

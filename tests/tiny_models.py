@@ -6,6 +6,8 @@ byte-level BPE with a chat template) in milliseconds and without any download.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -140,3 +142,18 @@ def randomise_trained_tensors(icae, seed: int = 1) -> None:
     with torch.no_grad():
         for param in icae.trainable_parameters():
             param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+@dataclass(frozen=True)
+class TinyIngestModels:
+    """The tiny ICAE and embedder as an `icmem.distributed.ModelLoader`: each Ray worker that
+    loads it builds the same weights from the same seed (tests/ must be on its PYTHONPATH)."""
+
+    seed: int = 0
+
+    def load(self):
+        tokenizer = tiny_tokenizer()
+        return tiny_icae(tokenizer, seed=self.seed), tiny_embedder(tokenizer, seed=self.seed)
+
+    def embedding_dim(self) -> int:
+        return 32

@@ -1,0 +1,245 @@
+"""Ingestion scaled out on Ray: read, chunk, compress and embed on a pool of workers.
+
+The expensive part of ingestion (the ICAE forward and the embedder) runs in a Ray Data pipeline
+whose compress stage is an actor pool: each actor loads the models once and then encodes
+document after document. Only the driver writes to the store, in batched transactions, so a
+SQLite store (one writer) works as well as Postgres, and a crash loses at most the batch in
+flight. Each document is encoded by `icmem.pipeline.encode_document`, the function
+`MemoryPipeline.ingest` uses, so the store ends up with the same bytes as a single-process run.
+
+Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from icmem.chunking import DecodeErrors, chunk, read_utf8
+from icmem.errors import IcmemError
+from icmem.pipeline import DEFAULT_NAMESPACE, IngestReport, encode_document
+from icmem.store.records import content_id_of
+
+if TYPE_CHECKING:
+    from icmem.embedding import TextEmbedder
+    from icmem.icae.model import ICAE
+
+# What a row is after the read stage, and what the driver does with it.
+_ENCODE, _SKIPPED, _EMPTY = "encode", "skipped", "empty"
+
+
+class DistributedIngestError(IcmemError):
+    """Ray is missing, or the inputs of a distributed ingestion are unusable."""
+
+
+@dataclass(frozen=True)
+class TextDocument:
+    """A document given as text rather than as a file path."""
+
+    id: str
+    text: str
+    source: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ModelLoader(Protocol):
+    """What each worker calls once to get its models; must pickle (it travels to the workers)."""
+
+    def load(self) -> tuple[ICAE, TextEmbedder]: ...
+
+    def embedding_dim(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DefaultModels:
+    """The ICAE checkpoint (None: the shipped one) and embedder `MemoryPipeline.open` loads."""
+
+    icae: str | None = None
+    embedder: str | None = None
+    dtype: str | None = None
+
+    def load(self) -> tuple[ICAE, TextEmbedder]:
+        from icmem.embedding import DEFAULT_EMBEDDER, TextEmbedder
+        from icmem.icae.model import ICAE
+
+        icae = ICAE.from_pretrained(self.icae, dtype=self.dtype)
+        return icae, TextEmbedder.load(self.embedder or DEFAULT_EMBEDDER)
+
+    def embedding_dim(self) -> int:
+        from icmem.embedding import DEFAULT_EMBEDDER, embedding_dim
+
+        return embedding_dim(self.embedder or DEFAULT_EMBEDDER)
+
+
+class _DocumentEncoder:
+    """The actor-pool stage: chunk, compress and embed each document of a batch."""
+
+    def __init__(self, models: ModelLoader, codec: str, batch_size: int) -> None:
+        import torch
+
+        self.icae, self.embedder = models.load()
+        if torch.cuda.is_available():  # the actor was given a GPU; the embedder stays on CPU
+            self.icae.to("cuda")
+        self.codec, self.batch_size = codec, batch_size
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        records = []
+        statuses = list(batch["status"])
+        for i, status in enumerate(statuses):
+            document = None
+            if status == _ENCODE:
+                spans = chunk(
+                    str(batch["text"][i]),
+                    self.icae.tokenizer,
+                    span_tokens=self.icae.config.span_tokens,
+                )
+                document = encode_document(
+                    self.icae,
+                    self.embedder,
+                    spans,
+                    document_id=str(batch["id"][i]),
+                    source=str(batch["source"][i]),
+                    metadata=json.loads(batch["metadata"][i]),
+                    content_hash=str(batch["content_hash"][i]),
+                    codec=self.codec,
+                    batch_size=self.batch_size,
+                )
+                if document is None:
+                    statuses[i] = _EMPTY
+            records.append(document)
+        record_column = np.empty(len(records), dtype=object)
+        record_column[:] = records
+        return {"status": np.array(statuses), "record": record_column}
+
+
+def _read_stage(stored: Mapping[str, str], errors: DecodeErrors):
+    """Reads a path's text (or takes the given text) and marks documents stored unchanged."""
+
+    def read(row: dict[str, Any]) -> dict[str, Any]:
+        text = row["text"]
+        if row["path"]:
+            text = "".join(read_utf8(Path(row["path"]), errors))
+        digest = content_id_of(text)
+        status = _SKIPPED if stored.get(row["id"]) == digest else _ENCODE
+        return {**row, "text": text, "content_hash": digest, "status": status}
+
+    return read
+
+
+def _rows(sources: Sequence[str | os.PathLike[str] | TextDocument]) -> list[dict[str, Any]]:
+    rows, seen = [], set()
+    for source in sources:
+        if isinstance(source, TextDocument):
+            row = {"path": "", "id": source.id, "text": source.text, "source": source.source}
+            row["metadata"] = json.dumps(dict(source.metadata))
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                raise DistributedIngestError(
+                    f"{path} is not a file; pass files (expand directories first) or "
+                    "TextDocument objects"
+                )
+            row = {"path": str(path), "id": str(path), "text": "", "source": str(path)}
+            row["metadata"] = "{}"
+        else:
+            raise DistributedIngestError(
+                f"cannot ingest {type(source).__name__}; pass file paths or TextDocument objects"
+            )
+        if row["id"] in seen:
+            raise DistributedIngestError(
+                f"document id {row['id']!r} is given twice; each document needs its own id"
+            )
+        seen.add(row["id"])
+        rows.append(row)
+    return rows
+
+
+def ingest_with_ray(
+    sources: Sequence[str | os.PathLike[str] | TextDocument],
+    store: str | os.PathLike[str],
+    *,
+    namespace: Sequence[str] = DEFAULT_NAMESPACE,
+    models: ModelLoader | None = None,
+    index_dir: str | os.PathLike[str] | None = None,
+    codec: str = "bf16",
+    batch_size: int = 8,
+    write_batch: int = 16,
+    errors: DecodeErrors = "strict",
+    address: str | None = None,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    """Ingest files (id = path, as `MemoryPipeline.ingest_files`) or `TextDocument`s on Ray.
+
+    `address` is a running cluster's (`"auto"`, `"ray://head:10001"`); None starts or joins a
+    local instance. `num_workers` actors (default: one per GPU, or one per CPU) each load the
+    models of `models` (default: the shipped ICAE and all-MiniLM-L6-v2) once. The driver writes
+    `write_batch` documents per transaction to `store` (a directory or an SQLAlchemy URL).
+    Resumable: a document already stored with the same content is skipped.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise DistributedIngestError(
+            'distributed ingestion needs Ray: pip install "icmem[ray]"'
+        ) from exc
+    from icmem.store import MemoryStore
+
+    if write_batch < 1 or batch_size < 1:
+        raise DistributedIngestError(
+            f"write_batch and batch_size must be >= 1 (got {write_batch}, {batch_size})"
+        )
+    models = models or DefaultModels()
+    rows = _rows(sources)
+    report = IngestReport()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=progress)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if num_workers is None:
+        num_workers = gpus if use_gpu else max(1, int(resources.get("CPU", 1)))
+    if num_workers < 1:
+        raise DistributedIngestError(f"num_workers must be >= 1, got {num_workers}")
+
+    with MemoryStore.open(store, dim=models.embedding_dim(), index_dir=index_dir) as opened:
+        if not rows:
+            return report
+        stored = {d.id: d.content_hash for d in opened.list_documents(namespace, exact=True)}
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # same ids and order as one process
+        context.enable_progress_bars = progress
+        encoded = (
+            ray.data.from_items(rows)
+            .map(_read_stage(stored, errors), num_cpus=0)
+            .map_batches(
+                _DocumentEncoder,
+                fn_constructor_kwargs={"models": models, "codec": codec, "batch_size": batch_size},
+                batch_size=1,
+                concurrency=num_workers,
+                num_cpus=0 if use_gpu else 1,
+                num_gpus=1 if use_gpu else 0,
+            )
+        )
+        pending = []
+        for batch in encoded.iter_batches(batch_size=write_batch, batch_format="numpy"):
+            for status, record in zip(batch["status"], batch["record"], strict=True):
+                if status == _SKIPPED:
+                    report.skipped += 1
+                elif status == _EMPTY:
+                    report.empty += 1
+                else:
+                    pending.append(record)
+            if pending:
+                opened.upsert(pending, namespace=namespace)
+                report.ingested += len(pending)
+                pending = []
+    return report

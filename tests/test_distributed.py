@@ -1,0 +1,133 @@
+"""Ingestion on a local Ray instance writes exactly what single-process ingestion writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import ray
+from icmem.store import MemoryStore
+from icmem.store.schema import DocumentRow, EmbeddingRow, SlotRow, SpanRow
+from sqlalchemy import select
+from tiny_models import TinyIngestModels
+
+from icmem.distributed import DistributedIngestError, TextDocument, ingest_with_ray
+from icmem.pipeline import MemoryPipeline
+
+NAMESPACE = ("acme", "bot", "t1")
+WORDS = ("the keeper lit the lamp and wrote the weather in the log before dawn").split(" ")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Files of one to several 32-token spans, an empty file, and a document given as text."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    paths = []
+    for i, words in enumerate((5, 40, 90, 0, 130)):
+        path = folder / f"doc{i}.txt"
+        path.write_text(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(words)) + "\n")
+        paths.append(path)
+    note = TextDocument(id="note", text="Remember the boat on Monday. " * 12, metadata={"k": 1})
+    return paths, note
+
+
+def stored_rows(store: MemoryStore) -> dict[str, list[tuple]]:
+    """Every span of every document: (position, text, offsets, tokens, slots, embedding)."""
+    query = (
+        select(
+            DocumentRow.key,
+            DocumentRow.content_hash,
+            SpanRow.position,
+            SpanRow.text,
+            SpanRow.char_start,
+            SpanRow.char_end,
+            SpanRow.token_count,
+            SlotRow.blob,
+            EmbeddingRow.vector,
+        )
+        .join(SpanRow, SpanRow.document_id == DocumentRow.id)
+        .join(SlotRow, SlotRow.span_id == SpanRow.id)
+        .join(EmbeddingRow, EmbeddingRow.span_id == SpanRow.id)
+        .order_by(DocumentRow.key, SpanRow.position)
+    )
+    rows: dict[str, list[tuple]] = {}
+    with store.engine.connect() as connection:
+        for key, *span in connection.execute(query):
+            rows.setdefault(key, []).append(
+                tuple(bytes(v) if isinstance(v, memoryview) else v for v in span)
+            )
+    return rows
+
+
+def single_process(location, paths, note) -> dict[str, list[tuple]]:
+    import torch
+
+    icae, embedder = TinyIngestModels().load()
+    store = MemoryStore.open(location, dim=embedder.dim)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray worker runs
+    try:
+        with MemoryPipeline(icae, store, embedder) as pipeline:
+            report = pipeline.ingest_files(paths, namespace=NAMESPACE, progress=False)
+            pipeline.ingest(
+                note.text, document_id=note.id, metadata=note.metadata, namespace=NAMESPACE
+            )
+            assert report.as_dict() == {"ingested": 4, "skipped": 0, "empty": 1}
+            return stored_rows(pipeline.store)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, tmp_path):
+    paths, note = corpus
+    expected = single_process(tmp_path / "reference", paths, note)
+
+    report = ingest_with_ray(
+        [*paths, note],
+        tmp_path / "ray",
+        namespace=NAMESPACE,
+        models=TinyIngestModels(),
+        num_workers=2,
+        write_batch=2,
+        progress=False,
+    )
+    assert report.as_dict() == {"ingested": 5, "skipped": 0, "empty": 1}
+    with MemoryStore.open(tmp_path / "ray", dim=32) as store:
+        assert stored_rows(store) == expected
+        assert sorted(d.id for d in store.list_documents(NAMESPACE)) == sorted(expected)
+    assert sum(len(spans) for spans in expected.values()) >= 10  # several spans per document
+
+    # A second run skips what is stored unchanged and re-encodes only what changed.
+    paths[1].write_text("a new text for the second document\n")
+    again = ingest_with_ray(
+        [*paths, note],
+        tmp_path / "ray",
+        namespace=NAMESPACE,
+        models=TinyIngestModels(),
+        progress=False,
+    )
+    assert again.as_dict() == {"ingested": 1, "skipped": 4, "empty": 1}
+
+
+def test_bad_sources_are_refused_before_any_work(tmp_path):
+    with pytest.raises(DistributedIngestError, match="not a file"):
+        ingest_with_ray([tmp_path], tmp_path / "store", models=TinyIngestModels())
+    twice = TextDocument(id="a", text="x")
+    with pytest.raises(DistributedIngestError, match="given twice"):
+        ingest_with_ray([twice, twice], tmp_path / "store", models=TinyIngestModels())
