@@ -16,7 +16,10 @@ from icmem.distributed import DistributedIngestError, TextDocument, ingest_with_
 from icmem.pipeline import MemoryPipeline
 
 NAMESPACE = ("acme", "bot", "t1")
-WORDS = ("the keeper lit the lamp and wrote the weather in the log before dawn").split(" ")
+WORDS = (
+    "the", "keeper", "lit", "the", "lamp", "and", "wrote",
+    "the", "weather", "in", "the", "log", "before", "dawn",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,12 @@ def corpus(tmp_path):
     return paths, note
 
 
+@pytest.fixture
+def backend(tmp_path):
+    """Two empty SQLite stores, (location, index_dir) each: the reference and Ray's."""
+    return [(tmp_path / name, None) for name in ("reference", "ray")]
+
+
 def stored_rows(store: MemoryStore) -> dict[str, list[tuple]]:
     """Every span of every document: (position, text, offsets, tokens, slots, embedding)."""
     query = (
@@ -75,11 +84,11 @@ def stored_rows(store: MemoryStore) -> dict[str, list[tuple]]:
     return rows
 
 
-def single_process(location, paths, note) -> dict[str, list[tuple]]:
+def single_process(location, index_dir, paths, note) -> dict[str, list[tuple]]:
     import torch
 
     icae, embedder = TinyIngestModels().load()
-    store = MemoryStore.open(location, dim=embedder.dim)
+    store = MemoryStore.open(location, dim=embedder.dim, index_dir=index_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray worker runs
     try:
@@ -94,13 +103,15 @@ def single_process(location, paths, note) -> dict[str, list[tuple]]:
         torch.set_num_threads(threads)
 
 
-def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, tmp_path):
+def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, backend):
     paths, note = corpus
-    expected = single_process(tmp_path / "reference", paths, note)
+    (reference, reference_index), (target, index_dir) = backend
+    expected = single_process(reference, reference_index, paths, note)
 
     report = ingest_with_ray(
         [*paths, note],
-        tmp_path / "ray",
+        target,
+        index_dir=index_dir,
         namespace=NAMESPACE,
         models=TinyIngestModels(),
         num_workers=2,
@@ -108,18 +119,20 @@ def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, tmp_
         progress=False,
     )
     assert report.as_dict() == {"ingested": 5, "skipped": 0, "empty": 1}
-    with MemoryStore.open(tmp_path / "ray", dim=32) as store:
+    with MemoryStore.open(target, dim=32, index_dir=index_dir) as store:
         assert stored_rows(store) == expected
         assert sorted(d.id for d in store.list_documents(NAMESPACE)) == sorted(expected)
     assert sum(len(spans) for spans in expected.values()) >= 10  # several spans per document
 
-    # A second run skips what is stored unchanged and re-encodes only what changed.
+    # A second run (one worker) skips what is stored unchanged and re-encodes what changed.
     paths[1].write_text("a new text for the second document\n")
     again = ingest_with_ray(
         [*paths, note],
-        tmp_path / "ray",
+        target,
+        index_dir=index_dir,
         namespace=NAMESPACE,
         models=TinyIngestModels(),
+        num_workers=1,
         progress=False,
     )
     assert again.as_dict() == {"ingested": 1, "skipped": 4, "empty": 1}
