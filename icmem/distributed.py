@@ -215,31 +215,45 @@ def ingest_with_ray(
             return report
         stored = {d.id: d.content_hash for d in opened.list_documents(namespace, exact=True)}
         context = ray.data.DataContext.get_current()
+        saved = (context.execution_options.preserve_order, context.enable_progress_bars)
         context.execution_options.preserve_order = True  # same ids and order as one process
         context.enable_progress_bars = progress
-        encoded = (
-            ray.data.from_items(rows)
-            .map(_read_stage(stored, errors), num_cpus=0)
-            .map_batches(
-                _DocumentEncoder,
-                fn_constructor_kwargs={"models": models, "codec": codec, "batch_size": batch_size},
-                batch_size=1,
-                concurrency=num_workers,
-                num_cpus=0 if use_gpu else 1,
-                num_gpus=1 if use_gpu else 0,
+        try:
+            encoded = (
+                ray.data.from_items(rows)
+                .map(_read_stage(stored, errors), num_cpus=0)
+                .map_batches(
+                    _DocumentEncoder,
+                    fn_constructor_kwargs={
+                        "models": models,
+                        "codec": codec,
+                        "batch_size": batch_size,
+                    },
+                    batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(size=num_workers),
+                    num_cpus=0 if use_gpu else 1,
+                    num_gpus=1 if use_gpu else 0,
+                )
             )
-        )
-        pending = []
-        for batch in encoded.iter_batches(batch_size=write_batch, batch_format="numpy"):
-            for status, record in zip(batch["status"], batch["record"], strict=True):
-                if status == _SKIPPED:
-                    report.skipped += 1
-                elif status == _EMPTY:
-                    report.empty += 1
-                else:
-                    pending.append(record)
-            if pending:
-                opened.upsert(pending, namespace=namespace)
-                report.ingested += len(pending)
-                pending = []
+            for batch in encoded.iter_batches(batch_size=write_batch, batch_format="numpy"):
+                _write(opened, batch, namespace, report)
+        finally:
+            context.execution_options.preserve_order, context.enable_progress_bars = saved
     return report
+
+
+def _write(
+    store: Any, batch: dict[str, Any], namespace: Sequence[str], report: IngestReport
+) -> None:
+    """One transaction for the encoded documents of a batch; counts the others."""
+    documents = []
+    for status, record in zip(batch["status"], batch["record"], strict=True):
+        if status == _SKIPPED:
+            report.skipped += 1
+        elif status == _EMPTY:
+            report.empty += 1
+        else:
+            documents.append(record)
+    if documents:
+        store.upsert(documents, namespace=namespace)
+        report.ingested += len(documents)
