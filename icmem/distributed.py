@@ -192,9 +192,10 @@ def ingest_with_ray(
         ) from exc
     from icmem.store import MemoryStore
 
-    if write_batch < 1 or batch_size < 1:
+    if write_batch < 1 or batch_size < 1 or (num_workers is not None and num_workers < 1):
         raise DistributedIngestError(
-            f"write_batch and batch_size must be >= 1 (got {write_batch}, {batch_size})"
+            "write_batch, batch_size and num_workers must be >= 1 (got "
+            f"{write_batch}, {batch_size}, {num_workers})"
         )
     models = models or DefaultModels()
     rows = _rows(sources)
@@ -207,8 +208,6 @@ def ingest_with_ray(
         use_gpu = gpus > 0
     if num_workers is None:
         num_workers = gpus if use_gpu else max(1, int(resources.get("CPU", 1)))
-    if num_workers < 1:
-        raise DistributedIngestError(f"num_workers must be >= 1, got {num_workers}")
 
     with MemoryStore.open(store, dim=models.embedding_dim(), index_dir=index_dir) as opened:
         if not rows:

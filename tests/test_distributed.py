@@ -10,9 +10,14 @@ import ray
 from icmem.store import MemoryStore
 from icmem.store.schema import DocumentRow, EmbeddingRow, SlotRow, SpanRow
 from sqlalchemy import select
-from tiny_models import TinyIngestModels
+from tiny_models import TinyIngestModels, tiny_embedder
 
-from icmem.distributed import DistributedIngestError, TextDocument, ingest_with_ray
+from icmem.distributed import (
+    DefaultModels,
+    DistributedIngestError,
+    TextDocument,
+    ingest_with_ray,
+)
 from icmem.pipeline import MemoryPipeline
 
 NAMESPACE = ("acme", "bot", "t1")
@@ -144,3 +149,12 @@ def test_bad_sources_are_refused_before_any_work(tmp_path):
     twice = TextDocument(id="a", text="x")
     with pytest.raises(DistributedIngestError, match="given twice"):
         ingest_with_ray([twice, twice], tmp_path / "store", models=TinyIngestModels())
+    with pytest.raises(DistributedIngestError, match="num_workers"):
+        ingest_with_ray([twice], tmp_path / "store", models=TinyIngestModels(), num_workers=0)
+
+
+def test_default_models_read_the_embedding_width_without_the_weights(tmp_path, tokenizer):
+    embedder = tiny_embedder(tokenizer)
+    embedder.model.save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "model.safetensors").unlink()  # the config alone is enough
+    assert DefaultModels(embedder=str(tmp_path / "bert")).embedding_dim() == embedder.dim == 32
