@@ -69,7 +69,7 @@ def test_notebook_runs_and_shows_what_it_says(name):
     notebook.cells.append(nbformat.v4.new_code_cell(CHECKS[name]))
     client = NotebookClient(
         notebook,
-        timeout=600,
+        timeout=1800,  # per cell; generous for a loaded CI machine, never a timing check
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
