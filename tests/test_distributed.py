@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 from icmem.store import MemoryStore
@@ -12,6 +13,7 @@ from icmem.store.schema import DocumentRow, EmbeddingRow, SlotRow, SpanRow
 from sqlalchemy import select
 from tiny_models import TinyIngestModels, tiny_embedder
 
+from icmem.codec import decode_slots
 from icmem.distributed import (
     DefaultModels,
     DistributedIngestError,
@@ -89,6 +91,28 @@ def stored_rows(store: MemoryStore) -> dict[str, list[tuple]]:
     return rows
 
 
+def assert_same_rows(actual: dict[str, list[tuple]], expected: dict[str, list[tuple]]) -> None:
+    """Ids, texts, offsets and hashes exactly; slots and embeddings to within one rounding.
+
+    They are bit-identical in most runs, but CPU matrix kernels do not promise the same
+    summation order in two processes, and one bf16 rounding step may then differ."""
+    assert sorted(actual) == sorted(expected)
+    for key, spans in expected.items():
+        assert [s[:6] for s in actual[key]] == [s[:6] for s in spans], key
+        for got, want in zip(actual[key], spans, strict=True):
+            got_slots, got_header = decode_slots(got[6])
+            want_slots, want_header = decode_slots(want[6])
+            assert (got_header.codec, got_header.shape, got_header.fingerprint) == (
+                want_header.codec,
+                want_header.shape,
+                want_header.fingerprint,
+            )
+            np.testing.assert_allclose(got_slots, want_slots, rtol=2**-7, atol=1e-6)
+            np.testing.assert_allclose(
+                np.frombuffer(got[7], np.float32), np.frombuffer(want[7], np.float32), rtol=1e-5
+            )
+
+
 def single_process(location, index_dir, paths, note) -> dict[str, list[tuple]]:
     import torch
 
@@ -125,7 +149,7 @@ def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, back
     )
     assert report.as_dict() == {"ingested": 5, "skipped": 0, "empty": 1}
     with MemoryStore.open(target, dim=32, index_dir=index_dir) as store:
-        assert stored_rows(store) == expected
+        assert_same_rows(stored_rows(store), expected)
         assert sorted(d.id for d in store.list_documents(NAMESPACE)) == sorted(expected)
     assert sum(len(spans) for spans in expected.values()) >= 10  # several spans per document
 
