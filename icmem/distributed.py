@@ -4,8 +4,8 @@ The expensive part of ingestion (the ICAE forward and the embedder) runs in a Ra
 whose compress stage is an actor pool: each actor loads the models once and then encodes
 document after document. Only the driver writes to the store, in batched transactions, so a
 SQLite store (one writer) works as well as Postgres, and a crash loses at most the batch in
-flight. Each document is encoded by `icmem.pipeline.encode_document`, the function
-`MemoryPipeline.ingest` uses, so the store ends up with the same bytes as a single-process run.
+flight. Each document is encoded by `icmem.pipeline.encode_chunked`, the function
+`MemoryPipeline` uses, so the store ends up with what a single-process run writes.
 
 Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when called.
 """
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from icmem.chunking import DecodeErrors, chunk, read_utf8
 from icmem.errors import IcmemError
-from icmem.pipeline import DEFAULT_NAMESPACE, IngestReport, encode_document
+from icmem.ingest import ChunkedDocument, IngestReport
+from icmem.pipeline import DEFAULT_NAMESPACE, encode_chunked
 from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
@@ -99,17 +100,21 @@ class _DocumentEncoder:
                     self.icae.tokenizer,
                     span_tokens=self.icae.config.span_tokens,
                 )
-                document = encode_document(
-                    self.icae,
-                    self.embedder,
-                    spans,
+                chunked = ChunkedDocument(
+                    spans=spans,
                     document_id=str(batch["id"][i]),
                     source=str(batch["source"][i]),
                     metadata=json.loads(batch["metadata"][i]),
                     content_hash=str(batch["content_hash"][i]),
+                )
+                encoded = encode_chunked(
+                    self.icae,
+                    self.embedder,
+                    [chunked],
                     codec=self.codec,
                     batch_size=self.batch_size,
                 )
+                document = encoded[0] if encoded else None
                 if document is None:
                     statuses[i] = _EMPTY
             records.append(document)

@@ -29,7 +29,14 @@ if TYPE_CHECKING:
 
     from icmem.embedding import TextEmbedder
     from icmem.icae.model import ICAE
-    from icmem.store import AddedDocument, DocumentInfo, MemoryStore, SearchHit, SpanRecord
+    from icmem.store import (
+        AddedDocument,
+        DocumentInfo,
+        DocumentRecord,
+        MemoryStore,
+        SearchHit,
+        SpanRecord,
+    )
 
 DEFAULT_NAMESPACE = ("default", "default", "default")
 
@@ -348,14 +355,24 @@ class MemoryPipeline:
         are not stored. `timings`, when given, accumulates the seconds spent in "compress",
         "embed" and "write".
         """
+        rows = self.encode_chunked(documents, timings=timings)
+        if not rows:
+            return []
+        with StageClock(timings)("write"):
+            return self.store.upsert(rows, namespace=namespace)
+
+    def encode_chunked(
+        self, documents: Sequence[ChunkedDocument], *, timings: dict[str, float] | None = None
+    ) -> list[DocumentRecord]:
+        """The records `store_chunked` writes, without writing them (documents without spans
+        are left out): what the Ray workers of `icmem.distributed` send to their one writer."""
         from icmem.store import DocumentRecord
 
         documents = [d for d in documents if d.spans]
         if not documents:
             return []
         spans = [span for d in documents for span in d.spans]
-        clock = StageClock(timings)
-        records = self._span_records(spans, clock)
+        records = self._span_records(spans, StageClock(timings))
         rows, start = [], 0
         for d in documents:
             rows.append(
@@ -368,8 +385,7 @@ class MemoryPipeline:
                 )
             )
             start += len(d.spans)
-        with clock("write"):
-            return self.store.upsert(rows, namespace=namespace)
+        return rows
 
     def _store_one(
         self, document: ChunkedDocument, namespace: Sequence[str]
