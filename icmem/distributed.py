@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from icmem.chunking import DecodeErrors, chunk, read_utf8
+from icmem.chunking import DecodeErrors, chunk
 from icmem.errors import IcmemError
-from icmem.ingest import ChunkedDocument, IngestReport
+from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, Skip, SourceDocument, read_file
 from icmem.pipeline import DEFAULT_NAMESPACE, encode_chunked
 from icmem.store.records import content_id_of
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from icmem.icae.model import ICAE
 
 # What a row is after the read stage, and what the driver does with it.
-_ENCODE, _SKIPPED, _EMPTY = "encode", "skipped", "empty"
+_ENCODE, _SKIPPED, _EMPTY, _UNREADABLE = "encode", "skipped", "empty", "unreadable"
 
 
 class DistributedIngestError(IcmemError):
@@ -120,21 +120,49 @@ class _DocumentEncoder:
             records.append(document)
         record_column = np.empty(len(records), dtype=object)
         record_column[:] = records
-        return {"status": np.array(statuses), "record": record_column}
+        return {
+            "status": np.array(statuses),
+            "record": record_column,
+            "id": np.array([str(i) for i in batch["id"]]),
+            "reason": np.array([str(r) for r in batch["reason"]]),
+        }
 
 
 def _read_stage(stored: Mapping[str, str], errors: DecodeErrors):
-    """Reads a path's text (or takes the given text) and marks documents stored unchanged."""
+    """Reads a file's documents as `MemoryPipeline.ingest_files` does (text, HTML, PDF, JSONL:
+    several per file), or takes the given text, and marks documents stored unchanged."""
 
-    def read(row: dict[str, Any]) -> dict[str, Any]:
-        text = row["text"]
-        if row["path"]:
-            text = "".join(read_utf8(Path(row["path"]), errors))
-        digest = content_id_of(text)
-        status = _SKIPPED if stored.get(row["id"]) == digest else _ENCODE
-        return {**row, "text": text, "content_hash": digest, "status": status}
+    def read(row: dict[str, Any]) -> list[dict[str, Any]]:
+        if not row["path"]:
+            documents: list[SourceDocument | Skip] = [
+                SourceDocument(row["id"], row["text"], json.loads(row["metadata"]), row["source"])
+            ]
+        else:
+            documents = list(read_file(Path(row["path"]), ReadOptions(errors=errors)))
+        out = []
+        for document in documents:
+            if isinstance(document, Skip):
+                out.append({**_NO_TEXT, "id": document.path, "reason": document.reason})
+                continue
+            digest = content_id_of(document.text)
+            status = _SKIPPED if stored.get(document.document_id) == digest else _ENCODE
+            out.append(
+                {
+                    "id": document.document_id,
+                    "text": document.text,
+                    "source": document.source,
+                    "metadata": json.dumps(document.metadata),
+                    "content_hash": digest,
+                    "status": status,
+                    "reason": "",
+                }
+            )
+        return out
 
     return read
+
+
+_NO_TEXT = {"text": "", "source": "", "metadata": "{}", "content_hash": "", "status": _UNREADABLE}
 
 
 def _rows(sources: Sequence[str | os.PathLike[str] | TextDocument]) -> list[dict[str, Any]]:
@@ -225,7 +253,7 @@ def ingest_with_ray(
         try:
             encoded = (
                 ray.data.from_items(rows)
-                .map(_read_stage(stored, errors), num_cpus=0)
+                .flat_map(_read_stage(stored, errors), num_cpus=0)
                 .map_batches(
                     _DocumentEncoder,
                     fn_constructor_kwargs={
@@ -251,8 +279,12 @@ def _write(
 ) -> None:
     """One transaction for the encoded documents of a batch; counts the others."""
     documents = []
-    for status, record in zip(batch["status"], batch["record"], strict=True):
-        if status == _SKIPPED:
+    for status, record, key, reason in zip(
+        batch["status"], batch["record"], batch["id"], batch["reason"], strict=True
+    ):
+        if status == _UNREADABLE:
+            report.unreadable.append(Skip(str(key), str(reason)))
+        elif status == _SKIPPED:
             report.skipped += 1
         elif status == _EMPTY:
             report.empty += 1

@@ -146,14 +146,17 @@ def randomise_trained_tensors(icae, seed: int = 1) -> None:
 
 @dataclass(frozen=True)
 class TinyIngestModels:
-    """The tiny ICAE and embedder as an `icmem.distributed.ModelLoader`: each Ray worker that
-    loads it builds the same weights from the same seed (tests/ must be on its PYTHONPATH)."""
+    """The tiny ICAE and embedder as an `icmem.distributed.ModelLoader` (tests/ must be on a Ray
+    worker's PYTHONPATH). The tokenizer travels with it: BPE training breaks ties differently
+    from one process to the next, so each worker must not train its own."""
 
+    tokenizer: PreTrainedTokenizerFast
     seed: int = 0
 
     def load(self):
-        tokenizer = tiny_tokenizer()
-        return tiny_icae(tokenizer, seed=self.seed), tiny_embedder(tokenizer, seed=self.seed)
+        return tiny_icae(self.tokenizer, seed=self.seed), tiny_embedder(
+            self.tokenizer, seed=self.seed
+        )
 
     def embedding_dim(self) -> int:
         return 32
