@@ -141,11 +141,6 @@ def single_process(location, index_dir, paths, note, tokenizer) -> dict[str, lis
         torch.set_num_threads(threads)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="since ingestion moved to icmem/ingest.py, one document's span boundaries differ "
-    "between the Ray workers and ingest_files (undiagnosed; it passed before that rebase)",
-)
 def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, backend, tokenizer):
     paths, note = corpus
     (reference, reference_index), (target, index_dir) = backend

@@ -6,6 +6,7 @@ byte-level BPE with a chat template) in milliseconds and without any download.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -147,16 +148,16 @@ def randomise_trained_tensors(icae, seed: int = 1) -> None:
 @dataclass(frozen=True)
 class TinyIngestModels:
     """The tiny ICAE and embedder as an `icmem.distributed.ModelLoader` (tests/ must be on a Ray
-    worker's PYTHONPATH). The tokenizer travels with it: BPE training breaks ties differently
-    from one process to the next, so each worker must not train its own."""
+    worker's PYTHONPATH); the tokenizer travels with it."""
 
     tokenizer: PreTrainedTokenizerFast
     seed: int = 0
 
     def load(self):
-        return tiny_icae(self.tokenizer, seed=self.seed), tiny_embedder(
-            self.tokenizer, seed=self.seed
-        )
+        # The embedder gets its own copy: calling a fast tokenizer with truncation leaves that
+        # setting on its backend, which the chunker then reads (real models never share one).
+        embedder = tiny_embedder(copy.deepcopy(self.tokenizer), seed=self.seed)
+        return tiny_icae(self.tokenizer, seed=self.seed), embedder
 
     def embedding_dim(self) -> int:
         return 32
