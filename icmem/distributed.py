@@ -4,8 +4,8 @@ The expensive part of ingestion (the ICAE forward and the embedder) runs in a Ra
 whose compress stage is an actor pool: each actor loads the models once and then encodes
 document after document. Only the driver writes to the store, in batched transactions, so a
 SQLite store (one writer) works as well as Postgres, and a crash loses at most the batch in
-flight. Each document is encoded by `icmem.pipeline.encode_chunked`, the function
-`MemoryPipeline` uses, so the store ends up with what a single-process run writes.
+flight. Each document is encoded by `MemoryPipeline.encode_chunked`, what
+`MemoryPipeline.store_chunked` writes, so the store ends up with what a single-process run writes.
 
 Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when called.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from icmem.chunking import DecodeErrors, chunk
 from icmem.errors import IcmemError
 from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, Skip, SourceDocument, read_file
-from icmem.pipeline import DEFAULT_NAMESPACE, encode_chunked
+from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline
 from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
@@ -82,10 +82,13 @@ class _DocumentEncoder:
     def __init__(self, models: ModelLoader, codec: str, batch_size: int) -> None:
         import torch
 
-        self.icae, self.embedder = models.load()
+        self.icae, embedder = models.load()
         if torch.cuda.is_available():  # the actor was given a GPU; the embedder stays on CPU
             self.icae.to("cuda")
-        self.codec, self.batch_size = codec, batch_size
+        # A pipeline without a store: it only encodes; the driver writes.
+        self.encoder = MemoryPipeline(
+            self.icae, None, embedder, codec=codec, batch_size=batch_size, conversations=0
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -107,13 +110,7 @@ class _DocumentEncoder:
                     metadata=json.loads(batch["metadata"][i]),
                     content_hash=str(batch["content_hash"][i]),
                 )
-                encoded = encode_chunked(
-                    self.icae,
-                    self.embedder,
-                    [chunked],
-                    codec=self.codec,
-                    batch_size=self.batch_size,
-                )
+                encoded = self.encoder.encode_chunked([chunked])
                 document = encoded[0] if encoded else None
                 if document is None:
                     statuses[i] = _EMPTY
