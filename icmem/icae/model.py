@@ -326,17 +326,19 @@ class ICAE(nn.Module):
         memory = self.memory_embeddings.to(self.dtype)  # (k, d)
         width = max(n + m for n, m in zip(lengths, counts, strict=True))
         first = 1 if self.config.slot_positions == "spread" else 0
-        rows, masks, positions = [], [], []
+        rows, positions = [], []
         for row_embeds, row_keep, n, m in zip(token_embeds, keep, lengths, counts, strict=True):
             pad = row_embeds.new_zeros(width - n - m, self.hidden_size)
             rows.append(torch.cat([row_embeds[row_keep.to(self.device)], memory[:m], pad]))
-            masks.append(torch.arange(width) < n + m)
             slot_at = self.config.slot_positions_for(n, m)
             positions.append(list(range(first, first + n)) + slot_at + [0] * (width - n - m))
         embeds = torch.stack(rows)  # (B, n + m max, d)
         # An explicit mask always: without one, transformers reads non-monotonic positions as
-        # packed sequences and blocks attention between the "packs".
-        mask = torch.stack(masks).long().to(self.device)
+        # packed sequences and blocks attention between the "packs". It is all ones: padding
+        # only follows a row's real positions, which causal attention never lets them see, so
+        # masking it changes nothing that is read, while an all-ones mask lets SDPA run its
+        # causal kernel (no 4D mask built, blocks above the diagonal skipped) on mixed lengths.
+        mask = torch.ones(len(rows), width, dtype=torch.long, device=self.device)
         position_ids = torch.tensor(positions, device=self.device)
         return embeds, mask, position_ids, token_embeds
 
