@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from icae_testing import randomise_trained_tensors
-from tiny_models import tiny_icae
+from tiny_models import randomise_trained_tensors, tiny_icae
 
 from icmem.icae import ICAEConfigError
 
