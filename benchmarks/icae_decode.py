@@ -1,0 +1,228 @@
+"""Decoding speed on SmolLM2-135M (bf16): time to first token and tokens/s of answering a
+question over 4 spans, from memory slots against the same 2048 tokens of raw text, in one run.
+
+Arms, interleaved round by round (medians reported):
+- ``generate_slots``: ``ICAE.generate`` from the 4 spans' slots (streamed; first piece = first
+  token), the shipped checkpoint's decoder.
+- ``generate_text``: ``ICAE.generate`` with no memory and the raw text in the prompt (the base
+  model alone, through the same loop).
+- ``hf_generate_text``: stock ``transformers`` ``generate`` on the same prompt ids (its own loop
+  and its stock cache): what our loop costs against the reference one.
+- ``slots_stock_cache`` / ``slots_lm_infinite_cache``: the same greedy loop over the slots'
+  prefix, once with the stock cache and once with LM-Infinite attention and its bounded cache,
+  at this short context (both read the prefix in reading order, which LM-Infinite needs).
+- ``llama_cpp_{q4_1,bf16}`` (with ``--llama-python``): llama.cpp on the same raw-text prompt ids.
+
+The answers are greedy; the two ``generate`` arms stop at EOS (tokens/s counts what they
+made), every other arm makes exactly ``--new-tokens``.
+
+    .venv/bin/python benchmarks/icae_decode.py --new-tokens 32 --repeats 3 --save \\
+        --llama-python /work/bench-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from icae_common import emit, play_text
+from icae_compress import bf16_gguf, shipped_gguf
+
+from icmem import lm_infinite, load_model
+from icmem.icae import ICAE
+
+QUESTION = "Who speaks first in this passage, and what does he ask?"
+
+Timing = tuple[float, float, int]  # (seconds to first token, total seconds, new tokens)
+
+
+def timed_stream(pieces: Callable[[], object], icae: ICAE) -> Timing:
+    start = time.perf_counter()
+    first, text = None, ""
+    for piece in pieces():
+        first = first if first is not None else time.perf_counter() - start
+        text += piece
+    total = time.perf_counter() - start
+    return first or total, total, len(icae.tokenize(text))
+
+
+class _FirstTokenClock:
+    """A ``generate`` streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.calls = 0
+        self.first = 0.0
+
+    def put(self, _value: torch.Tensor) -> None:
+        self.calls += 1  # the first call carries the prompt
+        if self.calls == 2:
+            self.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model: torch.nn.Module, ids: list[int], new_tokens: int) -> Timing:
+    clock = _FirstTokenClock()
+    with torch.no_grad():
+        model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+        )
+    return clock.first, time.perf_counter() - clock.start, new_tokens
+
+
+def greedy_loop(icae: ICAE, embeds: torch.Tensor, new_tokens: int, lm_inf: bool) -> Timing:
+    """Exactly ``new_tokens`` greedy steps of the decoder over a prefix of embeddings."""
+    model = icae.model
+    start = time.perf_counter()
+    infinite = lm_infinite.enabled(model) if lm_inf else nullcontext()
+    with torch.no_grad(), icae._decoder_weights(), infinite:
+        cache = lm_infinite.make_cache(model) if lm_inf else None
+        out = model(
+            inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        token = out.logits[0, -1].argmax().view(1, 1)
+        first = time.perf_counter() - start
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[0, -1].argmax().view(1, 1)
+    return first, time.perf_counter() - start, new_tokens
+
+
+def llama_cpp(python: str, model: Path, ids: list[int], threads: int, new_tokens: int) -> Timing:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump([ids], handle)
+    try:
+        command = [python, str(Path(__file__).with_name("llama_cpp_anchor.py"))]
+        command += ["--model", str(model), "--ids", handle.name, "--threads", str(threads)]
+        command += ["--new-tokens", str(new_tokens)]
+        run = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    finally:
+        os.unlink(handle.name)
+    prefill, decode = run["prefill_seconds"][0], run["decode_seconds"][0]
+    # its first token comes from the prefill's logits, as ours does
+    return prefill, prefill + decode, new_tokens + 1
+
+
+def summary(times: list[Timing]) -> dict:
+    ttft = statistics.median(t[0] for t in times)
+    rates = [(n - 1) / (total - first) for first, total, n in times if n > 1 and total > first]
+    return {
+        "ttft_s": round(ttft, 3),
+        "decode_tokens_per_s": round(statistics.median(rates), 2) if rates else None,
+        "new_tokens": [t[2] for t in times],
+        "total_s": [round(t[1], 3) for t in times],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spans", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+    parser.add_argument("--llama-python", help="interpreter with llama-cpp-python installed")
+    parser.add_argument("--save", action="store_true", help="write results/icae_decode.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    icae = ICAE.from_pretrained(dtype="bfloat16")
+    plain, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
+    context = icae.tokenize(play_text())[: args.spans * icae.config.span_tokens]
+    memory = icae.compress([context], batch_size=args.spans)
+    raw_prompt = icae.tokenizer.decode(context) + "\n\n" + QUESTION
+    raw_ids = icae.prompt_ids(raw_prompt)
+    with torch.no_grad():
+        slots_prefix = icae.decoder_inputs(memory, "ft", icae.prompt_ids(QUESTION))
+    n = args.new_tokens
+
+    arms: dict[str, Callable[[], Timing]] = {
+        "generate_slots": lambda: timed_stream(
+            lambda: icae.generate(memory, QUESTION, max_new_tokens=n, stream=True), icae
+        ),
+        "generate_text": lambda: timed_stream(
+            lambda: icae.generate([], raw_prompt, max_new_tokens=n, stream=True), icae
+        ),
+        "hf_generate_text": lambda: hf_generate(plain, raw_ids, n),
+        "slots_stock_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=False),
+        "slots_lm_infinite_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=True),
+    }
+    if args.llama_python:
+        for label, gguf in (
+            ("q4_1", shipped_gguf()),
+            ("bf16", bf16_gguf(args.llama_python, args.threads)),
+        ):
+            arms[f"llama_cpp_{label}"] = lambda g=gguf: llama_cpp(
+                args.llama_python, g, raw_ids, args.threads, n
+            )
+    for arm in arms.values():
+        arm()  # warm-up
+    times: dict[str, list[Timing]] = defaultdict(list)
+    for _ in range(args.repeats):
+        for name, arm in arms.items():
+            times[name].append(arm())
+    result = {name: summary(t) for name, t in times.items()}
+    ratios = {
+        "ttft_text_over_slots": round(
+            result["generate_text"]["ttft_s"] / result["generate_slots"]["ttft_s"], 2
+        ),
+        "lm_infinite_over_stock_cache_ttft": round(
+            result["slots_lm_infinite_cache"]["ttft_s"] / result["slots_stock_cache"]["ttft_s"], 2
+        ),
+        "lm_infinite_over_stock_cache_tokens_per_s": round(
+            result["slots_lm_infinite_cache"]["decode_tokens_per_s"]
+            / result["slots_stock_cache"]["decode_tokens_per_s"],
+            2,
+        ),
+    }
+    for label in ("q4_1", "bf16"):
+        if f"llama_cpp_{label}" in result:
+            anchor = result[f"llama_cpp_{label}"]
+            ratios[f"generate_text_ttft_over_llama_cpp_{label}"] = round(
+                result["generate_text"]["ttft_s"] / anchor["ttft_s"], 2
+            )
+            ratios[f"generate_text_tokens_per_s_over_llama_cpp_{label}"] = round(
+                result["generate_text"]["decode_tokens_per_s"] / anchor["decode_tokens_per_s"], 2
+            )
+    emit(
+        "icae_decode",
+        {
+            "benchmark": "icae_decode",
+            "model": "smollm2-135m-instruct",
+            "dtype": "bfloat16",
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "command": "python benchmarks/icae_decode.py " + " ".join(sys.argv[1:]),
+            "context_tokens": len(context),
+            "slots_prefix_entries": slots_prefix.shape[0],
+            "raw_prompt_tokens": len(raw_ids),
+            "arms": result,
+            "ratios": ratios,
+        },
+        args.save,
+    )
+
+
+if __name__ == "__main__":
+    main()
