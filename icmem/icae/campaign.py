@@ -176,11 +176,12 @@ def held_out_history(output_dir: str | Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(output_dir) if "held_out_ae_loss" in r]
 
 
-def held_out_objective(config: TrainConfig, icae_dir: str | Path) -> float:
-    """The run's own objective on its held-out examples: `[AE]` and `[LM]` losses weighted by
-    the mixture the run trains on (pure `[AE]` for an autoencoding phase), so that a mixed phase
-    is not judged by autoencoding alone. Both checkpoints are measured now on the same spans,
-    whatever recipe trained them."""
+AE_REGRESSION = 1.10  # a promoted export may lose at most 10% of held-out [AE] loss
+
+
+def held_out_losses(config: TrainConfig, icae_dir: str | Path) -> dict[str, float]:
+    """A saved ICAE's losses on the run's own held-out examples (the numbers in its metrics),
+    so that two checkpoints of any recipe are compared on the same spans."""
     import torch
 
     from icmem.icae.model import ICAE
@@ -188,7 +189,13 @@ def held_out_objective(config: TrainConfig, icae_dir: str | Path) -> float:
 
     icae = ICAE.from_pretrained(icae_dir)
     with torch.no_grad():
-        losses = _HeldOutEval(config, icae).losses()
+        return _HeldOutEval(config, icae).losses()
+
+
+def held_out_objective(config: TrainConfig, losses: dict[str, float]) -> float:
+    """The run's own objective: `[AE]` and `[LM]` losses weighted by the mixture it trains on
+    (pure `[AE]` for an autoencoding phase), so that a mixed phase is not judged by
+    autoencoding alone."""
     if "held_out_ft_loss" in losses:
         return losses["held_out_ft_loss"]
     weight = config.ae_fraction
@@ -198,21 +205,32 @@ def held_out_objective(config: TrainConfig, icae_dir: str | Path) -> float:
 def promote_if_better(
     config: TrainConfig, export_dir: str | Path = DEFAULT_CHECKPOINT
 ) -> dict[str, Any]:
-    """Export the run's latest checkpoint over `export_dir` when its held-out objective (see
-    `held_out_objective`) is lower than the export's."""
+    """Export the run's latest checkpoint over `export_dir` when its held-out objective is
+    lower than the export's and its held-out `[AE]` loss has not grown by more than
+    `AE_REGRESSION`: what the shipped checkpoint already does well (reconstruction, on which
+    the tests and the demo rely) must not be traded away for a gain elsewhere."""
     checkpoint = latest_checkpoint(config.output_dir)
     if checkpoint is None:
         return {"promoted": False, "reason": f"{config.output_dir} has no checkpoint yet"}
-    candidate = held_out_objective(config, checkpoint / "icae")
+    candidate = held_out_losses(config, checkpoint / "icae")
     export = Path(export_dir)
-    committed = held_out_objective(config, export) if (export / MANIFEST).is_file() else None
-    record = {
+    committed = held_out_losses(config, export) if (export / MANIFEST).is_file() else None
+    record: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "candidate_loss": round(candidate, 4),
-        "committed_loss": None if committed is None else round(committed, 4),
+        "candidate_loss": round(held_out_objective(config, candidate), 4),
+        "committed_loss": None
+        if committed is None
+        else round(held_out_objective(config, committed), 4),
+        "candidate": {k: round(v, 4) for k, v in candidate.items()},
+        "committed": None if committed is None else {k: round(v, 4) for k, v in committed.items()},
     }
-    if committed is not None and candidate >= committed:
-        return {"promoted": False, "reason": "no better than the committed export", **record}
+    if committed is not None:
+        if record["candidate_loss"] >= record["committed_loss"]:
+            return {"promoted": False, "reason": "no better than the committed export", **record}
+        ae = "held_out_ae_loss"
+        if ae in candidate and candidate[ae] > AE_REGRESSION * committed[ae]:
+            reason = f"[AE] loss {candidate[ae]:.3f} is worse than the export's {committed[ae]:.3f}"
+            return {"promoted": False, "reason": reason, **record}
     export_checkpoint(checkpoint, export)
     return {"promoted": True, **record}
 
@@ -334,7 +352,10 @@ def report(
     re-draw the curve, and promote the checkpoint if it beats the shipped one."""
     results = Path(results)
     log = results / "icae_campaign_metrics.jsonl"
-    added = append_metrics(config, log)
+    saved = Path(config.output_dir) / "config.json"
+    # The run's own seed names its segment (a warm start draws a new one, see plan_campaign).
+    run = TrainConfig.from_file(saved) if saved.is_file() else config
+    added = append_metrics(run, log)
     curve = campaign_curve(log)
     if curve:
         render_curve(curve, training_md, results / "icae_campaign_curve.png")

@@ -72,6 +72,9 @@ def save_checkpoint(icae: ICAE, directory: str | os.PathLike[str]) -> Path:
     (target / MANIFEST).unlink(missing_ok=True)  # the directory is not a checkpoint until done
     # adapter_config.json + adapter_model.safetensors: the encoder's adapter, as peft writes it
     icae.model.save_pretrained(str(target), selected_adapters=["default"])
+    # peft also writes a model card naming the local path the base model was loaded from: a
+    # checkpoint is its tensors and manifest, nothing that says where it was made.
+    (target / "README.md").unlink(missing_ok=True)
     names = [ADAPTER_WEIGHTS, EMBEDDINGS]
     if icae.config.decoder_lora_rank:
         from peft import get_peft_model_state_dict

@@ -154,8 +154,9 @@ def test_a_mixed_phase_is_judged_by_its_own_mixture(config, tmp_path):
         losses = _HeldOutEval(config, ICAE.from_pretrained(icae_dir)).losses()
     ae, lm = losses["held_out_ae_loss"], losses["held_out_lm_loss"]
     assert abs(ae - lm) > 1e-3  # otherwise the weighting below could not be told apart
-    pure = campaign.held_out_objective(config, icae_dir)
-    mixed = campaign.held_out_objective(dataclasses.replace(config, ae_fraction=0.25), icae_dir)
+    measured = campaign.held_out_losses(config, icae_dir)
+    pure = campaign.held_out_objective(config, measured)
+    mixed = campaign.held_out_objective(dataclasses.replace(config, ae_fraction=0.25), measured)
     assert pure == pytest.approx(ae, rel=1e-5)
     assert mixed == pytest.approx(0.25 * ae + 0.75 * lm, rel=1e-5)
 
@@ -257,3 +258,44 @@ def test_a_background_campaign_trains_to_its_last_step_and_logs(config, tmp_path
     assert campaign.background_pid(config.output_dir) is None, log
     assert latest_checkpoint(config.output_dir).name.endswith("4"), log
     assert max(r["step"] for r in read_metrics(config.output_dir)) == config.max_steps
+
+
+def test_report_tags_records_with_the_runs_own_seed(config, tmp_path):
+    """A warm start trains with a seed drawn from the export: its records are a segment of
+    their own even when the campaign file's seed equals an earlier segment's."""
+    run = dataclasses.replace(config, seed=1234)
+    train(run, until_step=2)
+    (tmp_path / "T.md").write_text(f"{campaign.CURVE_START}\n{campaign.CURVE_END}\n")
+    record = campaign.report(
+        config, results=tmp_path / "results", training_md=tmp_path / "T.md", promote=False
+    )
+    log = tmp_path / "results" / "icae_campaign_metrics.jsonl"
+    segments = {json.loads(line)["segment"] for line in log.read_text().splitlines()}
+    assert record["metrics_added"] > 0 and segments == {1234}
+
+
+def test_a_saved_checkpoint_holds_no_model_card(config, tmp_path):
+    train(config, until_step=2)
+    saved = latest_checkpoint(config.output_dir) / "icae"
+    assert not (saved / "README.md").exists()
+    assert not (export_checkpoint(config.output_dir, tmp_path / "export") / "README.md").exists()
+
+
+def test_a_mixed_phase_may_not_trade_reconstruction_away(config, tmp_path, monkeypatch):
+    mixed = dataclasses.replace(config, ae_fraction=0.5)
+    train(mixed, until_step=2)
+    export = tmp_path / "export"
+    export_checkpoint(mixed.output_dir, export)
+    losses = {  # the candidate continues far better but reconstructs 20% worse
+        str(latest_checkpoint(mixed.output_dir) / "icae"): {
+            "held_out_ae_loss": 1.2,
+            "held_out_lm_loss": 2.0,
+        },
+        str(export): {"held_out_ae_loss": 1.0, "held_out_lm_loss": 9.0},
+    }
+    monkeypatch.setattr(campaign, "held_out_losses", lambda _c, d: losses[str(d)])
+    refused = campaign.promote_if_better(mixed, export)
+    assert not refused["promoted"] and "[AE] loss 1.200" in refused["reason"]
+    assert refused["candidate_loss"] < refused["committed_loss"]  # the objective alone improved
+    losses[str(latest_checkpoint(mixed.output_dir) / "icae")]["held_out_ae_loss"] = 1.05
+    assert campaign.promote_if_better(mixed, export)["promoted"]  # within 10%: promoted
