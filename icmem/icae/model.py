@@ -406,7 +406,10 @@ class ICAE(nn.Module):
                 self._merged.clear()  # free the stale copy before making the new one
                 # The memo keeps the slot-layer hook pointing at this ICAE's _EarlyExit.
                 memo = {id(self._early_exit): self._early_exit}
-                with torch.no_grad():
+                # Copy between decoder forwards (under their lock): a decode in another thread
+                # switches the PEFT model's adapters and attention implementation (LM-Infinite),
+                # and a copy made meanwhile would keep that state for good.
+                with torch.no_grad(), self._peft_lock:
                     peft_copy = copy.deepcopy(self.model, memo)
                     merged = peft_copy.merge_and_unload(adapter_names=[ENCODER_ADAPTER])
                     merged.eval().requires_grad_(False)

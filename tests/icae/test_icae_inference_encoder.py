@@ -198,19 +198,32 @@ def test_conversations_in_threads_get_what_they_get_alone(tokenizer, decoder_lor
     results: dict[str, list] = {}
     slot_runs: list[list[torch.Tensor]] = []
 
+    errors: list[BaseException] = []
+
     def compress() -> None:
         for _ in range(3):
             slot_runs.append([s.tensor for s in icae.compress(spans)])
 
+    def guarded(run) -> None:
+        try:
+            run()
+        except BaseException as error:  # a thread's exception must fail the test
+            errors.append(error)
+
+    icae._merged.clear()  # the merged encoder is built while the conversations decode
     workers = [
-        threading.Thread(target=lambda n=name: results.__setitem__(n, converse(shared, talks[n])))
+        threading.Thread(
+            target=guarded,
+            args=(lambda n=name: results.__setitem__(n, converse(shared, talks[n])),),
+        )
         for name in talks
     ]
-    workers.append(threading.Thread(target=compress))
+    workers.append(threading.Thread(target=guarded, args=(compress,)))
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+    assert errors == [] and len(slot_runs) == 3
     assert results == alone
     assert shared.stats["reused"] == len(talks), shared.stats  # each second turn: its own session
     for run in slot_runs:
