@@ -87,10 +87,6 @@ class DecoderSession:
             raise ICAEConfigError("a session can skip tokens only before it has read any")
         self.read += list(ids)
 
-    def extends(self, ids: Sequence[int]) -> bool:
-        """Whether ``ids`` continue what this session has read (and add at least one token)."""
-        return self.continuation(ids) is not None
-
     def continuation(self, ids: Sequence[int]) -> int | None:
         """How many leading tokens of ``ids`` this session has read, or None if it has read
         something else. The same tokens count, and so does the same text in other tokens: an
