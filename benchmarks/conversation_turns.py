@@ -4,6 +4,10 @@ re-reading the whole conversation each turn (both under LM-Infinite, the same me
 
 The user turns are scripted; the assistant turns are what the model generates (greedy,
 ``--answer-tokens`` at most), so the cached session's tokens are exactly the conversation's.
+One throw-away turn warms the process up first, so turn 1 is a real first turn (it reads the
+memory block) rather than the process's first forward. Single turns are noisy on a shared
+machine, so medians of ten-turn blocks are reported beside them; the resident set size at each
+measured turn shows whether the process stays bounded as the conversation grows.
 
     .venv/bin/python benchmarks/conversation_turns.py --turns 1000 --save
 """
@@ -13,7 +17,9 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import statistics
 import time
+from pathlib import Path
 
 import torch
 from icae_common import emit, play_text
@@ -38,6 +44,17 @@ def cache_bytes(session: DecoderSession) -> int:
     return total
 
 
+def rss_mib() -> int:
+    """The process's resident set size now (not its peak)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return round(pages * resource.getpagesize() / 2**20)
+
+
+def block_median(times: list[float], last: int) -> float:
+    """Median seconds of the ten turns ending at turn ``last`` (1-based)."""
+    return round(statistics.median(times[max(0, last - 10) : last]), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=1000)
@@ -54,24 +71,30 @@ def main() -> None:
     ids = icae.tokenize(play_text())[: args.spans * icae.config.span_tokens]
     memory = icae.compress([ids])
     greedy = Sampling()
+    system = {"role": "system", "content": "You answer questions about the play in memory."}
+    warm_up = [system, {"role": "user", "content": user_turn(0)}]
+    list(PromptCache(max_sessions=0).generate(icae, memory, warm_up, args.answer_tokens, greedy))
     cache = PromptCache(max_sessions=1, window=args.window)
-    conversation: list[dict[str, str]] = [
-        {"role": "system", "content": "You answer questions about the play in memory."}
-    ]
-    rows, started = [], time.perf_counter()
+    conversation: list[dict[str, str]] = [system]
+    rows, times, started = [], [], time.perf_counter()
     for turn in range(1, args.turns + 1):
         conversation.append({"role": "user", "content": user_turn(turn)})
         before = dict(cache.stats)
         start = time.perf_counter()
         answer = list(cache.generate(icae, memory, conversation, args.answer_tokens, greedy))
         cached_s = time.perf_counter() - start
+        times.append(cached_s)
         conversation.append({"role": "assistant", "content": icae.tokenizer.decode(answer)})
         if turn in args.measure:
             (session,) = cache._sessions.values()
+            start = time.perf_counter()
+            tokens = len(icae.prompt_ids(conversation))
             row = {
                 "turn": turn,
-                "conversation_tokens": len(icae.prompt_ids(conversation)),
+                "conversation_tokens": tokens,
+                "template_s": round(time.perf_counter() - start, 4),
                 "cached_s": round(cached_s, 3),
+                "cached_median_10_s": block_median(times, turn),
                 "cached_tokens_read": cache.stats["tokens_read"] - before["tokens_read"],
                 "cached_reused": cache.stats["reused"] > before["reused"],
                 "cache_mib": round(cache_bytes(session) / 2**20, 2),
@@ -85,6 +108,7 @@ def main() -> None:
             row["reread_tokens_read"] = len(turns)
             row["reread_cache_mib"] = round(cache_bytes(fresh) / 2**20, 2)
             row["same_answer"] = again == answer
+            row["rss_mib"] = rss_mib()
             row["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             rows.append(row)
             print(row, flush=True)
@@ -101,6 +125,13 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "turns": rows,
         "cached_last_over_first": round(rows[-1]["cached_s"] / first["cached_s"], 2),
+        "cached_last_over_second": round(rows[-1]["cached_s"] / times[1], 2)
+        if args.turns > 1
+        else None,
+        "median_last_10_over_first_10": round(
+            block_median(times, len(times)) / block_median(times, min(10, len(times))), 2
+        ),
+        "cache_mib_first_last": [first["cache_mib"], rows[-1]["cache_mib"]],
         "reread_last_over_cached_last": round(rows[-1]["reread_s"] / rows[-1]["cached_s"], 1),
         "total_s": round(time.perf_counter() - started, 1),
     }

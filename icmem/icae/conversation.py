@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from icmem.icae.errors import ICAEConfigError
+from icmem.icae.incremental_tokens import IncrementalTokenizer
 
 if TYPE_CHECKING:
     from icmem.constrained import JsonConstraint
@@ -195,6 +196,7 @@ class PromptCache:
         self._sessions: OrderedDict[int, DecoderSession] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"reused": 0, "rebuilt": 0, "tokens_read": 0}
+        self._tokenizers: dict[int, IncrementalTokenizer] = {}
 
     def generate(
         self,
@@ -206,7 +208,7 @@ class PromptCache:
         constraint: JsonConstraint | None = None,
     ) -> Iterator[int]:
         """Token ids answering ``conversation`` after ``memory`` (see ``ICAE.generate``)."""
-        ids = icae.prompt_ids(conversation)
+        ids = self._prompt_ids(icae, conversation)
         system = _system_length(icae, conversation, ids)
         window = self.window or icae.max_positions or 0
         if _memory_extent(icae, memory) + system > window // 2:
@@ -225,6 +227,18 @@ class PromptCache:
             yield from session.generate(turns, max_new_tokens, sampling, constraint)
         finally:
             self._put(session)
+
+    def _prompt_ids(self, icae: ICAE, conversation: str | Sequence[Mapping[str, str]]) -> list[int]:
+        """``icae.prompt_ids(conversation)``, tokenizing only what a recent request lacked (a
+        long conversation would otherwise be tokenized whole each turn)."""
+        if isinstance(conversation, str):
+            return icae.prompt_ids(conversation)
+        with self._lock:
+            tokenizer = self._tokenizers.get(id(icae.tokenizer))
+            if tokenizer is None or tokenizer.tokenizer is not icae.tokenizer:
+                tokenizer = IncrementalTokenizer(icae.tokenizer, keep=max(1, self.max_sessions))
+                self._tokenizers[id(icae.tokenizer)] = tokenizer
+        return tokenizer.ids(icae.chat_text(conversation))
 
     def _take(self, key: tuple, turns: Sequence[int]) -> tuple[DecoderSession | None, int]:
         """The kept session that has read the most of ``turns`` (taken out), and how much."""

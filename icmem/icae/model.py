@@ -524,8 +524,12 @@ class ICAE(nn.Module):
 
     def format_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a whole conversation (``role``/``content`` dicts: system, user,
-        assistant, ...) laid out with the chat template, ending with the assistant's header.
-        Without a template each turn is a ``role: content`` line."""
+        assistant, ...) laid out with the chat template, ending with the assistant's header."""
+        return self.tokenize(self.chat_text(messages))
+
+    def chat_text(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The text of a conversation laid out with the chat template, ending with the
+        assistant's header. Without a template each turn is a ``role: content`` line."""
         if not messages:
             raise ICAEConfigError("a conversation needs at least one message")
         for index, message in enumerate(messages):
@@ -538,13 +542,12 @@ class ICAE(nn.Module):
                 )
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
         if getattr(self.tokenizer, "chat_template", None):
-            laid_out = self.tokenizer.apply_chat_template(
-                turns, tokenize=False, add_generation_prompt=True
+            return str(
+                self.tokenizer.apply_chat_template(
+                    turns, tokenize=False, add_generation_prompt=True
+                )
             )
-            return self.tokenize(laid_out)
-        return self.tokenize(
-            "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant:"
-        )
+        return "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant:"
 
     def _special(self, task: str) -> torch.Tensor:
         """The ``(1, d)`` embedding of a task's special token."""

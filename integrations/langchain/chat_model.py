@@ -17,6 +17,7 @@ from icmem.integrations.langchain import tool_calls
 from icmem.store import SearchHit
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, ModelProfile
 from langchain_core.messages import (
     AIMessage,
@@ -39,7 +40,13 @@ from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline, Reply
 _PER_CALL = ("max_tokens", "temperature", "stop", "namespace", "k", "filter", "memory")
 # Set by bind_tools (and with_structured_output, which binds its schema as a forced tool), and
 # `documents`: spans a retriever already found, read from their slots instead of recalling.
-_CALL_ONLY = ("tools", "tool_choice", "ls_structured_output_format", "documents")
+_CALL_ONLY = (
+    "tools",
+    "tool_choice",
+    "ls_structured_output_format",
+    "structured_output",
+    "documents",
+)
 
 
 class ChatICAE(BaseChatModel):
@@ -87,6 +94,8 @@ class ChatICAE(BaseChatModel):
         always parses; "auto" (default) lets the model answer or call; "none" hides the tools."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         choice = tool_calls.normalise_choice(tool_choice, formatted)
+        if "ls_structured_output_format" in kwargs:  # LangChain drops it before _generate
+            kwargs["structured_output"] = True
         return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def _resolve_model_profile(self) -> ModelProfile:
@@ -122,6 +131,14 @@ class ChatICAE(BaseChatModel):
         reply, pieces = self._reply(messages, stop, run_manager, kwargs)
         text = "".join(pieces)
         content, calls, invalid = _read_calls(text, kwargs.get("tools"), kwargs.get("tool_choice"))
+        if kwargs.get("structured_output") and invalid and not calls:
+            # LangChain's structured-output parsers would turn this into None without a word.
+            limit = kwargs.get("max_tokens", self.max_tokens)
+            raise OutputParserException(
+                f"the structured answer reached max_tokens={limit}: {invalid[0]['error']} "
+                "(ChatICAE(max_tokens=...) or .bind(max_tokens=...))",
+                llm_output=text,
+            )
         message = AIMessage(
             content=content,
             tool_calls=calls,

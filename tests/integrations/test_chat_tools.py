@@ -10,6 +10,7 @@ import pytest
 import torch
 from icmem.integrations.langchain import ChatICAE
 from icmem.integrations.langchain.tool_calls import normalise_choice, parse_free
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -92,6 +93,13 @@ def test_any_choice_calls_one_of_the_tools():
 def test_structured_output_returns_the_schema():
     verdict = chat().with_structured_output(Verdict).invoke("Is Paris in France?")
     assert isinstance(verdict, Verdict)
+
+
+@pytest.mark.parametrize("include_raw", [False, True])
+def test_a_structured_answer_cut_by_max_tokens_raises_instead_of_returning_none(include_raw):
+    structured = chat(max_tokens=3).with_structured_output(Verdict, include_raw=include_raw)
+    with pytest.raises(OutputParserException, match=r"max_tokens=3: the call was cut short"):
+        structured.invoke("Is Paris in France?")
 
 
 def test_unknown_tool_choice_is_refused():
