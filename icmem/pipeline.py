@@ -287,7 +287,7 @@ class MemoryPipeline:
         return Reply(
             hits=recalled.hits,
             pieces=pieces,
-            prompt_tokens=len(self.icae.prompt_ids(conversation)),
+            prompt_tokens=len(self.prompt_cache.prompt_ids(self.icae, conversation)),
             memory_slots=sum(m.num_slots for m in slots),
             memory=memory if recalled.hits else "none",
         )

@@ -208,7 +208,7 @@ class PromptCache:
         constraint: JsonConstraint | None = None,
     ) -> Iterator[int]:
         """Token ids answering ``conversation`` after ``memory`` (see ``ICAE.generate``)."""
-        ids = self._prompt_ids(icae, conversation)
+        ids = self.prompt_ids(icae, conversation)
         system = _system_length(icae, conversation, ids)
         window = self.window or icae.max_positions or 0
         if _memory_extent(icae, memory) + system > window // 2:
@@ -228,7 +228,7 @@ class PromptCache:
         finally:
             self._put(session)
 
-    def _prompt_ids(self, icae: ICAE, conversation: str | Sequence[Mapping[str, str]]) -> list[int]:
+    def prompt_ids(self, icae: ICAE, conversation: str | Sequence[Mapping[str, str]]) -> list[int]:
         """``icae.prompt_ids(conversation)``, tokenizing only what a recent request lacked (a
         long conversation would otherwise be tokenized whole each turn)."""
         if isinstance(conversation, str):

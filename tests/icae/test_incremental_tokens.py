@@ -107,3 +107,11 @@ def test_the_default_tokenizer_and_template_agree_with_whole_tokenization(seed):
     for messages in grow(seed, 10):
         text = laid_out(tokenizer, messages)
         assert incremental.ids(text) == full(tokenizer, text)
+
+
+def test_the_prompt_cache_lays_out_conversations_as_the_icae_does(icae):
+    from icmem.icae.conversation import PromptCache
+
+    cache = PromptCache()
+    for messages in [*grow(3, 6), "a plain prompt"]:
+        assert cache.prompt_ids(icae, messages) == icae.prompt_ids(messages)
