@@ -276,10 +276,7 @@ def _turn(message: BaseMessage) -> dict[str, str]:
         return {"role": "assistant", "content": message.text + calls}
     if isinstance(message, ToolMessage):
         # Chat templates of small models have no tool role; the result reads as a user turn.
-        return {
-            "role": "user",
-            "content": f"[result of tool {message.name or 'call'}] {message.text}",
-        }
+        return {"role": "user", "content": tool_calls.render_result(message.text)}
     return {"role": "user", "content": message.text}
 
 

@@ -1,11 +1,12 @@
 """How ChatICAE shows tools to the model and reads its calls back.
 
-The prompt format is the one SmolLM2-Instruct was tuned with: the tools' JSON schemas inside
-``<tools></tools>`` in the system prompt, and a call written as
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. A forced call (``tool_choice``)
-is decoded under a JSON schema that admits exactly the allowed tools' calls, so it always
-parses; a free answer is parsed for calls and anything malformed lands in
-``invalid_tool_calls`` (a 135M model writes many; see the README for the measured rate).
+The layout follows the function-calling data SmolLM2-Instruct was tuned on: the tools' JSON
+schemas inside ``<tools></tools>`` in the system prompt, calls written as a JSON list inside
+``<tool_call>[...]</tool_call>``, and a tool's result handed back in ``<tool_response>`` tags
+(the template has no tool role, so it comes as a user turn). A forced call (``tool_choice``) is
+decoded under a JSON schema that admits exactly the allowed tools' calls, so it always parses; a
+free answer is parsed for calls and anything malformed lands in ``invalid_tool_calls`` (a 135M
+model writes many; see the README for the measured rate).
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 def tools_prompt(tools: Sequence[Mapping[str, Any]], forced: bool) -> str:
     """The system-prompt section that lists ``tools`` (OpenAI tool dicts)."""
-    schemas = "\n".join(json.dumps(t["function"]) for t in tools)
-    how = (
-        "Answer with only the call, as a JSON object"
-        if forced
-        else 'To call a tool, answer with only <tool_call>{"name": <tool name>, "arguments": '
-        "<arguments>}</tool_call>; otherwise answer in plain text"
+    schemas = json.dumps([t["function"] for t in tools])
+    if forced:
+        how = "Answer with only one call, as a JSON object with its name and arguments."
+    else:
+        how = (
+            "When a tool answers the question, reply with the calls and nothing else, as a list "
+            'in <tool_call>[{"name": <tool name>, "arguments": {<argument>: <value>}}]'
+            "</tool_call>. When no tool fits or a required argument is missing, say so in plain "
+            "text."
+        )
+    return (
+        "You compose function calls. Given a question and these tools (JSON schemas), decide "
+        f"which calls achieve what it asks.\n<tools>{schemas}</tools>\n{how}"
     )
-    intro = "You can call these tools, described as JSON schemas:"
-    return f"{intro}\n<tools>\n{schemas}\n</tools>\n{how}."
 
 
 def forced_call_schema(tools: Sequence[Mapping[str, Any]], choice: str) -> dict[str, Any]:
@@ -111,10 +117,13 @@ def parse_free(
 
 def render_calls(calls: Sequence[Mapping[str, Any]]) -> str:
     """An AI turn's calls written back the way the model writes them (for the history)."""
-    return "".join(
-        f"<tool_call>{json.dumps({'name': c['name'], 'arguments': c['args']})}</tool_call>"
-        for c in calls
-    )
+    listed = [{"name": c["name"], "arguments": c["args"]} for c in calls]
+    return f"<tool_call>{json.dumps(listed)}</tool_call>"
+
+
+def render_result(text: str) -> str:
+    """A tool's result as the model reads it (in a user turn)."""
+    return f"<tool_response>\n{text}\n</tool_response>"
 
 
 def _call(name: str, args: dict[str, Any]) -> ToolCall:
