@@ -72,14 +72,14 @@ class ChatSession:
         ingested into the same namespace by other means stay."""
         turns = [
             d.id
-            for d in self.pipeline.store.list_documents(self.namespace, exact=True)
+            for d in self.pipeline.list_documents(self.namespace, exact=True)
             if d.source == CHAT_SOURCE
         ]
         self.recent.clear()
         self.last_hits = []
         if not turns:
             return 0
-        return self.pipeline.store.delete(namespace=self.namespace, document_ids=turns)
+        return self.pipeline.delete_documents(turns, namespace=self.namespace)
 
     def _remember(self, role: str, content: str) -> None:
         self._turn += 1

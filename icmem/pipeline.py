@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         MemoryStore,
         SearchHit,
         SpanRecord,
+        StoreStats,
     )
 
 DEFAULT_NAMESPACE = ("default", "default", "default")
@@ -468,6 +469,14 @@ class MemoryPipeline:
         """Delete documents by id from exactly one namespace, or (no ids) everything under a
         namespace prefix; returns how many were deleted."""
         return self.store.delete(namespace=namespace, document_ids=document_ids)
+
+    def stats(self, namespace: Sequence[str] | None = None) -> StoreStats:
+        """Counts and sizes of what the store holds, in all or under one namespace prefix."""
+        return self.store.stats(namespace)
+
+    def reconstruct(self, memory: Sequence[MemorySlots]) -> str:
+        """The text recalled memory stands for, decoded from its slots (the ``[AE]`` task)."""
+        return self.icae.reconstruct(memory)
 
     def namespaces(self, prefix: Sequence[str] | None = None) -> list[tuple[str, ...]]:
         """Every namespace holding or having held documents, optionally under a prefix; sorted."""

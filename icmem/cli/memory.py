@@ -112,7 +112,7 @@ def ingest(args: argparse.Namespace) -> int:
             options=options,
             batch_spans=args.batch_spans,
         )
-        stats = pipeline.store.stats(args.namespace)
+        stats = pipeline.stats(args.namespace)
     summary = {
         "files": report.files,
         **report.as_dict(),
@@ -239,7 +239,7 @@ def demo(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             for name, text in documents.items():
                 pipeline.ingest(text, document_id=name, source=f"icmem/data/{name}.txt")
-            stats = pipeline.store.stats()
+            stats = pipeline.stats()
             print(
                 f"compressed {len(documents)} documents into {stats.spans} spans in "
                 f"{time.perf_counter() - started:.1f} s; store: {stats_dict(stats)}"
@@ -253,7 +253,7 @@ def demo(args: argparse.Namespace) -> int:
                     shown = answer.text.strip() or "(no answer)"
                     print(f"\nQ: {question}\nA (from memory {memory} of {sources}): {shown}")
             recalled = pipeline.recall("lighthouse keeper", k=1)
-            text = pipeline.icae.reconstruct(recalled.memory)
+            text = pipeline.reconstruct(recalled.memory)
             print(
                 f"\nreconstruction of {recalled.hits[0].document_id} span 0 from "
                 f"{recalled.memory[0].num_slots} slots:\n{text[:400]}"
