@@ -6,7 +6,9 @@ The user turns are scripted; the assistant turns are what the model generates (g
 ``--answer-tokens`` at most), so the cached session's tokens are exactly the conversation's.
 One throw-away turn warms the process up first, so turn 1 is a real first turn (it reads the
 memory block) rather than the process's first forward. Single turns are noisy on a shared
-machine, so medians of ten-turn blocks are reported beside them; the resident set size at each
+machine, so medians of ten-turn blocks are reported beside them, and at the end a first turn
+(a fresh conversation) and the long conversation's next turn are timed alternately,
+``--paired`` times each, so that their ratio sees the same load; the resident set size at each
 measured turn shows whether the process stays bounded as the conversation grows.
 
     .venv/bin/python benchmarks/conversation_turns.py --turns 1000 --save
@@ -32,7 +34,8 @@ TOPICS = ["the king", "the ghost", "Ophelia", "the castle", "the players", "the 
 
 
 def user_turn(turn: int) -> str:
-    return f"Turn {turn}: tell me one more thing about {TOPICS[turn % len(TOPICS)]}, briefly."
+    topic = TOPICS[turn % len(TOPICS)]
+    return f"Turn {turn}: tell me one more thing about {topic}, briefly, in plain words."
 
 
 def cache_bytes(session: DecoderSession) -> int:
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--spans", type=int, default=2, help="memory: spans of Hamlet")
     parser.add_argument("--window", type=int, default=None, help="LM-Infinite window")
+    parser.add_argument("--paired", type=int, default=3, help="alternate first/next turns")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
@@ -114,6 +118,20 @@ def main() -> None:
             print(row, flush=True)
         elif turn % 50 == 0:
             print(f"turn {turn}: {time.perf_counter() - started:.0f} s", flush=True)
+    fresh_s, next_s = [], []
+    for _ in range(args.paired):
+        start = time.perf_counter()
+        opening = [system, {"role": "user", "content": user_turn(1)}]
+        list(
+            PromptCache(max_sessions=0).generate(icae, memory, opening, args.answer_tokens, greedy)
+        )
+        fresh_s.append(time.perf_counter() - start)
+        turn += 1
+        conversation.append({"role": "user", "content": user_turn(turn)})
+        start = time.perf_counter()
+        answer = list(cache.generate(icae, memory, conversation, args.answer_tokens, greedy))
+        next_s.append(time.perf_counter() - start)
+        conversation.append({"role": "assistant", "content": icae.tokenizer.decode(answer)})
     first = rows[0]
     result = {
         "benchmark": "conversation_turns",
@@ -132,6 +150,16 @@ def main() -> None:
             block_median(times, len(times)) / block_median(times, min(10, len(times))), 2
         ),
         "cache_mib_first_last": [first["cache_mib"], rows[-1]["cache_mib"]],
+        "paired": {
+            "first_turn_s": [round(t, 3) for t in fresh_s],
+            "next_turn_s": [round(t, 3) for t in next_s],
+            "next_turn_after": args.turns,
+            "next_over_first_median": round(
+                statistics.median(next_s) / statistics.median(fresh_s), 2
+            ),
+        }
+        if args.paired
+        else None,
         "reread_last_over_cached_last": round(rows[-1]["reread_s"] / rows[-1]["cached_s"], 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
