@@ -152,6 +152,8 @@ def _read_stage(stored: Mapping[str, str], options: ReadOptions):
     JSONL, several per file), or takes the given text, and marks documents stored unchanged."""
 
     def read(row: dict[str, Any]) -> list[dict[str, Any]]:
+        import icmem.store  # noqa: F401  (content_hash needs it: loaded once, and not timed)
+
         started = time.perf_counter()
         if not row["path"]:
             documents: list[SourceDocument | Skip] = [
