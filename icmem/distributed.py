@@ -107,40 +107,42 @@ class _DocumentEncoder:
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Chunk every document of the batch, then compress and embed all their spans together
+        (many small documents still fill the ICAE's batches)."""
         import numpy as np
 
-        records = []
         statuses = list(batch["status"])
         seconds = {stage: [float(t) for t in batch[stage]] for stage in _WORKER_STAGES}
+        timings = {"tokenize": 0.0, "compress": 0.0, "embed": 0.0}
+        chunked: dict[int, ChunkedDocument] = {}
         for i, status in enumerate(statuses):
-            document = None
-            if status == _ENCODE:
-                timings = {"tokenize": 0.0, "compress": 0.0, "embed": 0.0}
-                with StageClock(timings)("tokenize"):
-                    spans = chunk(
-                        str(batch["text"][i]),
-                        self.icae.tokenizer,
-                        span_tokens=self.icae.config.span_tokens,
-                    )
-                chunked = ChunkedDocument(
-                    spans=spans,
-                    document_id=str(batch["id"][i]),
-                    source=str(batch["source"][i]),
-                    metadata=json.loads(batch["metadata"][i]),
-                    content_hash=str(batch["content_hash"][i]),
+            if status != _ENCODE:
+                continue
+            with StageClock(timings)("tokenize"):
+                spans = chunk(
+                    str(batch["text"][i]),
+                    self.icae.tokenizer,
+                    span_tokens=self.icae.config.span_tokens,
                 )
-                encoded = self.encoder.encode_chunked([chunked], timings=timings)
-                document = encoded[0] if encoded else None
-                if document is None:
-                    statuses[i] = _EMPTY
-                for stage, spent in timings.items():
-                    seconds[stage][i] += spent
-            records.append(document)
-        record_column = np.empty(len(records), dtype=object)
-        record_column[:] = records
+            if not spans:
+                statuses[i] = _EMPTY
+                continue
+            chunked[i] = ChunkedDocument(
+                spans=spans,
+                document_id=str(batch["id"][i]),
+                source=str(batch["source"][i]),
+                metadata=json.loads(batch["metadata"][i]),
+                content_hash=str(batch["content_hash"][i]),
+            )
+        encoded = self.encoder.encode_chunked(list(chunked.values()), timings=timings)
+        records = np.empty(len(statuses), dtype=object)
+        for i, record in zip(chunked, encoded, strict=True):
+            records[i] = record
+        for stage, spent in timings.items():  # the batch's time, on its first row
+            seconds[stage][0] += spent
         return {
             "status": np.array(statuses),
-            "record": record_column,
+            "record": records,
             "id": np.array([str(i) for i in batch["id"]]),
             "reason": np.array([str(r) for r in batch["reason"]]),
             **{stage: np.array(spent, dtype=np.float64) for stage, spent in seconds.items()},
@@ -237,6 +239,7 @@ def ingest_with_ray(
     index_dir: str | os.PathLike[str] | None = None,
     codec: str = "bf16",
     batch_size: int = 8,
+    batch_documents: int = 8,
     write_batch: int = 16,
     options: ReadOptions | None = None,
     address: str | None = None,
@@ -249,7 +252,9 @@ def ingest_with_ray(
 
     `address` is a running cluster's (`"auto"`, `"ray://head:10001"`); None starts or joins a
     local instance. `num_workers` actors (default: one per GPU, or one per CPU) each load the
-    models of `models` (default: the shipped ICAE and all-MiniLM-L6-v2) once. The driver writes
+    models of `models` (default: the shipped ICAE and all-MiniLM-L6-v2) once, then take
+    `batch_documents` documents at a time and compress their spans together, `batch_size` spans
+    per forward pass. The driver writes
     `write_batch` documents per transaction to `store` (a directory or an SQLAlchemy URL).
     Resumable: a document already stored with the same content is skipped. Files that vanish,
     cannot be decoded or lie outside the given folders are skipped and listed in the report's
@@ -264,11 +269,11 @@ def ingest_with_ray(
         ) from exc
     from icmem.store import MemoryStore
 
-    if write_batch < 1 or batch_size < 1 or (num_workers is not None and num_workers < 1):
-        raise DistributedIngestError(
-            "write_batch, batch_size and num_workers must be >= 1 (got "
-            f"{write_batch}, {batch_size}, {num_workers})"
-        )
+    sizes: dict[str, int | None] = {"write_batch": write_batch, "batch_size": batch_size}
+    sizes |= {"batch_documents": batch_documents, "num_workers": num_workers}
+    bad = [f"{name}={size}" for name, size in sizes.items() if size is not None and size < 1]
+    if bad:
+        raise DistributedIngestError(f"{', '.join(bad)}: use 1 or more")
     models = models or DefaultModels()
     options = options or ReadOptions()
     rows, skips = _rows(sources, options)
@@ -304,7 +309,7 @@ def ingest_with_ray(
                         "codec": codec,
                         "batch_size": batch_size,
                     },
-                    batch_size=1,
+                    batch_size=batch_documents,
                     compute=ray.data.ActorPoolStrategy(size=num_workers),
                     num_cpus=0 if use_gpu else 1,
                     num_gpus=1 if use_gpu else 0,
