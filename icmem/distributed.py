@@ -15,7 +15,9 @@ Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -246,6 +248,7 @@ def ingest_with_ray(
     num_workers: int | None = None,
     use_gpu: bool | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> IngestReport:
     """Ingest files and folders (as `icmem.ingest.ingest_paths`: ids are paths, `options` says
     which files and how to read them, default `ReadOptions()`) and `TextDocument`s on Ray.
@@ -259,7 +262,8 @@ def ingest_with_ray(
     Resumable: a document already stored with the same content is skipped. Files that vanish,
     cannot be decoded or lie outside the given folders are skipped and listed in the report's
     `unreadable` (with `progress`, also on stderr as they happen). The report's `seconds` are
-    summed over the workers (their shares, not wall time); "write" is the driver's.
+    summed over the workers (their shares, not wall time); "write" is the driver's. Ray's own
+    INFO logs and the workers' output (library warnings) are shown only when `verbose`.
     """
     try:
         import ray
@@ -282,7 +286,11 @@ def ingest_with_ray(
     for item in skips:
         report.skip(item, announce=progress)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=progress)
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if use_gpu is None:
@@ -295,9 +303,15 @@ def ingest_with_ray(
             return report
         stored = {d.id: d.content_hash for d in opened.list_documents(namespace, exact=True)}
         context = ray.data.DataContext.get_current()
-        saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+        saved = (
+            context.execution_options.preserve_order,
+            context.enable_progress_bars,
+            context.print_on_execution_start,
+        )
         context.execution_options.preserve_order = True  # same ids and order as one process
-        context.enable_progress_bars = progress
+        # Off a terminal, Ray Data logs its progress bars as blocks of INFO lines.
+        context.enable_progress_bars = progress and (verbose or sys.stderr.isatty())
+        context.print_on_execution_start = verbose  # the execution plan
         try:
             encoded = (
                 ray.data.from_items(rows)
@@ -318,7 +332,11 @@ def ingest_with_ray(
             for batch in encoded.iter_batches(batch_size=write_batch, batch_format="numpy"):
                 _write(opened, batch, namespace, report, announce=progress)
         finally:
-            context.execution_options.preserve_order, context.enable_progress_bars = saved
+            (
+                context.execution_options.preserve_order,
+                context.enable_progress_bars,
+                context.print_on_execution_start,
+            ) = saved
     return report
 
 

@@ -198,6 +198,7 @@ def _ingest_on_ray(
         options=options,
         address=args.ray or None,
         num_workers=args.workers,
+        verbose=args.verbose,
     )
     with MemoryStore.open(
         args.store, dim=models.embedding_dim(), index_dir=args.index_dir
