@@ -23,6 +23,7 @@ from icmem.distributed import (
     TextDocument,
     ingest_with_ray,
 )
+from icmem.ingest import STAGES
 from icmem.pipeline import MemoryPipeline
 
 NAMESPACE = ("acme", "bot", "t1")
@@ -73,8 +74,8 @@ def backend(tmp_path):
 
 
 def stored_rows(store: MemoryStore) -> dict[tuple[str, str], list[tuple]]:
-    """Every span of every document, keyed by (namespace path, document id): (position, text,
-    offsets, tokens, slots, embedding)."""
+    """Every span of every document, keyed by (namespace path, document id): (content hash,
+    source, metadata, position, text, start, end, token count, slot blob, embedding)."""
     query = (
         select(
             NamespaceRow.path,
@@ -176,6 +177,10 @@ def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, back
     with MemoryStore.open(target, dim=32, index_dir=index_dir) as store:
         assert_same_store(store, expected)
     assert sum(len(spans) for spans in expected.values()) >= 10  # several spans per document
+    # The report counts the spans and tokens stored (span[7]: the token count).
+    assert report.spans == sum(len(spans) for spans in expected.values())
+    assert report.tokens == sum(span[7] for spans in expected.values() for span in spans)
+    assert sorted(report.seconds) == sorted(STAGES) and report.seconds["compress"] > 0
 
     # A second run (one worker) skips what is stored unchanged and re-encodes what changed.
     paths[1].write_text("a new text for the second document\n")
