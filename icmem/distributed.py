@@ -284,7 +284,7 @@ def ingest_with_ray(
     report = IngestReport(files=sum(1 for row in rows if row["path"]))
     report.seconds.update(dict.fromkeys(STAGES, 0.0))
     for item in skips:
-        report.skip(item, announce=progress)
+        report.add_unreadable(item, announce=progress)
     if not ray.is_initialized():
         ray.init(
             address=address,
@@ -354,7 +354,7 @@ def _write(
         batch["status"], batch["record"], batch["id"], batch["reason"], strict=True
     ):
         if status == _UNREADABLE:
-            report.skip(Skip(str(key), str(reason)), announce=announce)
+            report.add_unreadable(Skip(str(key), str(reason)), announce=announce)
         elif status == _SKIPPED:
             report.skipped += 1
         elif status == _EMPTY:
@@ -372,7 +372,7 @@ def _write(
     with StageClock(report.seconds)("write"):
         written, refused = write_skipping_refused(upsert, documents, lambda r: r.id)
     for item in refused:
-        report.skip(item, announce=announce)
+        report.add_unreadable(item, announce=announce)
     report.ingested += len(written)
     report.spans += sum(len(r.spans) for r in written)
     report.tokens += sum(s.token_count for r in written for s in r.spans)

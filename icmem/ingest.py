@@ -110,7 +110,7 @@ class IngestReport:
     def as_dict(self) -> dict[str, int]:
         return {"ingested": self.ingested, "skipped": self.skipped, "empty": self.empty}
 
-    def skip(self, item: Skip, *, announce: bool) -> None:
+    def add_unreadable(self, item: Skip, *, announce: bool) -> None:
         """Record a file or document that was not ingested; with `announce`, say so on stderr
         as it happens (above the progress bar)."""
         self.unreadable.append(item)
@@ -460,7 +460,7 @@ def ingest_paths(
     files = [f for f in found if isinstance(f, Path)]
     for item in found:
         if isinstance(item, Skip):
-            report.skip(item, announce=progress)
+            report.add_unreadable(item, announce=progress)
     report.files = len(files)
     sizes = [_size(f) for f in files]
     stored = {d.id: d.content_hash for d in pipeline.store.list_documents(namespace, exact=True)}
@@ -479,7 +479,7 @@ def ingest_paths(
             return
         written, refused = write_skipping_refused(write, batch, lambda d: d.document_id)
         for item in refused:
-            report.skip(item, announce=progress)
+            report.add_unreadable(item, announce=progress)
         report.ingested += len(written)
         report.spans += sum(len(d.spans) for d in written)
         report.tokens += sum(s.token_count for d in written for s in d.spans)
@@ -493,14 +493,14 @@ def ingest_paths(
                 documents = list(read_file(path, options))
             for document in documents:
                 if isinstance(document, Skip):
-                    report.skip(document, announce=progress)
+                    report.add_unreadable(document, announce=progress)
                     continue
                 if document.document_id in taken:
                     continue
                 taken.add(document.document_id)
                 digest = content_hash(document)
                 if isinstance(digest, Skip):
-                    report.skip(digest, announce=progress)
+                    report.add_unreadable(digest, announce=progress)
                     continue
                 if stored.get(document.document_id) == digest:
                     report.skipped += 1
