@@ -8,6 +8,8 @@ separate so that another driver (a Ray job, a notebook) can reuse them:
 - `discover(paths)` walks the given files and folders and yields each readable candidate once;
 - `read_file(path)` yields the `SourceDocument`s of one file (a JSONL file holds many);
 - `read_documents(paths)` is the two together;
+- `content_hash(document)` and `write_skipping_refused(write, documents, ...)` decide, for any
+  driver alike, what is unchanged and what the store refuses;
 - `ingest_paths(pipeline, paths)` chunks, compresses (spans of many files batched together),
   embeds and stores them, skipping documents already stored with the same content, so an
   interrupted run continues where it stopped.
