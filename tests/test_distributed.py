@@ -21,9 +21,10 @@ from icmem.distributed import (
     DefaultModels,
     DistributedIngestError,
     TextDocument,
+    _read_stage,
     ingest_with_ray,
 )
-from icmem.ingest import STAGES
+from icmem.ingest import STAGES, ReadOptions, read_file
 from icmem.pipeline import MemoryPipeline
 
 NAMESPACE = ("acme", "bot", "t1")
@@ -274,3 +275,14 @@ def test_default_models_read_the_embedding_width_without_the_weights(tmp_path, t
     embedder.model.save_pretrained(tmp_path / "bert")
     (tmp_path / "bert" / "model.safetensors").unlink()  # the config alone is enough
     assert DefaultModels(embedder=str(tmp_path / "bert")).embedding_dim() == embedder.dim == 32
+
+
+def test_a_file_that_vanishes_before_a_worker_reads_it_is_reported(tmp_path):
+    """Discovery runs on the driver and reading on the workers: a file deleted in between is
+    a skip with the reason one process gives, not a failed run (no Ray needed to check)."""
+    gone = tmp_path / "gone.txt"
+    row = {"path": str(gone), "id": str(gone), "text": "", "source": str(gone), "metadata": "{}"}
+    (skip,) = read_file(gone)
+    (read,) = _read_stage({}, ReadOptions())(row)
+    assert (read["status"], read["id"], read["reason"]) == ("unreadable", skip.path, skip.reason)
+    assert skip.reason == "vanished before it could be read"
