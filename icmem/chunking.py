@@ -116,6 +116,15 @@ def _backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
             f"{type(tokenizer).__name__} is not a fast tokenizer, so it reports no character "
             "offsets; load the tokenizer with use_fast=True (icmem.load_model does)."
         )
+    # A call such as `tokenizer(texts, truncation=True, max_length=256)` (TextEmbedder.embed)
+    # leaves truncation and padding set on the backend, and transformers resets them only on
+    # its next call that asks for none. The chunker encodes with the backend itself, so it
+    # resets them the same way; otherwise a tokenizer shared with an embedder would silently
+    # cut every later document at the embedder's length.
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     return backend
 
 

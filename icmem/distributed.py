@@ -4,8 +4,10 @@ The expensive part of ingestion (the ICAE forward and the embedder) runs in a Ra
 whose compress stage is an actor pool: each actor loads the models once and then encodes
 document after document. Only the driver writes to the store, in batched transactions, so a
 SQLite store (one writer) works as well as Postgres, and a crash loses at most the batch in
-flight. Each document is encoded by `MemoryPipeline.encode_chunked`, what
-`MemoryPipeline.store_chunked` writes, so the store ends up with what a single-process run writes.
+flight. Files are found, read, hashed and skipped by the functions `icmem.ingest` uses for one
+process (`discover`, `read_file`, `content_hash`, `write_skipping_refused`), and each document is
+encoded by `MemoryPipeline.encode_chunked`, what `MemoryPipeline.store_chunked` writes, so the
+store ends up with what a single-process run writes and the same files are reported skipped.
 
 Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when called.
 """
@@ -13,17 +15,31 @@ Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from icmem.chunking import DecodeErrors, chunk
+from icmem.chunking import chunk
 from icmem.errors import IcmemError
-from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, Skip, SourceDocument, read_file
+from icmem.ingest import (
+    STAGES,
+    ChunkedDocument,
+    IngestReport,
+    ReadOptions,
+    Skip,
+    SourceDocument,
+    StageClock,
+    content_hash,
+    discover,
+    read_file,
+    write_skipping_refused,
+)
 from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline
-from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
     from icmem.embedding import TextEmbedder
@@ -31,6 +47,8 @@ if TYPE_CHECKING:
 
 # What a row is after the read stage, and what the driver does with it.
 _ENCODE, _SKIPPED, _EMPTY, _UNREADABLE = "encode", "skipped", "empty", "unreadable"
+# The stages the workers time, one column of seconds each; the driver times "write".
+_WORKER_STAGES = ("read", "tokenize", "compress", "embed")
 
 
 class DistributedIngestError(IcmemError):
@@ -91,57 +109,69 @@ class _DocumentEncoder:
         )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Chunk every document of the batch, then compress and embed all their spans together
+        (many small documents still fill the ICAE's batches)."""
         import numpy as np
 
-        records = []
         statuses = list(batch["status"])
+        seconds = {stage: [float(t) for t in batch[stage]] for stage in _WORKER_STAGES}
+        timings = {"tokenize": 0.0, "compress": 0.0, "embed": 0.0}
+        chunked: dict[int, ChunkedDocument] = {}
         for i, status in enumerate(statuses):
-            document = None
-            if status == _ENCODE:
+            if status != _ENCODE:
+                continue
+            with StageClock(timings)("tokenize"):
                 spans = chunk(
                     str(batch["text"][i]),
                     self.icae.tokenizer,
                     span_tokens=self.icae.config.span_tokens,
                 )
-                chunked = ChunkedDocument(
-                    spans=spans,
-                    document_id=str(batch["id"][i]),
-                    source=str(batch["source"][i]),
-                    metadata=json.loads(batch["metadata"][i]),
-                    content_hash=str(batch["content_hash"][i]),
-                )
-                encoded = self.encoder.encode_chunked([chunked])
-                document = encoded[0] if encoded else None
-                if document is None:
-                    statuses[i] = _EMPTY
-            records.append(document)
-        record_column = np.empty(len(records), dtype=object)
-        record_column[:] = records
+            if not spans:
+                statuses[i] = _EMPTY
+                continue
+            chunked[i] = ChunkedDocument(
+                spans=spans,
+                document_id=str(batch["id"][i]),
+                source=str(batch["source"][i]),
+                metadata=json.loads(batch["metadata"][i]),
+                content_hash=str(batch["content_hash"][i]),
+            )
+        encoded = self.encoder.encode_chunked(list(chunked.values()), timings=timings)
+        records = np.empty(len(statuses), dtype=object)
+        for i, record in zip(chunked, encoded, strict=True):
+            records[i] = record
+        for stage, spent in timings.items():  # the batch's time, on its first row
+            seconds[stage][0] += spent
         return {
             "status": np.array(statuses),
-            "record": record_column,
+            "record": records,
             "id": np.array([str(i) for i in batch["id"]]),
             "reason": np.array([str(r) for r in batch["reason"]]),
+            **{stage: np.array(spent, dtype=np.float64) for stage, spent in seconds.items()},
         }
 
 
-def _read_stage(stored: Mapping[str, str], errors: DecodeErrors):
-    """Reads a file's documents as `MemoryPipeline.ingest_files` does (text, HTML, PDF, JSONL:
-    several per file), or takes the given text, and marks documents stored unchanged."""
+def _read_stage(stored: Mapping[str, str], options: ReadOptions):
+    """Reads a file's documents as single-process ingestion does (`read_file`: text, HTML, PDF,
+    JSONL, several per file), or takes the given text, and marks documents stored unchanged."""
 
     def read(row: dict[str, Any]) -> list[dict[str, Any]]:
+        import icmem.store  # noqa: F401  (content_hash needs it: loaded once, and not timed)
+
+        started = time.perf_counter()
         if not row["path"]:
             documents: list[SourceDocument | Skip] = [
                 SourceDocument(row["id"], row["text"], json.loads(row["metadata"]), row["source"])
             ]
         else:
-            documents = list(read_file(Path(row["path"]), ReadOptions(errors=errors)))
-        out = []
+            documents = list(read_file(Path(row["path"]), options))
+        out: list[dict[str, Any]] = []
         for document in documents:
-            if isinstance(document, Skip):
-                out.append({**_NO_TEXT, "id": document.path, "reason": document.reason})
+            digest = document if isinstance(document, Skip) else content_hash(document)
+            if isinstance(digest, Skip):
+                out.append({**_NO_TEXT, "id": digest.path, "reason": digest.reason})
                 continue
-            digest = content_id_of(document.text)
+            assert isinstance(document, SourceDocument)
             status = _SKIPPED if stored.get(document.document_id) == digest else _ENCODE
             out.append(
                 {
@@ -154,6 +184,11 @@ def _read_stage(stored: Mapping[str, str], errors: DecodeErrors):
                     "reason": "",
                 }
             )
+        # The file's read time goes to its first document (a JSONL file has many).
+        for row_out in out:
+            row_out.update(dict.fromkeys(_WORKER_STAGES, 0.0))
+        if out:
+            out[0]["read"] = time.perf_counter() - started
         return out
 
     return read
@@ -162,32 +197,39 @@ def _read_stage(stored: Mapping[str, str], errors: DecodeErrors):
 _NO_TEXT = {"text": "", "source": "", "metadata": "{}", "content_hash": "", "status": _UNREADABLE}
 
 
-def _rows(sources: Sequence[str | os.PathLike[str] | TextDocument]) -> list[dict[str, Any]]:
-    rows, seen = [], set()
+def _rows(
+    sources: Sequence[str | os.PathLike[str] | TextDocument], options: ReadOptions
+) -> tuple[list[dict[str, Any]], list[Skip]]:
+    """One row per file found under the paths (as `icmem.ingest.discover` finds them) and per
+    `TextDocument`, and what discovery skipped."""
+    rows, skips, seen = [], [], set()
+    paths: list[str | os.PathLike[str]] = []
     for source in sources:
         if isinstance(source, TextDocument):
             row = {"path": "", "id": source.id, "text": source.text, "source": source.source}
             row["metadata"] = json.dumps(dict(source.metadata))
+            rows.append(row)
         elif isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                raise DistributedIngestError(
-                    f"{path} is not a file; pass files (expand directories first) or "
-                    "TextDocument objects"
-                )
-            row = {"path": str(path), "id": str(path), "text": "", "source": str(path)}
-            row["metadata"] = "{}"
+            paths.append(source)
         else:
             raise DistributedIngestError(
-                f"cannot ingest {type(source).__name__}; pass file paths or TextDocument objects"
+                f"cannot ingest {type(source).__name__}; pass file or folder paths, or "
+                "TextDocument objects"
             )
+    for found in discover(paths, glob=options.glob, follow_symlinks=options.follow_symlinks):
+        if isinstance(found, Skip):
+            skips.append(found)
+            continue
+        row = {"path": str(found), "id": str(found), "text": "", "source": str(found)}
+        row["metadata"] = "{}"
+        rows.append(row)
+    for row in rows:
         if row["id"] in seen:
             raise DistributedIngestError(
                 f"document id {row['id']!r} is given twice; each document needs its own id"
             )
         seen.add(row["id"])
-        rows.append(row)
-    return rows
+    return rows, skips
 
 
 def ingest_with_ray(
@@ -199,20 +241,29 @@ def ingest_with_ray(
     index_dir: str | os.PathLike[str] | None = None,
     codec: str = "bf16",
     batch_size: int = 8,
+    batch_documents: int = 8,
     write_batch: int = 16,
-    errors: DecodeErrors = "strict",
+    options: ReadOptions | None = None,
     address: str | None = None,
     num_workers: int | None = None,
     use_gpu: bool | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> IngestReport:
-    """Ingest files (id = path, as `MemoryPipeline.ingest_files`) or `TextDocument`s on Ray.
+    """Ingest files and folders (as `icmem.ingest.ingest_paths`: ids are paths, `options` says
+    which files and how to read them, default `ReadOptions()`) and `TextDocument`s on Ray.
 
     `address` is a running cluster's (`"auto"`, `"ray://head:10001"`); None starts or joins a
     local instance. `num_workers` actors (default: one per GPU, or one per CPU) each load the
-    models of `models` (default: the shipped ICAE and all-MiniLM-L6-v2) once. The driver writes
+    models of `models` (default: the shipped ICAE and all-MiniLM-L6-v2) once, then take
+    `batch_documents` documents at a time and compress their spans together, `batch_size` spans
+    per forward pass. The driver writes
     `write_batch` documents per transaction to `store` (a directory or an SQLAlchemy URL).
-    Resumable: a document already stored with the same content is skipped.
+    Resumable: a document already stored with the same content is skipped. Files that vanish,
+    cannot be decoded or lie outside the given folders are skipped and listed in the report's
+    `unreadable` (with `progress`, also on stderr as they happen). The report's `seconds` are
+    summed over the workers (their shares, not wall time); "write" is the driver's. Ray's own
+    INFO logs and the workers' output (library warnings) are shown only when `verbose`.
     """
     try:
         import ray
@@ -222,16 +273,24 @@ def ingest_with_ray(
         ) from exc
     from icmem.store import MemoryStore
 
-    if write_batch < 1 or batch_size < 1 or (num_workers is not None and num_workers < 1):
-        raise DistributedIngestError(
-            "write_batch, batch_size and num_workers must be >= 1 (got "
-            f"{write_batch}, {batch_size}, {num_workers})"
-        )
+    sizes: dict[str, int | None] = {"write_batch": write_batch, "batch_size": batch_size}
+    sizes |= {"batch_documents": batch_documents, "num_workers": num_workers}
+    bad = [f"{name}={size}" for name, size in sizes.items() if size is not None and size < 1]
+    if bad:
+        raise DistributedIngestError(f"{', '.join(bad)}: use 1 or more")
     models = models or DefaultModels()
-    rows = _rows(sources)
-    report = IngestReport()
+    options = options or ReadOptions()
+    rows, skips = _rows(sources, options)
+    report = IngestReport(files=sum(1 for row in rows if row["path"]))
+    report.seconds.update(dict.fromkeys(STAGES, 0.0))
+    for item in skips:
+        report.add_unreadable(item, announce=progress)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=progress)
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if use_gpu is None:
@@ -244,13 +303,19 @@ def ingest_with_ray(
             return report
         stored = {d.id: d.content_hash for d in opened.list_documents(namespace, exact=True)}
         context = ray.data.DataContext.get_current()
-        saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+        saved = (
+            context.execution_options.preserve_order,
+            context.enable_progress_bars,
+            context.print_on_execution_start,
+        )
         context.execution_options.preserve_order = True  # same ids and order as one process
-        context.enable_progress_bars = progress
+        # Off a terminal, Ray Data logs its progress bars as blocks of INFO lines.
+        context.enable_progress_bars = progress and (verbose or sys.stderr.isatty())
+        context.print_on_execution_start = verbose  # the execution plan
         try:
             encoded = (
                 ray.data.from_items(rows)
-                .flat_map(_read_stage(stored, errors), num_cpus=0)
+                .flat_map(_read_stage(stored, options), num_cpus=0)
                 .map_batches(
                     _DocumentEncoder,
                     fn_constructor_kwargs={
@@ -258,21 +323,30 @@ def ingest_with_ray(
                         "codec": codec,
                         "batch_size": batch_size,
                     },
-                    batch_size=1,
+                    batch_size=batch_documents,
                     compute=ray.data.ActorPoolStrategy(size=num_workers),
                     num_cpus=0 if use_gpu else 1,
                     num_gpus=1 if use_gpu else 0,
                 )
             )
             for batch in encoded.iter_batches(batch_size=write_batch, batch_format="numpy"):
-                _write(opened, batch, namespace, report)
+                _write(opened, batch, namespace, report, announce=progress)
         finally:
-            context.execution_options.preserve_order, context.enable_progress_bars = saved
+            (
+                context.execution_options.preserve_order,
+                context.enable_progress_bars,
+                context.print_on_execution_start,
+            ) = saved
     return report
 
 
 def _write(
-    store: Any, batch: dict[str, Any], namespace: Sequence[str], report: IngestReport
+    store: Any,
+    batch: dict[str, Any],
+    namespace: Sequence[str],
+    report: IngestReport,
+    *,
+    announce: bool,
 ) -> None:
     """One transaction for the encoded documents of a batch; counts the others."""
     documents = []
@@ -280,13 +354,25 @@ def _write(
         batch["status"], batch["record"], batch["id"], batch["reason"], strict=True
     ):
         if status == _UNREADABLE:
-            report.unreadable.append(Skip(str(key), str(reason)))
+            report.add_unreadable(Skip(str(key), str(reason)), announce=announce)
         elif status == _SKIPPED:
             report.skipped += 1
         elif status == _EMPTY:
             report.empty += 1
         else:
             documents.append(record)
-    if documents:
-        store.upsert(documents, namespace=namespace)
-        report.ingested += len(documents)
+    for stage in _WORKER_STAGES:
+        report.seconds[stage] += float(batch[stage].sum())
+    if not documents:
+        return
+
+    def upsert(records: list[Any]) -> None:
+        store.upsert(records, namespace=namespace)
+
+    with StageClock(report.seconds)("write"):
+        written, refused = write_skipping_refused(upsert, documents, lambda r: r.id)
+    for item in refused:
+        report.add_unreadable(item, announce=announce)
+    report.ingested += len(written)
+    report.spans += sum(len(r.spans) for r in written)
+    report.tokens += sum(s.token_count for r in written for s in r.spans)

@@ -8,6 +8,8 @@ separate so that another driver (a Ray job, a notebook) can reuse them:
 - `discover(paths)` walks the given files and folders and yields each readable candidate once;
 - `read_file(path)` yields the `SourceDocument`s of one file (a JSONL file holds many);
 - `read_documents(paths)` is the two together;
+- `content_hash(document)` and `write_skipping_refused(write, documents, ...)` decide, for any
+  driver alike, what is unchanged and what the store refuses;
 - `ingest_paths(pipeline, paths)` chunks, compresses (spans of many files batched together),
   embeds and stores them, skipping documents already stored with the same content, so an
   interrupted run continues where it stopped.
@@ -19,12 +21,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from icmem.chunking import DecodeErrors, Span, chunk, read_utf8
 from icmem.errors import ChunkingError, IcmemError
@@ -109,6 +111,15 @@ class IngestReport:
 
     def as_dict(self) -> dict[str, int]:
         return {"ingested": self.ingested, "skipped": self.skipped, "empty": self.empty}
+
+    def add_unreadable(self, item: Skip, *, announce: bool) -> None:
+        """Record a file or document that was not ingested; with `announce`, say so on stderr
+        as it happens (above the progress bar)."""
+        self.unreadable.append(item)
+        if announce:
+            from tqdm import tqdm
+
+            tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
 
 
 class StageClock:
@@ -380,6 +391,47 @@ def _read_pdf(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------- ingesting
+# What every ingestion driver (this module's, icmem.distributed's Ray pipeline) decides alike.
+
+Written = TypeVar("Written")
+
+
+def content_hash(document: SourceDocument) -> str | Skip:
+    """The hash a document is stored with (a re-run skips it while the hash is unchanged), or a
+    `Skip` when its text is one the store cannot hold."""
+    from icmem.store import content_id_of
+    from icmem.store.errors import InvalidRecordError
+
+    try:
+        return content_id_of(document.text)
+    except InvalidRecordError as exc:
+        return Skip(document.document_id, str(exc))
+
+
+def write_skipping_refused(
+    write: Callable[[list[Written]], object],
+    documents: Sequence[Written],
+    document_id: Callable[[Written], str | None],
+) -> tuple[list[Written], list[Skip]]:
+    """Write `documents` in one transaction; when the store refuses one (an id over 255
+    characters, a character it cannot hold), write them one by one and skip only those it
+    refuses. Returns the written documents and a `Skip` for each refused one."""
+    from icmem.store.errors import InvalidRecordError
+
+    try:
+        write(list(documents))
+        return list(documents), []
+    except InvalidRecordError:
+        pass
+    written, refused = [], []
+    for document in documents:
+        try:
+            write([document])
+        except InvalidRecordError as exc:
+            refused.append(Skip(str(document_id(document)), f"refused by the store: {exc}"))
+        else:
+            written.append(document)
+    return written, refused
 
 
 def ingest_paths(
@@ -402,16 +454,15 @@ def ingest_paths(
         raise ValueError(f"batch_spans={batch_spans}; use 1 or more")
     from tqdm import tqdm
 
-    from icmem.store import content_id_of
-    from icmem.store.errors import InvalidRecordError
-
     report = IngestReport()
     clock = StageClock(report.seconds)
     for stage in STAGES:
         report.seconds[stage] = 0.0
     found = list(discover(paths, glob=options.glob, follow_symlinks=options.follow_symlinks))
     files = [f for f in found if isinstance(f, Path)]
-    report.unreadable.extend(f for f in found if isinstance(f, Skip))
+    for item in found:
+        if isinstance(item, Skip):
+            report.add_unreadable(item, announce=progress)
     report.files = len(files)
     sizes = [_size(f) for f in files]
     stored = {d.id: d.content_hash for d in pipeline.store.list_documents(namespace, exact=True)}
@@ -422,38 +473,21 @@ def ingest_paths(
 
     bar = tqdm(desc="ingesting", unit="span", disable=not progress, dynamic_ncols=True)
 
-    def skip(item: Skip) -> None:
-        report.unreadable.append(item)
-        if progress:
-            tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
+    def write(documents: list[ChunkedDocument]) -> None:
+        pipeline.store_chunked(documents, namespace=namespace, timings=report.seconds)
 
     def flush() -> None:
         if not batch:
             return
-        try:
-            pipeline.store_chunked(batch, namespace=namespace, timings=report.seconds)
-            stored = list(batch)
-        except InvalidRecordError:
-            # The store refused one of them (an id over 255 characters, a character it cannot
-            # hold): store them one by one and skip only those it refuses.
-            stored = []
-            for document in batch:
-                try:
-                    pipeline.store_chunked([document], namespace=namespace, timings=report.seconds)
-                except InvalidRecordError as exc:
-                    skip(Skip(str(document.document_id), f"refused by the store: {exc}"))
-                else:
-                    stored.append(document)
-        report.ingested += len(stored)
-        spans = sum(len(d.spans) for d in stored)
-        report.spans += spans
-        report.tokens += sum(s.token_count for d in stored for s in d.spans)
+        written, refused = write_skipping_refused(write, batch, lambda d: d.document_id)
+        for item in refused:
+            report.add_unreadable(item, announce=progress)
+        report.ingested += len(written)
+        report.spans += sum(len(d.spans) for d in written)
+        report.tokens += sum(s.token_count for d in written for s in d.spans)
         bar.update(sum(len(d.spans) for d in batch))
         batch.clear()
 
-    for item in report.unreadable:
-        if progress:
-            tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
     try:
         done_bytes, total_bytes = 0, max(1, sum(sizes))
         for path, size in zip(files, sizes, strict=True):
@@ -461,15 +495,14 @@ def ingest_paths(
                 documents = list(read_file(path, options))
             for document in documents:
                 if isinstance(document, Skip):
-                    skip(document)
+                    report.add_unreadable(document, announce=progress)
                     continue
                 if document.document_id in taken:
                     continue
                 taken.add(document.document_id)
-                try:
-                    digest = content_id_of(document.text)
-                except InvalidRecordError as exc:
-                    skip(Skip(document.document_id, str(exc)))
+                digest = content_hash(document)
+                if isinstance(digest, Skip):
+                    report.add_unreadable(digest, announce=progress)
                     continue
                 if stored.get(document.document_id) == digest:
                     report.skipped += 1

@@ -4,6 +4,9 @@ import pytest
 import torch
 from tiny_models import randomise_trained_tensors, tiny_embedder, tiny_icae, tiny_tokenizer
 
+# Fixtures defined in helper modules, registered here once for every folder of tests.
+pytest_plugins = ["postgres_testing"]
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 

@@ -145,3 +145,20 @@ def test_real_text_round_trips_with_the_default_tokenizer():
     assert streamed == spans
     for s in ADVERSARIAL:
         assert_token_exact(s, chunk(s, tokenizer, 7), tokenizer, 7)
+
+
+def test_a_tokenizer_shared_with_the_embedder_still_chunks_whole_documents():
+    """An embedder that truncates its inputs (transformers leaves that setting on the fast
+    tokenizer's backend) must not cut the documents the ICAE later chunks with the same one."""
+    from tiny_models import tiny_embedder, tiny_icae, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()  # its own: the embedder leaves its settings on it
+    embedder, icae = tiny_embedder(tokenizer), tiny_icae(tokenizer)
+    text = " ".join(f"Paris {i} London" for i in range(120))
+    expected = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(expected) > embedder.max_tokens
+    embedder.embed(["which capital?", "a much longer question about the capitals"])
+    assert_token_exact(text, chunk(text, tokenizer, span_tokens=32), tokenizer, 32)
+    embedder.embed(["which capital?", "a much longer question about the capitals"])
+    memories = icae.compress(text)  # spans through icmem.chunking
+    assert sum(m.token_count for m in memories) == len(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
 import torch
@@ -100,3 +101,24 @@ def test_chat_answers_from_memory_and_remembers_its_turns(tiny_cli, tmp_path, ca
     assert "no sources" in out.splitlines()[1]
     with tiny_cli(store) as opened:
         assert [d.id for d in opened.list_documents(("t", "bot", "1"))] == [str(doc)]
+
+
+def test_ingest_on_ray_says_how_to_install_ray_and_refuses_bad_options(
+    tmp_path, capsys, monkeypatch
+):
+    doc = tmp_path / "a.txt"
+    doc.write_text("The lighthouse keeper kept the log.", "utf-8")
+    store = str(tmp_path / "store")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["ingest", str(doc), "--store", store, "--ray"]) == 1
+    assert 'needs Ray: pip install "icmem[ray]"' in capsys.readouterr().err
+    assert main(["ingest", str(doc), "--store", store, "--workers", "2"]) == 1
+    assert "add --ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # --ray took the path for its address
+        main(["ingest", "--ray", str(doc), "--store", store])
+    assert exit_info.value.code == 2
+    assert "put --ray after the paths or write --ray=ADDRESS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ingest", str(doc), "--store", store, "--ray", "--workers", "0"])
+    assert "0 is not a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # nothing was opened or written

@@ -9,18 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from icmem.store import MemoryStore
-from icmem.store.schema import DocumentRow, EmbeddingRow, SlotRow, SpanRow
+from icmem.store.schema import DocumentRow, EmbeddingRow, NamespaceRow, SlotRow, SpanRow
 from sqlalchemy import select
 from tiny_models import TinyIngestModels, tiny_embedder
 
+from icmem.cli import main
 from icmem.codec import decode_slots
 from icmem.distributed import (
     DefaultModels,
     DistributedIngestError,
     TextDocument,
+    _read_stage,
     ingest_with_ray,
 )
+from icmem.ingest import STAGES, ReadOptions, read_file
 from icmem.pipeline import MemoryPipeline
 
 NAMESPACE = ("acme", "bot", "t1")
@@ -70,10 +74,12 @@ def backend(tmp_path):
     return [(tmp_path / name, None) for name in ("reference", "ray")]
 
 
-def stored_rows(store: MemoryStore) -> dict[str, list[tuple]]:
-    """Every span of every document: (position, text, offsets, tokens, slots, embedding)."""
+def stored_rows(store: MemoryStore) -> dict[tuple[str, str], list[tuple]]:
+    """Every span of every document, keyed by (namespace path, document id): (content hash,
+    source, metadata, position, text, start, end, token count, slot blob, embedding)."""
     query = (
         select(
+            NamespaceRow.path,
             DocumentRow.key,
             DocumentRow.content_hash,
             DocumentRow.source,
@@ -86,21 +92,33 @@ def stored_rows(store: MemoryStore) -> dict[str, list[tuple]]:
             SlotRow.blob,
             EmbeddingRow.vector,
         )
+        .join(DocumentRow, DocumentRow.namespace_id == NamespaceRow.id)
         .join(SpanRow, SpanRow.document_id == DocumentRow.id)
         .join(SlotRow, SlotRow.span_id == SpanRow.id)
         .join(EmbeddingRow, EmbeddingRow.span_id == SpanRow.id)
-        .order_by(DocumentRow.key, SpanRow.position)
+        .order_by(NamespaceRow.path, DocumentRow.key, SpanRow.position)
     )
-    rows: dict[str, list[tuple]] = {}
+    rows: dict[tuple[str, str], list[tuple]] = {}
     with store.engine.connect() as connection:
-        for key, *span in connection.execute(query):
-            rows.setdefault(key, []).append(
+        for path, key, *span in connection.execute(query):
+            rows.setdefault((path, key), []).append(
                 tuple(bytes(v) if isinstance(v, memoryview) else v for v in span)
             )
     return rows
 
 
-def assert_same_rows(actual: dict[str, list[tuple]], expected: dict[str, list[tuple]]) -> None:
+def assert_same_store(store: MemoryStore, expected: dict[tuple[str, str], list[tuple]]) -> None:
+    """`store` holds the rows `expected` holds, in the same namespaces, and indexes them all."""
+    assert_same_rows(stored_rows(store), expected)
+    assert store.list_namespaces() == [NAMESPACE]
+    assert sorted(d.id for d in store.list_documents(NAMESPACE)) == sorted(k for _, k in expected)
+    assert store.index_ids(NAMESPACE).tolist() == store.span_ids(NAMESPACE).tolist()
+    assert len(store.span_ids(NAMESPACE)) == sum(len(spans) for spans in expected.values())
+
+
+def assert_same_rows(
+    actual: dict[tuple[str, str], list[tuple]], expected: dict[tuple[str, str], list[tuple]]
+) -> None:
     """Ids, texts, offsets and hashes exactly; slots and embeddings to within one rounding.
 
     They are bit-identical in most runs, but CPU matrix kernels do not promise the same
@@ -122,9 +140,9 @@ def assert_same_rows(actual: dict[str, list[tuple]], expected: dict[str, list[tu
             )
 
 
-def single_process(location, index_dir, paths, note, tokenizer) -> dict[str, list[tuple]]:
-    import torch
-
+def single_process(
+    location, index_dir, paths, note, tokenizer
+) -> dict[tuple[str, str], list[tuple]]:
     icae, embedder = TinyIngestModels(tokenizer).load()
     store = MemoryStore.open(location, dim=embedder.dim, index_dir=index_dir)
     threads = torch.get_num_threads()
@@ -158,9 +176,12 @@ def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, back
     )
     assert report.as_dict() == {"ingested": 7, "skipped": 0, "empty": 1}
     with MemoryStore.open(target, dim=32, index_dir=index_dir) as store:
-        assert_same_rows(stored_rows(store), expected)
-        assert sorted(d.id for d in store.list_documents(NAMESPACE)) == sorted(expected)
+        assert_same_store(store, expected)
     assert sum(len(spans) for spans in expected.values()) >= 10  # several spans per document
+    # The report counts the spans and tokens stored (span[7]: the token count).
+    assert report.spans == sum(len(spans) for spans in expected.values())
+    assert report.tokens == sum(span[7] for spans in expected.values() for span in spans)
+    assert sorted(report.seconds) == sorted(STAGES) and report.seconds["compress"] > 0
 
     # A second run (one worker) skips what is stored unchanged and re-encodes what changed.
     paths[1].write_text("a new text for the second document\n")
@@ -176,9 +197,70 @@ def test_ray_ingestion_equals_single_process_and_resumes(local_ray, corpus, back
     assert again.as_dict() == {"ingested": 1, "skipped": 6, "empty": 1}
 
 
+@pytest.fixture
+def tiny_commands(tokenizer, monkeypatch):
+    """`icmem ingest` loads the tiny models: in this process (one torch thread, as each Ray
+    worker runs) and, with --ray, in every worker."""
+    from icmem.cli import memory as memory_commands
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    models = TinyIngestModels(tokenizer)
+    icae, embedder = models.load()
+
+    def open_tiny(args, **options):
+        store = MemoryStore.open(args.store, dim=embedder.dim, index_dir=args.index_dir)
+        return MemoryPipeline(icae, store, embedder, **options)
+
+    monkeypatch.setattr(memory_commands, "open_pipeline", open_tiny)
+    monkeypatch.setattr(memory_commands, "ray_models", lambda args: models)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.postgres
+def test_cli_ray_ingest_into_postgres_equals_single_process(
+    local_ray, corpus, postgres_server, tmp_path, tiny_commands, capsys
+):
+    """`icmem ingest --ray` writes to a real PostgreSQL database (a store URL) what `icmem
+    ingest` writes in one process, and reports the same skips with the same exit status."""
+    paths, _ = corpus
+    folder = paths[0].parent
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "outside.txt").write_text("not part of the corpus")
+    (folder / "link.txt").symlink_to(tmp_path / "outside.txt")
+    inputs = [str(folder), str(tmp_path / "vanished.txt")]
+    runs = {}
+    try:
+        for run, extra in (("one process", []), ("ray", ["--ray", "--workers", "1"])):
+            url, index = postgres_server.create_database(), tmp_path / f"{run}-index"
+            argv = ["ingest", *inputs, "--store", url, "--index-dir", str(index), *extra]
+            status = main([*argv, "--namespace", "/".join(NAMESPACE)])
+            summary = json.loads(capsys.readouterr().out)
+            with MemoryStore.open(url, dim=32, index_dir=index) as store:
+                assert store.dialect == "postgresql"
+                runs[run] = status, summary, stored_rows(store)
+        (one_status, one_summary, expected), (ray_status, ray_summary, _) = runs.values()
+        with MemoryStore.open(url, dim=32, index_dir=index) as store:
+            assert_same_store(store, expected)
+    finally:
+        postgres_server.drop_databases()
+    assert one_status == ray_status == 1  # files were skipped
+    # Everything but the database's pages on disk, which depend on how the writes were batched.
+    one_summary.pop("bytes_on_disk"), ray_summary.pop("bytes_on_disk")
+    assert ray_summary == one_summary
+    assert (one_summary["ingested"], one_summary["empty"], one_summary["documents"]) == (6, 1, 6)
+    outside = tmp_path / "outside.txt"
+    assert [(s["path"], s["reason"].split(";")[0]) for s in one_summary["unreadable"]] == [
+        (str(folder / "link.txt"), f"symlink to {outside}, outside the given folders"),
+        (str(tmp_path / "vanished.txt"), "does not exist"),
+        (str(folder / "latin1.txt"), "invalid UTF-8 at byte offset 3"),
+    ]
+
+
 def test_bad_sources_are_refused_before_any_work(tmp_path, tokenizer):
-    with pytest.raises(DistributedIngestError, match="not a file"):
-        ingest_with_ray([tmp_path], tmp_path / "store", models=TinyIngestModels(tokenizer))
+    with pytest.raises(DistributedIngestError, match="cannot ingest int"):
+        ingest_with_ray([3], tmp_path / "store", models=TinyIngestModels(tokenizer))
     twice = TextDocument(id="a", text="x")
     with pytest.raises(DistributedIngestError, match="given twice"):
         ingest_with_ray([twice, twice], tmp_path / "store", models=TinyIngestModels(tokenizer))
@@ -193,3 +275,14 @@ def test_default_models_read_the_embedding_width_without_the_weights(tmp_path, t
     embedder.model.save_pretrained(tmp_path / "bert")
     (tmp_path / "bert" / "model.safetensors").unlink()  # the config alone is enough
     assert DefaultModels(embedder=str(tmp_path / "bert")).embedding_dim() == embedder.dim == 32
+
+
+def test_a_file_that_vanishes_before_a_worker_reads_it_is_reported(tmp_path):
+    """Discovery runs on the driver and reading on the workers: a file deleted in between is
+    a skip with the reason one process gives, not a failed run (no Ray needed to check)."""
+    gone = tmp_path / "gone.txt"
+    row = {"path": str(gone), "id": str(gone), "text": "", "source": str(gone), "metadata": "{}"}
+    (skip,) = read_file(gone)
+    (read,) = _read_stage({}, ReadOptions())(row)
+    assert (read["status"], read["id"], read["reason"]) == ("unreadable", skip.path, skip.reason)
+    assert skip.reason == "vanished before it could be read"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from importlib import resources
@@ -13,11 +14,14 @@ from typing import TYPE_CHECKING, TextIO
 from icmem.chat import DEFAULT_RECENT_TURNS
 from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.cli.options import add_pipeline_options, open_pipeline, stats_dict
+from icmem.errors import IcmemError
 from icmem.ingest import DEFAULT_BATCH_SPANS, DEFAULT_GLOB, DEFAULT_TEXT_FIELD, FORMATS
 from icmem.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from icmem.store import SearchHit
+    from icmem.distributed import ModelLoader
+    from icmem.ingest import IngestReport, ReadOptions
+    from icmem.store import SearchHit, StoreStats
 
 DECODE_ERRORS = ("strict", "replace", "ignore")
 DEFAULT_K = 4  # spans recalled per question
@@ -89,14 +93,51 @@ def ingest_options(parser: argparse.ArgumentParser) -> None:
         "--batch-spans",
         type=int,
         default=DEFAULT_BATCH_SPANS,
-        help="spans (from any number of files) compressed together",
+        help="spans (from any number of files) compressed together (one process)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        type=ray_address,
+        metavar="ADDRESS",
+        help='read, compress and embed on Ray workers (pip install "icmem[ray]"): a cluster\'s '
+        "address (auto, HOST:PORT, ray://HOST:PORT), or none to join the local cluster or start "
+        "a local instance; put it after the paths, or write --ray=ADDRESS",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="Ray workers, each loading the models once (default: one per GPU, else per CPU)",
+    )
+
+
+def ray_address(value: str) -> str:
+    """A Ray address, refused when it looks like a path that `--ray` swallowed by mistake."""
+    if value in ("", "auto", "local") or "://" in value or _HOST_PORT.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not a Ray address (auto, local, HOST:PORT or ray://HOST:PORT); if it is a "
+        "path to ingest, put --ray after the paths or write --ray=ADDRESS"
+    )
+
+
+_HOST_PORT = re.compile(r"[\w.\-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
 
 
 def ingest(args: argparse.Namespace) -> int:
     """Exit status 0 when every file was ingested (or already stored), 1 when some were skipped:
     the summary's `unreadable` lists each with its reason."""
-    from icmem.ingest import ReadOptions, ingest_paths
+    from icmem.ingest import ReadOptions
 
     options = ReadOptions(
         glob=args.glob,
@@ -104,15 +145,12 @@ def ingest(args: argparse.Namespace) -> int:
         errors=args.errors,
         follow_symlinks=args.follow_symlinks,
     )
-    with open_pipeline(args) as pipeline:
-        report = ingest_paths(
-            pipeline,
-            args.paths,
-            namespace=args.namespace,
-            options=options,
-            batch_spans=args.batch_spans,
-        )
-        stats = pipeline.stats(args.namespace)
+    if args.ray is None:
+        if args.workers is not None:
+            raise IcmemError("--workers sets the number of Ray workers; add --ray to use Ray")
+        report, stats = _ingest_here(args, options)
+    else:
+        report, stats = _ingest_on_ray(args, options)
     summary = {
         "files": report.files,
         **report.as_dict(),
@@ -121,6 +159,51 @@ def ingest(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, ensure_ascii=False))
     return 1 if report.unreadable else 0
+
+
+def _ingest_here(args: argparse.Namespace, options: ReadOptions) -> tuple[IngestReport, StoreStats]:
+    from icmem.ingest import ingest_paths
+
+    with open_pipeline(args) as pipeline:
+        report = ingest_paths(
+            pipeline,
+            args.paths,
+            namespace=args.namespace,
+            options=options,
+            batch_spans=args.batch_spans,
+        )
+        return report, pipeline.stats(args.namespace)
+
+
+def ray_models(args: argparse.Namespace) -> ModelLoader:
+    """What each Ray worker loads: the ICAE of --checkpoint and the default embedder."""
+    from icmem.distributed import DefaultModels
+
+    return DefaultModels(icae=args.checkpoint)
+
+
+def _ingest_on_ray(
+    args: argparse.Namespace, options: ReadOptions
+) -> tuple[IngestReport, StoreStats]:
+    from icmem.distributed import ingest_with_ray
+    from icmem.store import MemoryStore
+
+    models = ray_models(args)
+    report = ingest_with_ray(
+        args.paths,
+        args.store,
+        namespace=args.namespace,
+        models=models,
+        index_dir=args.index_dir,
+        options=options,
+        address=args.ray or None,
+        num_workers=args.workers,
+        verbose=args.verbose,
+    )
+    with MemoryStore.open(
+        args.store, dim=models.embedding_dim(), index_dir=args.index_dir
+    ) as store:
+        return report, store.stats(args.namespace)
 
 
 def ask_options(parser: argparse.ArgumentParser) -> None:

@@ -1,15 +1,12 @@
-"""Store test helpers: record builders, the PostgreSQL server handle and store locations.
+"""Store test helpers: record builders and store locations.
 
 Tests import these by module name (`from store_testing import ...`); the fixtures that use them
 live in this folder's conftest.py."""
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +17,6 @@ from icmem.codec import encode_slots
 
 DIM = 16
 FINGERPRINT = "tiny-test-model@1"
-PG_FIX = "run `bash .ci/postgres-deps.sh` as root (it apt-installs postgresql) and re-run the tests"
-
-
-def as_postgres_user(command: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; the tests run as root in CI containers.
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class PostgresServer:
-    host: str
-    port: int
-    user: str = "postgres"
-    databases: list[str] = field(default_factory=list)
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{database}"
-
-    def _admin(self, sql: str) -> None:
-        import psycopg
-
-        dsn = f"host={self.host} port={self.port} user={self.user} dbname=postgres"
-        with psycopg.connect(dsn, autocommit=True) as connection:
-            connection.execute(sql)
-
-    def create_database(self) -> str:
-        name = f"icmem_{uuid.uuid4().hex[:12]}"
-        self._admin(f'CREATE DATABASE "{name}"')
-        self.databases.append(name)
-        return self.url(name)
-
-    def drop_databases(self) -> None:
-        while self.databases:
-            self._admin(f'DROP DATABASE "{self.databases.pop()}" WITH (FORCE)')
 
 
 @dataclass

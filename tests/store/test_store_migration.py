@@ -21,8 +21,8 @@ from icmem.store.schema import (
     SlotRow,
     SpanRow,
 )
+from postgres_testing import PostgresServer
 from sqlalchemy import create_engine, inspect, select, text
-from store_testing import PostgresServer
 
 FIXTURES = Path(__file__).with_name("fixtures")
 V1_STORE = FIXTURES / "v1-store"
