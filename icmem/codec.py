@@ -39,7 +39,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import numpy as np
 
@@ -52,6 +52,7 @@ __all__ = [
     "SlotBlobHeader",
     "SlotCodecError",
     "SlotFingerprintMismatchError",
+    "codec_named",
     "decode_slots",
     "encode_slots",
     "read_slot_header",
@@ -105,10 +106,21 @@ class SlotBlobHeader:
     header_nbytes: int
 
 
+def _is_codec(name: str) -> TypeGuard[Codec]:
+    return name in _CODEC_IDS
+
+
+def codec_named(name: str) -> Codec:
+    """The codec called ``name``: settings arrive as plain strings, and a wrong one should fail
+    where it is given, not after a batch has been compressed."""
+    if not _is_codec(name):
+        raise SlotCodecError(f"unknown slot codec {name!r}; choose one of {', '.join(CODECS)}")
+    return name
+
+
 def encode_slots(array: np.ndarray, *, codec: Codec = "bf16", fingerprint: str) -> bytes:
     """Encode a ``(k, d)`` float array of memory slots into a self-describing blob."""
-    if codec not in _CODEC_IDS:
-        raise SlotCodecError(f"unknown slot codec {codec!r}; choose one of {', '.join(CODECS)}")
+    codec = codec_named(codec)
     fp_bytes = _check_fingerprint(fingerprint)
     values = _as_float32_matrix(array)
     if codec == "fp32":

@@ -164,7 +164,9 @@ class _Binding:
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             positions = torch.arange(start, start + length, device=device, dtype=torch.float64)
-            angles = positions[:, None] * self.rotary.inv_freq.to(device, torch.float64)
+            inv_freq = self.rotary.inv_freq
+            assert isinstance(inv_freq, torch.Tensor)  # _rotary_module binds no other module
+            angles = positions[:, None] * inv_freq.to(device, torch.float64)
             angles = torch.cat((angles, angles), dim=-1)
             scale = float(getattr(self.rotary, "attention_scaling", 1.0))
             cos, sin = angles.cos() * scale, angles.sin() * scale
@@ -204,6 +206,16 @@ class _KeyWindow:
     ordered: bool = False
     width: int | None = None
     block: bool = False
+
+
+@dataclass
+class _CappedGlobals:
+    """The global keys some query of a call sees beyond its window, their values, and the
+    queries rotated to read them at the capped distance (all float32)."""
+
+    queries: torch.Tensor  # (B, H, n, D)
+    keys: torch.Tensor  # (B, Hkv, g, D)
+    values: torch.Tensor  # (B, Hkv, g, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +287,7 @@ def _lambda_attention(
     device = query.device
     cap = config.local_window - 1
     q = _rotate(query, *binding.exact_cos_sin(first, n, device)).mul_(scaling)
-    capped_q = global_k = global_v = None
+    capped: _CappedGlobals | None = None
     if window.ordered:
         n_global = window.global_keys.shape[-2]
         if n_global:
@@ -286,25 +298,25 @@ def _lambda_attention(
             cap_cos, cap_sin = binding.exact_cos_sin(cap, 1, device)
             cos = torch.cat((cos, cap_cos.expand(-1, -1, n - below, -1)), -2)
             sin = torch.cat((sin, cap_sin.expand(-1, -1, n - below, -1)), -2)
-            capped_q = _rotate(query, cos, sin).mul_(scaling)
-            global_k = window.global_keys.float()
-            global_v = window.global_values.float()
+            capped = _CappedGlobals(
+                _rotate(query, cos, sin).mul_(scaling),
+                window.global_keys.float(),
+                window.global_values.float(),
+            )
     else:
         # Global tokens some query of this call sees beyond its window: j <= last query - W.
         n_global = min(window.global_keys.shape[-2], max(0, window.end - config.local_window))
         if n_global:
-            capped_q = _rotate(query, *binding.exact_cos_sin(cap, 1, device)).mul_(scaling)
-            global_k = _rotate(
-                window.global_keys[:, :, :n_global], *binding.exact_cos_sin(0, 1, device)
+            capped = _CappedGlobals(
+                _rotate(query, *binding.exact_cos_sin(cap, 1, device)).mul_(scaling),
+                _rotate(window.global_keys[:, :, :n_global], *binding.exact_cos_sin(0, 1, device)),
+                window.global_values[:, :, :n_global].float(),
             )
-            global_v = window.global_values[:, :, :n_global].float()
     if n == 1:
-        out = _decode_attention(q, key, value, capped_q, global_k, global_v)
+        out = _decode_attention(q, key, value, capped)
     else:
         width = window.width or config.local_window
-        out = _prefill_attention(
-            q, key, value, window, capped_q, global_k, global_v, width, config.query_block
-        )
+        out = _prefill_attention(q, key, value, window, capped, width, config.query_block)
     return out.to(value.dtype).transpose(1, 2)
 
 
@@ -328,9 +340,7 @@ def _decode_attention(
     q: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    capped_q: torch.Tensor | None,
-    global_k: torch.Tensor | None,
-    global_v: torch.Tensor | None,
+    capped: _CappedGlobals | None,
 ) -> torch.Tensor:
     """One query that sees every window key: read the keys once for the scores and the values
     once for the output, in the cache's dtype like eager attention (softmax in float32), with
@@ -338,14 +348,14 @@ def _decode_attention(
     batch, heads, _, dim = q.shape
     kv_heads = key.shape[1]
     scores = (_grouped(q, kv_heads).to(key.dtype) @ key.transpose(-1, -2)).float()
-    if global_k is not None:
-        capped = _grouped(capped_q, kv_heads) @ global_k.transpose(-1, -2)
-        scores = torch.cat((capped, scores), dim=-1)
+    if capped is not None:
+        global_scores = _grouped(capped.queries, kv_heads) @ capped.keys.transpose(-1, -2)
+        scores = torch.cat((global_scores, scores), dim=-1)
     weights = torch.softmax(scores, dim=-1)
-    n_global = 0 if global_k is None else global_k.shape[-2]
+    n_global = 0 if capped is None else capped.keys.shape[-2]
     out = (weights[..., n_global:].to(value.dtype) @ value).float()
-    if global_v is not None:
-        out += weights[..., :n_global] @ global_v
+    if capped is not None:
+        out += weights[..., :n_global] @ capped.values
     return out.view(batch, heads, 1, dim)
 
 
@@ -354,9 +364,7 @@ def _prefill_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     window: _KeyWindow,
-    capped_q: torch.Tensor | None,
-    global_k: torch.Tensor | None,
-    global_v: torch.Tensor | None,
+    capped: _CappedGlobals | None,
     width: int,
     query_block: int,
 ) -> torch.Tensor:
@@ -397,25 +405,28 @@ def _prefill_attention(
         queries[..., :dim] = _grouped(q[:, :, start:stop], kv_heads)
 
         sees_global = torch.zeros(rows, dtype=torch.bool, device=device)
-        if global_k is not None:
+        global_out: torch.Tensor | None = None
+        if capped is not None:
+            n_global = capped.keys.shape[-2]
             if window.ordered:  # the memory is visible to every query
-                beyond = torch.ones(rows, global_k.shape[-2], dtype=torch.bool, device=device)
+                beyond = torch.ones(rows, n_global, dtype=torch.bool, device=device)
             else:
-                g_pos = torch.arange(global_k.shape[-2], device=device)
+                g_pos = torch.arange(n_global, device=device)
                 beyond = (q_pos[:, None] - g_pos[None, :]) >= width
-            capped = _grouped(capped_q[:, :, start:stop], kv_heads) @ global_k.transpose(-1, -2)
-            capped.masked_fill_(~beyond.repeat(groups, 1), float("-inf"))
+            block_queries = _grouped(capped.queries[:, :, start:stop], kv_heads)
+            global_scores = block_queries @ capped.keys.transpose(-1, -2)
+            global_scores.masked_fill_(~beyond.repeat(groups, 1), float("-inf"))
             sees_global = beyond.any(dim=-1)
-            log_total = torch.logsumexp(capped, dim=-1, keepdim=True)
+            log_total = torch.logsumexp(global_scores, dim=-1, keepdim=True)
             safe = torch.where(torch.isfinite(log_total), log_total, torch.zeros_like(log_total))
-            global_out = (capped - safe).exp_() @ global_v
+            global_out = (global_scores - safe).exp_() @ capped.values
             queries[..., dim : dim + 1] = safe
         mask[:, -1].masked_fill_(~sees_global, float("-inf"))
         fused = torch.nn.functional.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask.repeat(groups, 1), scale=1.0
         )
         block = fused[..., :dim]
-        if global_k is not None:
+        if global_out is not None:
             block = block + fused[..., dim : dim + 1] * global_out
         out[:, :, start:stop] = block.reshape(batch, heads, rows, dim)
     return out
@@ -567,13 +578,15 @@ class LMInfiniteLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        global_keys, global_values = self._globals()
         start, n = self.seen_tokens, key_states.shape[-2]
         end = start + n
         origin = self.origin
         if start < self.global_tokens:
             take = min(n, self.global_tokens - start)
-            self.global_keys = torch.cat((self.global_keys, key_states[..., :take, :]), -2)
-            self.global_values = torch.cat((self.global_values, value_states[..., :take, :]), -2)
+            global_keys = torch.cat((global_keys, key_states[..., :take, :]), -2)
+            global_values = torch.cat((global_values, value_states[..., :take, :]), -2)
+            self.global_keys, self.global_values = global_keys, global_values
         device = key_states.device
         rotated = _rotate(key_states, *self._binding.exact_cos_sin(start, n, device))
         rotated = rotated.to(key_states.dtype)
@@ -587,12 +600,13 @@ class LMInfiniteLayer(CacheLayerMixin):
         if n == 1:
             held = min(end - origin, self.local_window)
             window_start = end - held
-            keys, values = self.keys[..., :held, :], self.values[..., :held, :]
+            ring_keys, ring_values = self._ring()
+            keys, values = ring_keys[..., :held, :], ring_values[..., :held, :]
         self.last_window = _KeyWindow(
             window_start,
             end,
-            self.global_keys,
-            self.global_values,
+            global_keys,
+            global_values,
             ordered=bool(self.memory),
             width=self.local_window,
         )
@@ -618,6 +632,16 @@ class LMInfiniteLayer(CacheLayerMixin):
         )
         return key_states, value_states
 
+    def _ring(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring's keys and values (only read once the layer is initialized)."""
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
+        return self.keys, self.values
+
+    def _globals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global keys and values (only read once the layer is initialized)."""
+        assert self.global_keys is not None and self.global_values is not None
+        return self.global_keys, self.global_values
+
     def _slots(self, first: int, stop: int) -> list[tuple[int, int]]:
         """Ring slot ranges holding ring positions first .. stop - 1 (counted from ``origin``),
         in position order."""
@@ -629,33 +653,36 @@ class LMInfiniteLayer(CacheLayerMixin):
         return [(begin, begin + head)] + ([(0, count - head)] if count > head else [])
 
     def _ordered(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ring_keys, ring_values = self._ring()
         slots = self._slots(first, stop)
         if len(slots) == 1:
             ((a, b),) = slots
-            return self.keys[..., a:b, :], self.values[..., a:b, :]
+            return ring_keys[..., a:b, :], ring_values[..., a:b, :]
         return (
-            torch.cat([self.keys[..., a:b, :] for a, b in slots], -2),
-            torch.cat([self.values[..., a:b, :] for a, b in slots], -2),
+            torch.cat([ring_keys[..., a:b, :] for a, b in slots], -2),
+            torch.cat([ring_values[..., a:b, :] for a, b in slots], -2),
         )
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        ring_keys, ring_values = self._ring()
         end = start + keys.shape[-2]
         needed = min(end, self.local_window)
-        capacity = self.keys.shape[-2]
+        capacity = ring_keys.shape[-2]
         if capacity < needed:  # below W slots, position p sits in slot p: grow in order
             size = min(self.local_window, max(needed, 2 * capacity))
-            grown_keys = self.keys.new_empty((*self.keys.shape[:-2], size, self.keys.shape[-1]))
-            grown_values = self.values.new_empty(
-                (*self.values.shape[:-2], size, self.values.shape[-1])
+            grown_keys = ring_keys.new_empty((*ring_keys.shape[:-2], size, ring_keys.shape[-1]))
+            grown_values = ring_values.new_empty(
+                (*ring_values.shape[:-2], size, ring_values.shape[-1])
             )
-            grown_keys[..., :start, :] = self.keys[..., :start, :]
-            grown_values[..., :start, :] = self.values[..., :start, :]
-            self.keys, self.values = grown_keys, grown_values
+            grown_keys[..., :start, :] = ring_keys[..., :start, :]
+            grown_values[..., :start, :] = ring_values[..., :start, :]
+            ring_keys, ring_values = grown_keys, grown_values
+            self.keys, self.values = ring_keys, ring_values
         kept = min(keys.shape[-2], self.local_window)
         offset = keys.shape[-2] - kept
         for a, b in self._slots(end - kept, end):
-            self.keys[..., a:b, :] = keys[..., offset : offset + b - a, :]
-            self.values[..., a:b, :] = values[..., offset : offset + b - a, :]
+            ring_keys[..., a:b, :] = keys[..., offset : offset + b - a, :]
+            ring_values[..., a:b, :] = values[..., offset : offset + b - a, :]
             offset += b - a
 
     def held_positions(self) -> list[int]:
@@ -741,16 +768,22 @@ class LMInfiniteCache(Cache):
         """Undo the model's rotation of the new keys (they sit at the next positions), store
         them, and tell the layer's attention function what the returned keys hold."""
         layer = self.layers[layer_idx]
+        assert isinstance(layer, LMInfiniteLayer)  # __init__ builds no other layers
         if self.memory_positions and not layer.is_initialized:
             keys, values = layer.store_memory(key_states, value_states)
-            _HANDOFF[self._modules[layer_idx]] = layer.last_window
+            self._hand_off(layer_idx, layer)
             return keys, values
         cos_sin = self._binding.model_cos_sin(
             layer.get_seq_length(), key_states.shape[-2], key_states.dtype, key_states.device
         )
         keys, values = layer.update(_unrotate(key_states, *cos_sin), value_states)
-        _HANDOFF[self._modules[layer_idx]] = layer.last_window
+        self._hand_off(layer_idx, layer)
         return keys, values
+
+    def _hand_off(self, layer_idx: int, layer: LMInfiniteLayer) -> None:
+        """Tell the layer's attention function what the keys its update returned hold."""
+        assert layer.last_window is not None  # every update sets it
+        _HANDOFF[self._modules[layer_idx]] = layer.last_window
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,14 +810,17 @@ def _attention_modules(base: PreTrainedModel) -> list[nn.Module]:
 
 
 def _find_attention_modules(base: PreTrainedModel) -> list[nn.Module]:
-    modules = [
-        m
-        for m in base.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj")
-    ]
-    modules.sort(key=lambda m: m.layer_idx)
+    indexed = sorted(
+        (
+            (index, m)
+            for m in base.modules()
+            if isinstance(index := getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj")
+        ),
+        key=lambda pair: pair[0],
+    )
+    modules = [m for _, m in indexed]
     expected = base.config.get_text_config(decoder=True).num_hidden_layers
-    if [m.layer_idx for m in modules] != list(range(expected)):
+    if [index for index, _ in indexed] != list(range(expected)):
         raise LMInfiniteError(
             f"found {len(modules)} attention modules with q_proj in {type(base).__name__}, "
             f"expected one per layer ({expected}); LM-Infinite supports Llama-family models "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from icmem.chunking import DecodeErrors, Span, chunk, chunk_file
+from icmem.codec import Codec, codec_named
 from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
 from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, StageClock, ingest_paths
@@ -86,12 +87,14 @@ class MemoryPipeline:
         conversations: int = 8,
         window: int | None = None,
     ) -> None:
-        """`conversations` decoder states are kept for reuse by the next turn (0: none);
-        `window` is LM-Infinite's local window (default: the model's pretraining length)."""
+        """`codec` encodes stored slots (one of `icmem.codec.CODECS`); `conversations` decoder
+        states are kept for reuse by the next turn (0: none); `window` is LM-Infinite's local
+        window (default: the model's pretraining length)."""
         from icmem.icae.conversation import PromptCache
 
         self.icae, self.store, self.embedder = icae, store, embedder
-        self.codec, self.batch_size = codec, batch_size
+        self.codec: Codec = codec_named(codec)
+        self.batch_size = batch_size
         self.prompt_cache = PromptCache(conversations, window=window)
 
     @classmethod
@@ -260,8 +263,10 @@ class MemoryPipeline:
             recalled = self.memory_of_spans(span_ids, namespace=namespace)
         else:
             if query is None:
-                text = isinstance(conversation, str)
-                query = conversation if text else _last_user_text(conversation)
+                if isinstance(conversation, str):
+                    query = conversation
+                else:
+                    query = _last_user_text(conversation)
             recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
         slots = recalled.memory
         if memory == "text" and recalled.hits:

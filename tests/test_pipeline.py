@@ -8,6 +8,7 @@ import pytest
 import torch
 from icmem.store import MemoryStore
 
+from icmem.codec import SlotCodecError
 from icmem.embedding import TextEmbedder
 from icmem.icae import ICAE
 from icmem.icae.slots import MemorySlots
@@ -130,6 +131,12 @@ def test_memory_survives_reopening(tmp_path, icae, embedder):
     assert [h.span_id for h in after.hits] == [h.span_id for h in before.hits]
     for a, b in zip(after.memory, before.memory, strict=True):
         torch.testing.assert_close(a.tensor, b.tensor)
+
+
+def test_an_unknown_codec_fails_where_it_is_given(pipeline):
+    """Not at the first ingest, after a batch of spans was compressed for nothing."""
+    with pytest.raises(SlotCodecError, match="unknown slot codec 'fp8'; choose one of fp32"):
+        MemoryPipeline(pipeline.icae, pipeline.store, pipeline.embedder, codec="fp8")
 
 
 def test_file_ingestion_matches_text_ingestion(pipeline, tmp_path):

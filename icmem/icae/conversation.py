@@ -48,12 +48,13 @@ class DecoderSession:
         self.icae = icae
         self.reads_memory = bool(memory)
         self.key = memory_key(memory, system_ids)
-        self.window = window or icae.max_positions
-        if self.window is None:
+        resolved = window or icae.max_positions
+        if resolved is None:
             raise ICAEConfigError(
                 "the decoder's config has no max_position_embeddings; pass window= (the length "
                 "the model was pretrained on)"
             )
+        self.window: int = resolved
         with torch.no_grad():
             if memory:
                 block = icae.decoder_inputs(memory, "ft", list(system_ids))
@@ -104,7 +105,7 @@ class DecoderSession:
         decode = self.icae.tokenizer.decode
         rest = decode(self.read[common:])
         for end in range(common, len(ids)):  # from common: tokens without text count too
-            text = decode(ids[common:end])
+            text = decode(list(ids[common:end]))
             if text == rest:
                 return end
             if len(text) > len(rest) + 8:  # past it (slack for partial characters)
@@ -135,6 +136,7 @@ class DecoderSession:
         from icmem.icae.model import _pick
 
         for _ in range(max_new_tokens):
+            assert self._logits is not None  # _feed ran: continuation leaves a token to read
             logits = self._logits.float()
             if constraint is not None:
                 constraint.mask_(logits)
@@ -295,6 +297,7 @@ def _system_length(
         tokenize=False,
         add_generation_prompt=False,
     )
+    assert isinstance(text, str)  # one conversation, tokenize=False: its text
     system_ids = icae.tokenize(text)
     return len(system_ids) if list(ids[: len(system_ids)]) == system_ids else 0
 

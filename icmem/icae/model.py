@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from torch.profiler import record_function
 
 from icmem.chunking import Span, chunk
 from icmem.icae.config import ICAEConfig
+from icmem.icae.data import decode_text
 from icmem.icae.errors import BaseModelMismatchError, ICAEConfigError
 from icmem.icae.slots import MemorySlots
 from icmem.models import DEFAULT_MODEL
@@ -38,6 +39,7 @@ from icmem.models import DEFAULT_MODEL
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     ModelSource: TypeAlias = (
@@ -146,7 +148,9 @@ class ICAE(nn.Module):
         self._lora_parameters = [p for n, p in self.model.named_parameters() if "lora_" in n]
         for param in self._lora_parameters:
             param.requires_grad_(True)
-        table = model.get_input_embeddings().weight.detach().float()  # (V, d)
+        embedding = model.get_input_embeddings()
+        assert isinstance(embedding.weight, torch.Tensor)  # an nn.Embedding in transformers
+        table = embedding.weight.detach().float()  # (V, d)
         self.hidden_size = table.shape[1]
         # New embeddings start as draws from the per-dimension mean and spread of the real token
         # embeddings: the frozen layers then see inputs at the scale they were trained on (zeros
@@ -229,9 +233,9 @@ class ICAE(nn.Module):
         """LoRA weights plus memory and special embeddings; the base model stays frozen."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def own_tensors(self) -> dict[str, nn.Parameter]:
+    def own_tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors outside the LoRA adapter, by the name checkpoints store them."""
-        tensors = {
+        tensors: dict[str, torch.Tensor] = {
             "memory_embeddings": self.memory_embeddings,
             "special_embeddings": self.special_embeddings,
         }
@@ -542,11 +546,11 @@ class ICAE(nn.Module):
                 )
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
         if getattr(self.tokenizer, "chat_template", None):
-            return str(
-                self.tokenizer.apply_chat_template(
-                    turns, tokenize=False, add_generation_prompt=True
-                )
+            laid_out = self.tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True
             )
+            assert isinstance(laid_out, str)  # one conversation, tokenize=False: its text
+            return laid_out
         return "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant:"
 
     def _special(self, task: str) -> torch.Tensor:
@@ -557,6 +561,14 @@ class ICAE(nn.Module):
             )
         index = self.config.special_tokens.index(task)
         return self.special_embeddings[index : index + 1].to(self.dtype)
+
+    def _causal_lm(self) -> PreTrainedModel:
+        """The transformers model inside the PEFT wrapper (peft types it as a plain Module)."""
+        from transformers import PreTrainedModel
+
+        base = self.model.get_base_model()
+        assert isinstance(base, PreTrainedModel)  # __init__ wraps one
+        return base
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
@@ -610,12 +622,14 @@ class ICAE(nn.Module):
         mask = torch.tensor([[1] * r.shape[0] + [0] * (width - r.shape[0]) for r in rows])
         label_ids = torch.tensor([lab + [_IGNORE] * (width - len(lab)) for lab in labels])
         extra = {}
-        if positions[0] is not None:
+        # decoder_positions gives every example a list, or (reading order) none of them one.
+        spread = [pos for pos in positions if pos is not None]
+        if spread:
             extra["position_ids"] = torch.tensor(
-                [pos + [0] * (width - len(pos)) for pos in positions], device=self.device
+                [pos + [0] * (width - len(pos)) for pos in spread], device=self.device
             )
         with self._decoder_weights():
-            base = self.model.get_base_model()
+            base = self._causal_lm()
             hidden = _backbone(base)(
                 inputs_embeds=embeds,
                 attention_mask=mask.to(self.device),
@@ -636,6 +650,42 @@ class ICAE(nn.Module):
         return ids
 
     # ----------------------------------------------------------------- decoder
+
+    @overload
+    def generate(
+        self,
+        memory: Sequence[MemorySlots],
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int = ...,
+        task: str = ...,
+        stream: Literal[False] = ...,
+        **sampling: Any,
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self,
+        memory: Sequence[MemorySlots],
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int = ...,
+        task: str = ...,
+        stream: Literal[True],
+        **sampling: Any,
+    ) -> Iterator[str]: ...
+
+    @overload
+    def generate(
+        self,
+        memory: Sequence[MemorySlots],
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int = ...,
+        task: str = ...,
+        stream: bool,
+        **sampling: Any,
+    ) -> str | Iterator[str]: ...
 
     def generate(
         self,
@@ -883,7 +933,7 @@ class ICAE(nn.Module):
         for param in self._lora_parameters:  # set_adapter freezes the inactive adapter
             param.requires_grad_(True)
 
-    def _tuner_layers(self) -> list[nn.Module]:
+    def _tuner_layers(self) -> list[BaseTunerLayer]:
         """The PEFT model's LoRA layers, found once (the model's structure never changes)."""
         found = self.__dict__.get("_tuner_layer_cache")
         if found is None:
@@ -913,13 +963,13 @@ class ICAE(nn.Module):
         emitted = ""
         for token in token_ids:
             ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = decode_text(self.tokenizer, ids, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue
             if len(text) > len(emitted):
                 yield text[len(emitted) :]
                 emitted = text
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = decode_text(self.tokenizer, ids, skip_special_tokens=True)
         if len(text) > len(emitted):
             yield text[len(emitted) :]
 
@@ -1018,7 +1068,9 @@ def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
 
 def _backbone(causal_lm: nn.Module) -> nn.Module:
     """The transformer body of a causal LM (hidden states without the vocabulary head)."""
-    return getattr(causal_lm, causal_lm.base_model_prefix)
+    prefix = causal_lm.base_model_prefix
+    assert isinstance(prefix, str)  # a transformers model's attribute naming its body
+    return getattr(causal_lm, prefix)
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -18,7 +18,7 @@ from icmem.store import SearchHit
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.exceptions import OutputParserException
-from langchain_core.language_models import BaseChatModel, ModelProfile
+from langchain_core.language_models import BaseChatModel, LangSmithParams, ModelProfile
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -76,7 +76,7 @@ class ChatICAE(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "k": self.k, "namespace": self.namespace}
 
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "icmem"
         params["ls_model_name"] = kwargs.get("model", self.model_name)
@@ -158,6 +158,7 @@ class ChatICAE(BaseChatModel):
         if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
             # A call is only known once its text is complete: one chunk carries it whole.
             message = self._generate(messages, stop, run_manager, **kwargs).generations[0].message
+            assert isinstance(message, AIMessage)  # what _generate answers with
             yield ChatGenerationChunk(message=_as_chunk(message))
             return
         reply, pieces = self._reply(messages, stop, run_manager, kwargs)
@@ -226,7 +227,11 @@ class ChatICAE(BaseChatModel):
         """Input counts every position the decoder read: the prompt and the memory slots."""
         output = len(self.pipeline.token_ids(text)) if text else 0
         read = reply.prompt_tokens + reply.memory_slots
-        return UsageMetadata(input_tokens=read, output_tokens=output, total_tokens=read + output)
+        # The token details are optional: langchain_core marks them typing.NotRequired, which
+        # mypy checking for Python 3.10 (our floor; pyproject [tool.mypy]) cannot resolve.
+        return UsageMetadata(  # type: ignore[typeddict-item]
+            input_tokens=read, output_tokens=output, total_tokens=read + output
+        )
 
 
 def _until_stop(
@@ -304,7 +309,8 @@ def _as_chunk(message: AIMessage) -> AIMessageChunk:
     return AIMessageChunk(
         content=message.content,
         tool_call_chunks=[
-            {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+            # "type" is optional (typing.NotRequired, unresolved for Python 3.10: see _usage).
+            {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}  # type: ignore[typeddict-item]
             for i, c in enumerate(message.tool_calls)
         ],
         invalid_tool_calls=message.invalid_tool_calls,
@@ -317,8 +323,9 @@ def _span_ids(documents: Sequence[Document] | None) -> list[int] | None:
     """The span ids of retrieved documents (``ICAERetriever`` puts them in the metadata)."""
     if documents is None:
         return None
-    ids = [doc.metadata.get("span_id") for doc in documents]
-    if any(not isinstance(i, int) for i in ids):
+    found = [doc.metadata.get("span_id") for doc in documents]
+    ids = [i for i in found if isinstance(i, int)]
+    if len(ids) != len(found):
         raise ValueError(
             "documents= takes the documents ICAERetriever returns (metadata['span_id'] names "
             "their stored spans); for other documents put their text in the prompt instead"

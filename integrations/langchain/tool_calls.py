@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall
+from langchain_core.messages.tool import invalid_tool_call
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -131,10 +132,4 @@ def _call(name: str, args: dict[str, Any]) -> ToolCall:
 
 
 def _invalid(raw: str, error: str) -> InvalidToolCall:
-    return InvalidToolCall(
-        name=None,
-        args=raw,
-        id=f"call_{uuid.uuid4().hex[:24]}",
-        error=error,
-        type="invalid_tool_call",
-    )
+    return invalid_tool_call(name=None, args=raw, id=f"call_{uuid.uuid4().hex[:24]}", error=error)
