@@ -137,6 +137,7 @@ def main() -> None:
     result: dict = {
         "benchmark": "tool_call_rate",
         "model": pipeline.icae.config.base_model,
+        "prompt_layout": "tools as a JSON list in <tools>, calls as a JSON list in <tool_call>",
         "tools": [t.name for t in TOOLS],
         "max_tokens": args.max_tokens,
         "threads": args.threads,

@@ -39,7 +39,7 @@ class TestChatICAEDefaultModel(ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         # room for a structured answer's strings to close (a cut one raises, see test_chat_tools)
-        return {"pipeline": default_pipeline(), "namespace": NS, "max_tokens": 80}
+        return {"pipeline": default_pipeline(), "namespace": NS, "max_tokens": 160}
 
     @property
     def standard_chat_model_params(self) -> dict:
@@ -67,29 +67,23 @@ class TestChatICAEDefaultModel(ChatModelIntegrationTests):
     def supported_usage_metadata_details(self) -> dict:
         return {"invoke": [], "stream": []}
 
-    # Every structured-output variant goes through one path (the schema bound as a forced tool,
-    # decoded under it). All of them run on the tiny model in TestChatICAEIntegration; here the
-    # pydantic variant and the optional-field one run, and the rest are skipped for CI time
-    # (each costs about a minute of decoding on 2 cores).
-    _SAME_PATH = (
-        "same schema-constrained path as test_structured_output[pydantic]; every variant runs "
-        "on the tiny model"
+    @pytest.mark.xfail(
+        reason="SmolLM2-135M rarely calls a tool unprompted (tool_choice auto); see the free-call "
+        "rate in benchmarks/results/tool_call_rate.json. Forced calls (tool_choice) always parse",
+        strict=True,
     )
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
 
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model, schema_type) -> None:
-        if schema_type != "pydantic":
-            pytest.skip(self._SAME_PATH)
-        super().test_structured_output(model, schema_type)
-
-    @pytest.mark.skip(reason=_SAME_PATH)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model, schema_type) -> None:
-        await super().test_structured_output_async(model, schema_type)
-
-    @pytest.mark.skip(reason=_SAME_PATH)
-    def test_structured_output_pydantic_2_v1(self, model) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
+    @pytest.mark.xfail(
+        reason="greedy SmolLM2-135M keeps writing the joke's string past max_tokens=160; the cut "
+        "answer raises OutputParserException naming max_tokens (as test_chat_tools checks), "
+        "where LangChain's parser alone would have returned None",
+        strict=True,
+    )
+    def test_structured_output_optional_param(self, model) -> None:
+        super().test_structured_output_optional_param(model)
 
 
 @tool
