@@ -371,8 +371,4 @@ def _write(
 
     with StageClock(report.seconds)("write"):
         written, refused = write_skipping_refused(upsert, documents, lambda r: r.id)
-    for item in refused:
-        report.add_unreadable(item, announce=announce)
-    report.ingested += len(written)
-    report.spans += sum(len(r.spans) for r in written)
-    report.tokens += sum(s.token_count for r in written for s in r.spans)
+    report.count_written(written, refused, announce=announce)

@@ -121,6 +121,17 @@ class IngestReport:
 
             tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
 
+    def count_written(
+        self, written: Sequence[Any], refused: Sequence[Skip], *, announce: bool
+    ) -> None:
+        """Add what one write stored (documents whose `spans` carry `token_count`) and what
+        the store refused (see `write_skipping_refused`)."""
+        for item in refused:
+            self.add_unreadable(item, announce=announce)
+        self.ingested += len(written)
+        self.spans += sum(len(d.spans) for d in written)
+        self.tokens += sum(s.token_count for d in written for s in d.spans)
+
 
 class StageClock:
     """Adds the wall time of named stages into a dict (when there is one to add to)."""
@@ -480,11 +491,7 @@ def ingest_paths(
         if not batch:
             return
         written, refused = write_skipping_refused(write, batch, lambda d: d.document_id)
-        for item in refused:
-            report.add_unreadable(item, announce=progress)
-        report.ingested += len(written)
-        report.spans += sum(len(d.spans) for d in written)
-        report.tokens += sum(s.token_count for d in written for s in d.spans)
+        report.count_written(written, refused, announce=progress)
         bar.update(sum(len(d.spans) for d in batch))
         batch.clear()
 

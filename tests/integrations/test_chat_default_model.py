@@ -14,10 +14,10 @@ import functools
 import tempfile
 
 import pytest
+from chat_suite import ChatICAESuite
 from icmem.integrations.langchain import ChatICAE
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
-from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from icmem.pipeline import MemoryPipeline
 
@@ -31,41 +31,11 @@ def default_pipeline() -> MemoryPipeline:
     return MemoryPipeline.open(tempfile.mkdtemp(prefix="icmem-default-chat-"))
 
 
-class TestChatICAEDefaultModel(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatICAE]:
-        return ChatICAE
-
+class TestChatICAEDefaultModel(ChatICAESuite):
     @property
     def chat_model_params(self) -> dict:
         # room for a structured answer's strings to close (a cut one raises, see test_chat_tools)
         return {"pipeline": default_pipeline(), "namespace": NS, "max_tokens": 160}
-
-    @property
-    def standard_chat_model_params(self) -> dict:
-        params = dict(super().standard_chat_model_params)
-        params.pop("api_key", None)
-        return params
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def tool_choice_value(self) -> str:
-        return "any"
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supported_usage_metadata_details(self) -> dict:
-        return {"invoke": [], "stream": []}
 
     @pytest.mark.xfail(
         reason="SmolLM2-135M rarely calls a tool unprompted (tool_choice auto); see the free-call "

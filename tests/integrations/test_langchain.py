@@ -7,11 +7,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from chat_suite import ChatICAESuite
 from icmem.integrations.langchain import ChatICAE, ICAEChatMessageHistory, ICAERetriever
 from icmem.integrations.langchain.chat_model import _until_stop
 from icmem.store import MemoryStore
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from langchain_tests.integration_tests import ChatModelIntegrationTests, RetrieversIntegrationTests
+from langchain_tests.integration_tests import RetrieversIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from tiny_models import tiny_embedder, tiny_icae, tiny_tokenizer
 
@@ -267,45 +268,15 @@ def test_spans_outside_the_namespace_are_not_read():
         pipeline.store.get_spans([10**9], namespace=NS)
 
 
-class TestChatICAEIntegration(ChatModelIntegrationTests):
+class TestChatICAEIntegration(ChatICAESuite):
     """The standard integration suite on the tiny model. Tool calls are forced (tool_choice
     "any"): a random tiny model never calls a tool unprompted, and neither reliably does a
     135M one; forced calls are decoded under the tools' schemas, so they always parse."""
 
     @property
-    def chat_model_class(self) -> type[ChatICAE]:
-        return ChatICAE
-
-    @property
     def chat_model_params(self) -> dict:
         # enough for a forced call to close (the tiny tokenizer spends a token per character)
         return {"pipeline": shared_pipeline(), "namespace": NS, "k": 1, "max_tokens": 96}
-
-    @property
-    def standard_chat_model_params(self) -> dict:
-        params = dict(super().standard_chat_model_params)
-        params.pop("api_key", None)
-        return params
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def tool_choice_value(self) -> str:
-        return "any"
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supported_usage_metadata_details(self) -> dict:
-        return {"invoke": [], "stream": []}
 
     # The standard suite also checks that the model reads argument values out of the question
     # (input=3, a Chinese greeting, a non-empty style) and answers after a tool result. A random
