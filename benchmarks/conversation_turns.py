@@ -91,6 +91,8 @@ def main() -> None:
         conversation.append({"role": "assistant", "content": icae.tokenizer.decode(answer)})
         if turn in args.measure:
             (session,) = cache._sessions.values()
+            # template_s: laying out and tokenizing the whole conversation, what each turn would
+            # cost without the prompt cache's incremental tokenizer
             start = time.perf_counter()
             tokens = len(icae.prompt_ids(conversation))
             row = {
