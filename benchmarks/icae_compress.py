@@ -4,7 +4,11 @@ compression time by stage.
 
 Each batch size b compresses b spans of 512 tokens (one batch; 640 positions a span with its
 128 memory tokens). The arms run interleaved (A B A B ...) after one warm-up each, and medians
-are reported, so a load change on a shared machine hits every arm alike. ``plain_forward`` is
+are reported, so a load change on a shared machine hits every arm alike. Each arm's process CPU
+time is reported next to its wall time: on an oversubscribed machine wall time also counts the
+time this process waited for a core, which swings by tens of percent between two arms minutes
+apart, while CPU time with ``--threads 1`` counts only the work done (with more threads it also
+counts OpenMP spin-waiting, so read the wall ratio there). ``plain_forward`` is
 the stock base model (no adapter) reading the same b x 640 token ids, body only (the encoder
 computes no logits). ``--paths compiled`` adds the compiled encoder (``ICAE.set_encoder_path``);
 ``--llama-python`` adds llama.cpp (see ``llama_cpp_anchor.py``) on the same prompts.
@@ -74,10 +78,11 @@ def bf16_gguf(python: str, threads: int) -> Path:
     return target
 
 
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def stage_shares(icae: ICAE, spans: list[list[int]], batch_size: int) -> dict:
@@ -169,13 +174,16 @@ def main() -> None:
     warmup_s = {}
     for name, arm in arms.items():
         for b in args.batch_sizes if name == "compress_compiled" else args.batch_sizes[:1]:
-            warmup_s[f"{name}/{b}"] = round(timed(lambda a=arm, b=b: a(b)), 2)
+            warmup_s[f"{name}/{b}"] = round(timed(lambda a=arm, b=b: a(b))[0], 2)
     seconds: dict[tuple[str, int], list[float]] = defaultdict(list)
+    cpu_seconds: dict[tuple[str, int], list[float]] = defaultdict(list)
     llama_rates: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.repeats):
         for b in args.batch_sizes:
             for name, arm in arms.items():
-                seconds[name, b].append(timed(lambda a=arm, b=b: a(b)))
+                wall, cpu = timed(lambda a=arm, b=b: a(b))
+                seconds[name, b].append(wall)
+                cpu_seconds[name, b].append(cpu)
         for label, gguf in ggufs.items():
             run = llama_cpp(args.llama_python, gguf, prompts, args.threads)
             llama_rates[label].append(run["prompt_tokens"] / sum(run["prefill_seconds"]))
@@ -186,13 +194,16 @@ def main() -> None:
         rate = {
             name: b * width / statistics.median(seconds[name, b]) for name in arms
         }  # positions/s
+        cpu = {name: statistics.median(cpu_seconds[name, b]) for name in arms}
         run = {
             "batch_size": b,
             "spans": b,
             "positions": b * width,
             **{f"{name}_seconds": [round(s, 3) for s in seconds[name, b]] for name in arms},
+            **{f"{name}_cpu_seconds": [round(s, 3) for s in cpu_seconds[name, b]] for name in arms},
             **{f"{name}_positions_per_s": round(r, 1) for name, r in rate.items()},
             "compress_vs_plain_forward": round(rate["compress"] / rate["plain_forward"], 3),
+            "compress_vs_plain_forward_cpu_time": round(cpu["plain_forward"] / cpu["compress"], 3),
         }
         if compiled is not None:
             run["compiled_vs_plain_forward"] = round(
