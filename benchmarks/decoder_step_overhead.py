@@ -1,18 +1,26 @@
 """What peft's LoRA wrappers cost the ICAE decoder per decode step (SmolLM2-135M, bf16).
 
-The decoder runs the PEFT model: with its adapters switched off when it reads no memory (or the
-checkpoint has no decoder adapter), with the decoder adapter applied unmerged otherwise. Each arm
+With its own adapter (the shipped checkpoint's, when it reads memory) the decoder runs the PEFT
+model, that adapter applied unmerged; otherwise it runs the base modules without peft's wrappers,
+sharing their weights (``ICAE._decoder_model``). Each arm
 prefills the same 300 token ids with the stock cache, then takes ``--steps`` one-token steps;
 the median process CPU time of a step is reported (with ``--threads 1`` CPU time counts only
 this process's work, so a loaded machine moves it far less than wall time). Arms, interleaved
 round by round, medians over rounds:
 
 - ``plain``: the stock model loaded on its own (the reference).
-- ``peft_adapters_off``: the ICAE's PEFT model inside ``_decoder_weights(memory=False)``.
-- ``unwrapped_base``: the same weights without the wrappers (a structural copy sharing every
-  parameter, LoRA layers unloaded): what the adapter-off decoder would cost without them.
-- ``peft_decoder_adapter``: the PEFT model with the decoder adapter on, unmerged.
-- ``merged_decoder_adapter``: a copy with the decoder adapter merged (one more set of weights).
+- ``peft_adapters_off``: the ICAE's PEFT model inside ``_decoder_weights(memory=False)``, the
+  wrappers switched off (how the decoder read no memory before ``_decoder_model``).
+- ``unwrapped_base``: the decoder that reads no memory, ``_decoder_model(memory=False)`` inside
+  ``_decoder``: the same weights, no wrappers.
+- ``peft_decoder_adapter``: the PEFT model with the decoder adapter on, unmerged (how the
+  decoder reads memory).
+- ``merged_decoder_adapter``: a copy with the decoder adapter merged (one more set of weights;
+  not offered by the library, measured to size that trade).
+
+A streamed answer and a conversation enter the decoder's state around every forward call, so
+``state_enter_exit_cpu_ms`` times entering and leaving it alone: the PEFT model's adapter
+switching against the unwrapped decoder's lock.
 
 Each arm's last-step logits are compared with its PEFT counterpart's, so a cheaper arm that
 computed something else would show.
@@ -24,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import os
 import platform
 import statistics
@@ -57,6 +64,15 @@ def step_cpu_ms(
     return statistics.median(cpu) * 1000, out.logits[0, -1].float()
 
 
+def enter_exit_cpu_ms(state: Callable[[], AbstractContextManager[object]], times: int) -> float:
+    """Mean CPU milliseconds of entering and leaving a decoder state with nothing inside."""
+    start = time.process_time()
+    for _ in range(times):
+        with state():
+            pass
+    return (time.process_time() - start) / times * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
@@ -70,9 +86,8 @@ def main() -> None:
     icae = ICAE.from_pretrained(dtype="bfloat16")
     plain, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     peft = icae.model
-    shared = {id(t): t for t in itertools.chain(peft.parameters(), peft.buffers())}
+    unwrapped = icae._decoder_model(memory=False)
     with torch.no_grad():
-        unwrapped = copy.deepcopy(peft, shared).unload()
         with_decoder = copy.deepcopy(peft)
         with_decoder.set_adapter(DECODER_ADAPTER)
         merged = with_decoder.merge_and_unload(adapter_names=[DECODER_ADAPTER])
@@ -82,7 +97,9 @@ def main() -> None:
         "peft_adapters_off": lambda: step_cpu_ms(
             peft, args.steps, icae._decoder_weights(memory=False)
         ),
-        "unwrapped_base": lambda: step_cpu_ms(unwrapped, args.steps, nullcontext()),
+        "unwrapped_base": lambda: step_cpu_ms(
+            unwrapped, args.steps, icae._decoder(long_context=False, memory=False)
+        ),
         "peft_decoder_adapter": lambda: step_cpu_ms(
             peft, args.steps, icae._decoder_weights(memory=True)
         ),
@@ -94,6 +111,12 @@ def main() -> None:
         for name, arm in arms.items():
             ms[name].append(arm()[0])
     median = {name: statistics.median(v) for name, v in ms.items()}
+    states: dict[str, Callable[[], AbstractContextManager[object]]] = {
+        "peft_adapters_off": lambda: icae._decoder_weights(memory=False),
+        "unwrapped_base": lambda: icae._decoder(long_context=False, memory=False),
+        "peft_decoder_adapter": lambda: icae._decoder(long_context=False, memory=True),
+    }
+    switching = {name: round(enter_exit_cpu_ms(state, 50), 3) for name, state in states.items()}
 
     def gap(a: str, b: str) -> float:
         return round(float((logits[a] - logits[b]).abs().max()), 4)
@@ -120,6 +143,7 @@ def main() -> None:
         "peft_decoder_adapter_vs_merged": round(
             median["peft_decoder_adapter"] / median["merged_decoder_adapter"], 3
         ),
+        "state_enter_exit_cpu_ms": switching,
         "max_abs_logit_gap": {
             "unwrapped_vs_peft_adapters_off": gap("unwrapped_base", "peft_adapters_off"),
             "merged_vs_peft_decoder_adapter": gap("merged_decoder_adapter", "peft_decoder_adapter"),

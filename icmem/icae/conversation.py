@@ -158,7 +158,7 @@ class DecoderSession:
             with icae._decoder(long_context=True, memory=self.reads_memory, window=self.window):
                 if self.cache is None:
                     self.cache = self._start()
-                out = icae.model(
+                out = icae._decoder_model(self.reads_memory)(
                     input_ids=torch.tensor([piece], device=icae.device),
                     past_key_values=self.cache,
                     use_cache=True,
@@ -170,10 +170,11 @@ class DecoderSession:
     def _start(self) -> Any:
         """A fresh bounded cache holding the memory block (LM-Infinite must be on)."""
         lm_infinite = _lm_infinite()
+        decoder = self.icae._decoder_model(self.reads_memory)
         if not self.block_positions:
-            return lm_infinite.make_cache(self.icae.model)
-        cache = lm_infinite.make_cache(self.icae.model, memory_positions=self.block_positions)
-        self.icae.model(
+            return lm_infinite.make_cache(decoder)
+        cache = lm_infinite.make_cache(decoder, memory_positions=self.block_positions)
+        decoder(
             inputs_embeds=self._block[None],
             position_ids=torch.tensor([self.block_positions], device=self.icae.device),
             past_key_values=cache,

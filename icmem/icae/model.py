@@ -186,6 +186,9 @@ class ICAE(nn.Module):
         self._encoder_path: EncoderPath = "reference"
         self._merged_lock = threading.Lock()
         self._peft_lock = threading.RLock()  # see _decoder_weights
+        # The adapter-free decoder (see _decoder_model), kept out of the submodules likewise.
+        self._unwrapped: list[nn.Module] = []
+        self._unwrapped_key: tuple[Any, ...] = ()
         self._stop_ids = _stop_token_ids(model, tokenizer)
 
     # ----------------------------------------------------------------- construction
@@ -839,6 +842,7 @@ class ICAE(nn.Module):
         long_context = (
             self.max_positions is not None and embeds.shape[0] + max_new_tokens > self.max_positions
         )
+        decoder = self._decoder_model(memory)
         whole = nullcontext() if stream else self._decoder(long_context, memory)
 
         def each_call() -> AbstractContextManager[None]:
@@ -863,8 +867,8 @@ class ICAE(nn.Module):
             }
         with whole:
             with each_call():
-                cache = _lm_infinite().make_cache(self.model) if long_context else None
-                out = self.model(
+                cache = _lm_infinite().make_cache(decoder) if long_context else None
+                out = decoder(
                     inputs_embeds=embeds[None],
                     past_key_values=cache,
                     use_cache=True,
@@ -886,7 +890,7 @@ class ICAE(nn.Module):
                         device=self.device,
                     )
                 with each_call():
-                    out = self.model(
+                    out = decoder(
                         input_ids=step,
                         past_key_values=out.past_key_values,
                         use_cache=True,
@@ -910,6 +914,29 @@ class ICAE(nn.Module):
             else:
                 with self._adapters_off():
                     yield
+
+    def _decoder_model(self, memory: bool = True) -> nn.Module:
+        """The module that decodes: the PEFT model when the decoder's own adapter applies (it
+        reads memory and the config has one), else the base model without peft's LoRA wrappers.
+
+        Switched off, the wrappers still cost a decode step about 1.1-1.3x the bare modules
+        (``benchmarks/decoder_step_overhead.py``), so the adapter-free decoder is a copy of the
+        PEFT model's structure that shares every parameter and buffer with it (no more weights
+        in memory) and has its LoRA layers unloaded. It needs no adapter switching, and
+        LM-Infinite switched on in it leaves the PEFT model, and so the merged encoder copied
+        from it, untouched. Rebuilt when the model moves to another device or dtype."""
+        if memory and self.config.decoder_lora_rank:
+            return self.model
+        key = (self.device, self.dtype)
+        with self._peft_lock:  # copy between decoder forwards, as _encoder_body does
+            if not self._unwrapped or key != self._unwrapped_key:
+                self._unwrapped.clear()
+                shared: dict[int, Any] = {id(self._early_exit): self._early_exit}
+                for tensor in (*self.model.parameters(), *self.model.buffers()):
+                    shared[id(tensor)] = tensor
+                self._unwrapped.append(copy.deepcopy(self.model, shared).unload().eval())
+                self._unwrapped_key = key
+            return self._unwrapped[0]
 
     @contextmanager
     def _adapters_off(self) -> Iterator[None]:
@@ -950,9 +977,13 @@ class ICAE(nn.Module):
         """The decoder: no gradients, its weights (the plain base model when it reads no
         memory), LM-Infinite attention if asked (``window``: its local window, by default the
         model's pretraining length)."""
-        with self._inference(), self._decoder_weights(memory):
+        decoder = self._decoder_model(memory)
+        # The adapter-free decoder has no adapter to switch; the lock still keeps one thread's
+        # LM-Infinite switch out of another's forward call.
+        weights = self._decoder_weights(memory) if decoder is self.model else self._peft_lock
+        with self._inference(), weights:
             if long_context:
-                with _lm_infinite().enabled(self.model, local_window=window):
+                with _lm_infinite().enabled(decoder, local_window=window):
                     yield
             else:
                 yield

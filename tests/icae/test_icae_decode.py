@@ -74,6 +74,25 @@ def test_lora_weights_change_the_encoder_but_not_the_decoder(icae):
     assert not torch.allclose(after[0].tensor, memory[0].tensor, atol=1e-3)
 
 
+def test_the_decoder_runs_the_base_weights_without_lora_wrappers(icae, make_icae):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    decoder = icae._decoder_model()  # this config has no decoder adapter
+    assert not any(isinstance(m, BaseTunerLayer) for m in decoder.modules())
+    peft_tensors = {id(t) for t in (*icae.model.parameters(), *icae.model.buffers())}
+    assert all(id(t) in peft_tensors for t in (*decoder.parameters(), *decoder.buffers()))
+    assert icae._decoder_model(memory=False) is decoder  # built once
+    embeds = icae.decoder_inputs(two_spans(icae), "ft", icae.format_prompt("Where?"))
+    with torch.no_grad():
+        with icae._decoder_weights():  # the PEFT model, adapters off
+            expected = icae.model(inputs_embeds=embeds[None]).logits
+        torch.testing.assert_close(decoder(inputs_embeds=embeds[None]).logits, expected)
+
+    with_adapter = make_icae(decoder_lora_rank=4)  # memory goes through its decoder adapter
+    assert with_adapter._decoder_model(memory=True) is with_adapter.model
+    assert with_adapter._decoder_model(memory=False) is not with_adapter.model
+
+
 def test_adapter_is_back_on_after_decoding(icae):
     memory = two_spans(icae)
     icae.generate(memory, "Hi", max_new_tokens=3)
