@@ -82,6 +82,8 @@ def test_the_decoder_runs_the_base_weights_without_lora_wrappers(icae, make_icae
     peft_tensors = {id(t) for t in (*icae.model.parameters(), *icae.model.buffers())}
     assert all(id(t) in peft_tensors for t in (*decoder.parameters(), *decoder.buffers()))
     assert icae._decoder_model(memory=False) is decoder  # built once
+    with icae._decoder(long_context=False, memory=False):  # switches nothing in the PEFT model
+        assert not any(layer.disable_adapters for layer in icae._tuner_layers())
     embeds = icae.decoder_inputs(two_spans(icae), "ft", icae.format_prompt("Where?"))
     with torch.no_grad():
         with icae._decoder_weights():  # the PEFT model, adapters off
