@@ -137,7 +137,8 @@ def main() -> None:
     result: dict = {
         "benchmark": "tool_call_rate",
         "model": pipeline.icae.config.base_model,
-        "prompt_layout": "tools as a JSON list in <tools>, calls as a JSON list in <tool_call>",
+        "prompt_layout": "tools one JSON schema a line in <tools>, one call as a JSON object in "
+        "<tool_call>",
         "tools": [t.name for t in TOOLS],
         "max_tokens": args.max_tokens,
         "threads": args.threads,

@@ -1,12 +1,14 @@
 """How ChatICAE shows tools to the model and reads its calls back.
 
-The layout follows the function-calling data SmolLM2-Instruct was tuned on: the tools' JSON
-schemas inside ``<tools></tools>`` in the system prompt, calls written as a JSON list inside
-``<tool_call>[...]</tool_call>``, and a tool's result handed back in ``<tool_response>`` tags
-(the template has no tool role, so it comes as a user turn). A forced call (``tool_choice``) is
-decoded under a JSON schema that admits exactly the allowed tools' calls, so it always parses; a
-free answer is parsed for calls and anything malformed lands in ``invalid_tool_calls`` (a 135M
-model writes many; see the README for the measured rate).
+The tools' JSON schemas go inside ``<tools></tools>`` in the system prompt, a call is written as
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (a JSON list of calls in one tag is
+read too), and a tool's result comes back in ``<tool_response>`` tags (the template has no tool
+role, so it is a user turn). A second layout closer to SmolLM2's function-calling data (one JSON
+list of tools, calls as a list) was measured and dropped: free calls stayed at 0/12 and greedy
+structured answers ran past ``max_tokens`` inside strings (benchmarks/results/
+tool_call_rate_list_layout.json). A forced call (``tool_choice``) is decoded under a JSON schema
+that admits exactly the allowed tools' calls, so it always parses; a free answer is parsed for
+calls and anything malformed lands in ``invalid_tool_calls`` (see the README for the rates).
 """
 
 from __future__ import annotations
@@ -25,20 +27,15 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 def tools_prompt(tools: Sequence[Mapping[str, Any]], forced: bool) -> str:
     """The system-prompt section that lists ``tools`` (OpenAI tool dicts)."""
-    schemas = json.dumps([t["function"] for t in tools])
-    if forced:
-        how = "Answer with only one call, as a JSON object with its name and arguments."
-    else:
-        how = (
-            "When a tool answers the question, reply with the calls and nothing else, as a list "
-            'in <tool_call>[{"name": <tool name>, "arguments": {<argument>: <value>}}]'
-            "</tool_call>. When no tool fits or a required argument is missing, say so in plain "
-            "text."
-        )
-    return (
-        "You compose function calls. Given a question and these tools (JSON schemas), decide "
-        f"which calls achieve what it asks.\n<tools>{schemas}</tools>\n{how}"
+    schemas = "\n".join(json.dumps(t["function"]) for t in tools)
+    how = (
+        "Answer with only the call, as a JSON object"
+        if forced
+        else 'To call a tool, answer with only <tool_call>{"name": <tool name>, "arguments": '
+        "<arguments>}</tool_call>; otherwise answer in plain text"
     )
+    intro = "You can call these tools, described as JSON schemas:"
+    return f"{intro}\n<tools>\n{schemas}\n</tools>\n{how}."
 
 
 def forced_call_schema(tools: Sequence[Mapping[str, Any]], choice: str) -> dict[str, Any]:
@@ -118,8 +115,10 @@ def parse_free(
 
 def render_calls(calls: Sequence[Mapping[str, Any]]) -> str:
     """An AI turn's calls written back the way the model writes them (for the history)."""
-    listed = [{"name": c["name"], "arguments": c["args"]} for c in calls]
-    return f"<tool_call>{json.dumps(listed)}</tool_call>"
+    return "".join(
+        f"<tool_call>{json.dumps({'name': c['name'], 'arguments': c['args']})}</tool_call>"
+        for c in calls
+    )
 
 
 def render_result(text: str) -> str:

@@ -155,9 +155,10 @@ def test_tool_history_reaches_the_model_as_text(monkeypatch):
     )
     (conversation,) = seen
     assert "<tools>" in conversation[0]["content"] and conversation[0]["role"] == "system"
-    assert json.loads(conversation[2]["content"][len("<tool_call>") : -len("</tool_call>")]) == [
-        {"name": "lights", "arguments": {"on": True}}
-    ]
+    assert json.loads(conversation[2]["content"][len("<tool_call>") : -len("</tool_call>")]) == {
+        "name": "lights",
+        "arguments": {"on": True},
+    }
     assert conversation[3] == {"role": "user", "content": "<tool_response>\nok\n</tool_response>"}
     text, calls, invalid = parse_free(conversation[2]["content"], [convert_to_openai_tool(lights)])
     assert (text, [(c["name"], c["args"]) for c in calls], invalid) == (
