@@ -23,6 +23,7 @@ from icmem.codec import Codec, codec_named
 from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
 from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, StageClock, ingest_paths
+from icmem.memory_text import with_context
 from icmem.store.records import content_id_of
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class MemoryPipeline:
             recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
         slots = recalled.memory
         if memory == "text" and recalled.hits:
-            conversation = _with_context(conversation, [hit.text for hit in recalled.hits])
+            conversation = with_context(conversation, [hit.text for hit in recalled.hits])
             slots = []
         from icmem.icae.model import Sampling
 
@@ -284,7 +285,7 @@ class MemoryPipeline:
                 json_schema,
                 self.icae.tokenizer,
                 self.icae.model.get_output_embeddings().weight.shape[0],
-                self.icae._stop_ids,
+                self.icae.stop_ids,
             )
         tokens = self.prompt_cache.generate(
             self.icae, slots, conversation, max_new_tokens, Sampling(**sampling), constraint
@@ -573,18 +574,3 @@ def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str:
     raise ConversationError(
         "the conversation has no user message to recall memory for; add one or pass query="
     )
-
-
-def _with_context(conversation: Conversation, texts: Sequence[str]) -> list[dict[str, str]]:
-    """The conversation with recalled text in its system prompt (added, or extended)."""
-    turns = (
-        [{"role": "user", "content": conversation}]
-        if isinstance(conversation, str)
-        else [dict(m) for m in conversation]
-    )
-    context = "Context from memory:\n\n" + "\n\n".join(texts)
-    if turns and turns[0].get("role") == "system":
-        turns[0]["content"] = f"{turns[0]['content']}\n\n{context}"
-    else:
-        turns.insert(0, {"role": "system", "content": context})
-    return turns

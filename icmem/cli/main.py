@@ -92,6 +92,12 @@ COMMANDS: tuple[Command, ...] = (
         "train finetune", "finetune an ICAE from a JSON config", train.run_options, train.finetune
     ),
     Command(
+        "train distill",
+        "distil the base model reading text into the slot decoder (JSON config)",
+        train.run_options,
+        train.distill,
+    ),
+    Command(
         "train campaign",
         "continue the default ICAE's training campaign",
         train.campaign_options,
@@ -114,6 +120,12 @@ COMMANDS: tuple[Command, ...] = (
         "copy a corpus's held-out documents to a folder",
         train.held_out_options,
         train.held_out,
+    ),
+    Command(
+        "train distill-cache",
+        "teach distillation records into a cache (slots and teacher distributions)",
+        train.distill_cache_options,
+        train.distill_cache,
     ),
     Command(
         "train instructions",

@@ -36,6 +36,12 @@ def finetune(args: argparse.Namespace) -> int:
     return _print_result(finetune(args.config, resume=args.resume, until_step=args.until_step))
 
 
+def distill(args: argparse.Namespace) -> int:
+    from icmem.icae.train import distill
+
+    return _print_result(distill(args.config, resume=args.resume, until_step=args.until_step))
+
+
 def _print_result(result: TrainResult) -> int:
     summary = {
         "output_dir": str(result.output_dir),
@@ -188,4 +194,47 @@ def instructions(args: argparse.Namespace) -> int:
         split_seed=args.split_seed,
     )
     print(json.dumps({"out": args.out, **counts}))
+    return 0
+
+
+def distill_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, help="corpus folder (as for pretraining)")
+    parser.add_argument("--out", required=True, help="cache folder (resumable: re-run to extend)")
+    parser.add_argument("--icae", default=None, help="ICAE whose frozen encoder makes the slots")
+    parser.add_argument("--count", type=int, required=True, help="records to teach")
+    parser.add_argument("--side", choices=("train", "held_out"), default="train")
+    parser.add_argument("--seed", type=int, default=0, help="which records (same seed, same set)")
+    parser.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position")
+    parser.add_argument("--max-answer-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    _split_options(parser)
+
+
+def distill_cache(args: argparse.Namespace) -> int:
+    """Teach records into a cache: slots from the frozen encoder, the teacher's distributions."""
+    import torch
+
+    from icmem.icae import distill
+    from icmem.icae.model import ICAE
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    icae = ICAE.from_pretrained(args.icae, dtype="auto")
+    records = distill.build_records(
+        args.corpus,
+        icae.tokenizer,
+        args.count,
+        side=args.side,
+        held_out_fraction=args.held_out_fraction,
+        split_seed=args.split_seed,
+        seed=args.seed,
+        span_tokens=icae.config.span_tokens,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    distill.write_records(out / "records.jsonl", records)
+    held = distill.build_cache(
+        icae, records, out, top_k=args.top_k, max_answer_tokens=args.max_answer_tokens
+    )
+    print(json.dumps({"out": str(out), "records": len(records), "examples": held}))
     return 0

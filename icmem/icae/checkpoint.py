@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icmem.hardware import resolve_dtype
 from icmem.icae.config import ICAEConfig
 from icmem.icae.errors import (
     BaseModelMismatchError,
@@ -60,7 +61,7 @@ def load_base_model(
         model, tokenizer = source
     else:
         model, tokenizer = load_model(source, revision=revision)
-    model = model.to(getattr(torch, dtype)).eval()
+    model = model.to(getattr(torch, resolve_dtype(dtype))).eval()
     return model, tokenizer, model_fingerprint(model, tokenizer)
 
 

@@ -14,7 +14,7 @@ from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.icae.errors import ICAEConfigError
 from icmem.models import DEFAULT_MODEL
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")  # auto: icmem.hardware.fast_dtype()
 SHORT_SPAN_POLICIES = ("proportional", "fixed")
 SLOT_POSITIONS = ("sequential", "spread")
 SLOT_HEADS = ("none", "scale", "affine")

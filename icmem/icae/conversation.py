@@ -143,7 +143,7 @@ class DecoderSession:
             token = _pick(logits, sampling, generator)
             if constraint is not None:
                 constraint.accept(token)
-            if token in self.icae._stop_ids:
+            if token in self.icae.stop_ids:
                 return
             yield token
             self._feed([token])

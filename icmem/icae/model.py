@@ -55,6 +55,26 @@ _IGNORE = -100
 
 
 @dataclass(frozen=True)
+class TeacherTargets:
+    """What a teacher predicted at each target token of an example: its ``k`` most likely
+    next tokens and their log-probabilities (over the full vocabulary, temperature 1), one row
+    per target token plus one for the end-of-sequence token that ``training_loss`` appends.
+
+    Top-k rows in float16 keep a cache of thousands of examples small; ``k`` equal to the
+    vocabulary size keeps the whole distribution."""
+
+    token_ids: torch.Tensor  # (T + 1, k) int64
+    logprobs: torch.Tensor  # (T + 1, k) float16 or float32
+
+    def __post_init__(self) -> None:
+        if self.token_ids.ndim != 2 or self.token_ids.shape != self.logprobs.shape:
+            raise ICAEConfigError(
+                f"teacher token_ids {tuple(self.token_ids.shape)} and logprobs "
+                f"{tuple(self.logprobs.shape)} must both be (target tokens + 1, k)"
+            )
+
+
+@dataclass(frozen=True)
 class ICAEExample:
     """One training example. The decoder reads ``[slots(context)][task][prompt][target]``.
 
@@ -62,12 +82,23 @@ class ICAEExample:
     ``lm``: the target is the text that follows the context. ``ft``: ``prompt_ids`` is the
     instruction laid out by ``ICAE.format_prompt`` and the target is the answer; the loss is on
     the target only, in every task.
+
+    Distillation adds three things. ``span_lengths`` cuts the context into the spans that
+    recall would return (several documents' spans in memory order) instead of consecutive
+    ``span_tokens`` pieces. ``slots`` holds those spans' slots when a frozen encoder has
+    computed them already (a cache), so the encoder does not run. ``teacher`` makes the loss
+    the KL divergence from the teacher's distributions; ``gold`` adds cross-entropy on the
+    target (true where the target is a known right answer or the real text).
     """
 
     context_ids: list[int]
     task: Task
     target_ids: list[int]
     prompt_ids: list[int] = field(default_factory=list)
+    span_lengths: tuple[int, ...] = ()
+    slots: tuple[torch.Tensor, ...] = ()
+    teacher: TeacherTargets | None = None
+    gold: bool = True
 
     def __post_init__(self) -> None:
         if not self.context_ids:
@@ -81,6 +112,42 @@ class ICAEExample:
             raise ICAEConfigError(
                 f"prompt_ids are only read by 'ft' examples, not {self.task!r}; "
                 "put the text in target_ids or use task='ft'"
+            )
+        if self.span_lengths and (
+            sum(self.span_lengths) != len(self.context_ids) or min(self.span_lengths) < 1
+        ):
+            raise ICAEConfigError(
+                f"span_lengths {self.span_lengths} must be positive and add up to the "
+                f"{len(self.context_ids)} context tokens"
+            )
+        if self.slots and len(self.slots) != len(self.span_lengths or [0]):
+            raise ICAEConfigError(
+                f"{len(self.slots)} cached slot tensors for {len(self.span_lengths)} spans; "
+                "give span_lengths and one tensor per span"
+            )
+        target = len(self.target_ids or self.context_ids)
+        if self.teacher is not None and self.teacher.token_ids.shape[0] not in (target, target + 1):
+            raise ICAEConfigError(
+                f"the teacher has {self.teacher.token_ids.shape[0]} rows for {target} target "
+                "tokens; give one per target token plus one for the end-of-sequence token"
+            )
+        if self.teacher is None and not self.gold:
+            raise ICAEConfigError("an example with gold=False needs a teacher to learn from")
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """How ``training_loss`` weighs teacher and gold: KL at ``temperature`` (scaled by its
+    square, so gradients keep their size) plus ``gold_weight`` times the cross-entropy."""
+
+    temperature: float = 1.0
+    gold_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.gold_weight < 0:
+            raise ICAEConfigError(
+                f"temperature={self.temperature}, gold_weight={self.gold_weight}; use a "
+                "positive temperature and a weight of 0 or more"
             )
 
 
@@ -189,7 +256,8 @@ class ICAE(nn.Module):
         # The adapter-free decoder (see _decoder_model), kept out of the submodules likewise.
         self._unwrapped: list[nn.Module] = []
         self._unwrapped_key: tuple[Any, ...] = ()
-        self._stop_ids = _stop_token_ids(model, tokenizer)
+        self.stop_ids = _stop_token_ids(model, tokenizer)
+        self.encoder_frozen = False  # see freeze_encoder
 
     # ----------------------------------------------------------------- construction
 
@@ -235,6 +303,22 @@ class ICAE(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights plus memory and special embeddings; the base model stays frozen."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def freeze_encoder(self) -> None:
+        """Train the decoder side only (its adapter and the task embeddings): the slots of a
+        span then never change, so they can be computed once and cached, and a training step
+        runs no encoder at all (Badger, arXiv 2602.13466: let the decoder learn to read
+        memories first)."""
+        marker = f".{DECODER_ADAPTER}."
+        encoder = [p for n, p in self.model.named_parameters() if "lora_" in n and marker not in n]
+        frozen = {id(p) for p in encoder}
+        self._lora_parameters = [p for p in self._lora_parameters if id(p) not in frozen]
+        for param in encoder:
+            param.requires_grad_(False)
+        for name, tensor in self.own_tensors().items():
+            if name != "special_embeddings":
+                tensor.requires_grad_(False)
+        self.encoder_frozen = True
 
     def own_tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors outside the LoRA adapter, by the name checkpoints store them."""
@@ -582,30 +666,27 @@ class ICAE(nn.Module):
 
     # ----------------------------------------------------------------- training
 
-    def training_loss(self, examples: Sequence[ICAEExample]) -> torch.Tensor:
-        """Mean token cross-entropy over every target token of the batch (teacher forcing).
+    def training_loss(
+        self, examples: Sequence[ICAEExample], distill: DistillLoss | None = None
+    ) -> torch.Tensor:
+        """Mean loss per target token over the batch (teacher forcing): cross-entropy, or for
+        examples with a ``teacher`` the KL divergence from it (plus cross-entropy where
+        ``gold``, weighted by ``distill``).
 
-        Contexts longer than ``span_tokens`` are split and their spans compressed
-        independently, slots concatenated in order. Every target ends with the tokenizer's EOS
-        (added when missing) so the decoder learns where to stop.
+        Contexts are split into spans (``span_lengths``, else consecutive ``span_tokens``
+        pieces) and compressed independently, slots concatenated in order; cached ``slots``
+        skip the encoder. Every target ends with the tokenizer's EOS (added when missing) so
+        the decoder learns where to stop.
         """
         if not examples:
             raise ICAEConfigError("training_loss needs at least one example")
-        owners, spans = [], []
-        for index, example in enumerate(examples):
-            for span in self.split_spans(example.context_ids):
-                owners.append(index)
-                spans.append(span)
-        span_slots = self._encode_spans(spans)
-        rows, labels, positions = [], [], []
-        for index, example in enumerate(examples):
-            mine = [
-                (s, span)
-                for s, span, o in zip(span_slots, spans, owners, strict=True)
-                if o == index
-            ]
+        distill = distill or DistillLoss()
+        memories = self._example_memories(examples)
+        rows, labels, positions, counts = [], [], [], []
+        for example, mine in zip(examples, memories, strict=True):
             memory = torch.cat([s for s, _ in mine])
-            target = self._with_eos(example.target_ids or example.context_ids)
+            target = self.with_eos(example.target_ids or example.context_ids)
+            counts.append(len(target))
             prefix = torch.cat(
                 [memory, self._special(example.task), self._embed_list(example.prompt_ids)]
             )
@@ -613,7 +694,7 @@ class ICAE(nn.Module):
             labels.append([_IGNORE] * prefix.shape[0] + target)
             positions.append(
                 self.decoder_positions(
-                    [(len(span), s.shape[0]) for s, span in mine],
+                    [(length, s.shape[0]) for s, length in mine],
                     example.task,
                     len(example.prompt_ids) + len(target),
                 )
@@ -642,10 +723,56 @@ class ICAE(nn.Module):
         # Position t predicts token t + 1; the vocabulary head runs on target positions only.
         targets = label_ids[:, 1:].to(self.device)  # (B, L - 1)
         chosen = targets != _IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][chosen])  # (N, V)
-        return nn.functional.cross_entropy(logits.float(), targets[chosen])
+        logits = base.get_output_embeddings()(hidden[:, :-1][chosen]).float()  # (N, V)
+        return _token_losses(logits, targets[chosen], examples, counts, distill).mean()
 
-    def _with_eos(self, ids: Sequence[int]) -> list[int]:
+    def _example_memories(
+        self, examples: Sequence[ICAEExample]
+    ) -> list[list[tuple[torch.Tensor, int]]]:
+        """Per example, ``(slots, token count)`` of each span of its memory: cached slots as
+        given, the rest encoded in one batch."""
+        owners, spans = [], []
+        for index, example in enumerate(examples):
+            if example.slots:
+                continue
+            for span in self.example_spans(example):
+                owners.append(index)
+                spans.append(span)
+        if self.encoder_frozen:
+            # A frozen encoder's slots are constants: give the decoder what the store would
+            # (bf16, as the codec keeps them), exactly what a cache of them holds.
+            with torch.no_grad():
+                fresh = self._encode_spans(spans) if spans else []
+            encoded = iter([t.to(torch.bfloat16) for t in fresh])
+        else:
+            encoded = iter(self._encode_spans(spans) if spans else [])
+        memories: list[list[tuple[torch.Tensor, int]]] = []
+        for index, example in enumerate(examples):
+            lengths = [len(span) for span in self.example_spans(example)]
+            if example.slots:
+                tensors = [t.to(self.device, self.dtype) for t in example.slots]
+            else:
+                tensors = [next(encoded) for o in owners if o == index]
+            memories.append(list(zip(tensors, lengths, strict=True)))
+        return memories
+
+    def example_spans(self, example: ICAEExample) -> list[list[int]]:
+        """The spans an example's memory is made of (see ``ICAEExample.span_lengths``)."""
+        if not example.span_lengths:
+            return self.split_spans(example.context_ids)
+        spans, start = [], 0
+        for length in example.span_lengths:
+            if length > self.config.span_tokens:
+                raise ICAEConfigError(
+                    f"a span of {length} tokens exceeds span_tokens={self.config.span_tokens}"
+                )
+            spans.append(list(example.context_ids[start : start + length]))
+            start += length
+        return spans
+
+    def with_eos(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` ending with the tokenizer's end-of-sequence token (added when missing): how
+        every training target ends, so the decoder learns where to stop."""
         ids = list(ids)
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not ids or ids[-1] != eos):
@@ -739,6 +866,13 @@ class ICAE(nn.Module):
                 )
             return self.format_chat(prompt)
         return self.format_prompt(prompt) if task == "ft" else self.tokenize(prompt)
+
+    @contextmanager
+    def base_model(self) -> Iterator[nn.Module]:
+        """The base model exactly as it answers without icmem (every adapter off, no gradients,
+        eval mode): the teacher that distillation copies."""
+        with self._decoder(False, memory=False):
+            yield self._decoder_model(memory=False)
 
     def _answer_without_memory(
         self, prompt_ids: list[int], max_new_tokens: int, settings: Sampling, stream: bool
@@ -877,7 +1011,7 @@ class ICAE(nn.Module):
                 )
             for _ in range(max_new_tokens):
                 token = _pick(out.logits[0, -1].float(), sampling, generator)
-                if token in self._stop_ids:
+                if token in self.stop_ids:
                     return
                 yield token
                 step = torch.tensor([[token]], device=self.device)
@@ -1016,6 +1150,42 @@ class ICAE(nn.Module):
         finally:
             if was_training:
                 self.train()
+
+
+def _token_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    examples: Sequence[ICAEExample],
+    counts: Sequence[int],
+    distill: DistillLoss,
+) -> torch.Tensor:
+    """One loss per target token (``counts`` per example, in batch order): cross-entropy for
+    plain examples; KL(teacher || student) at ``distill.temperature`` for examples with a
+    teacher, plus ``gold_weight`` times cross-entropy where they are ``gold``.
+
+    A top-k teacher is renormalised over its k tokens before the KL (the usual truncation:
+    the mass outside the top k is dropped, not spread)."""
+    ce = nn.functional.cross_entropy(logits, targets, reduction="none")  # (N,)
+    if all(e.teacher is None for e in examples):
+        return ce
+    losses, start, t = [], 0, distill.temperature
+    for example, count in zip(examples, counts, strict=True):
+        mine = slice(start, start + count)
+        start += count
+        if example.teacher is None:
+            losses.append(ce[mine])
+            continue
+        if example.teacher.token_ids.shape[0] != count:
+            raise ICAEConfigError(
+                f"the teacher has {example.teacher.token_ids.shape[0]} rows for {count} target "
+                "tokens (EOS included); build the teacher on the same target"
+            )
+        student = torch.log_softmax(logits[mine] / t, dim=-1)  # (T, V)
+        ids = example.teacher.token_ids.to(logits.device)
+        teacher = torch.log_softmax(example.teacher.logprobs.to(logits.device).float() / t, -1)
+        kl = (teacher.exp() * (teacher - student.gather(1, ids))).sum(-1) * (t * t)
+        losses.append(kl + distill.gold_weight * ce[mine] if example.gold else kl)
+    return torch.cat(losses)
 
 
 def _lm_infinite() -> Any:

@@ -51,9 +51,9 @@ from icmem.models import DEFAULT_MODEL
 if TYPE_CHECKING:
     import torch
 
-    from icmem.icae.model import ICAE, ICAEExample
+    from icmem.icae.model import ICAE, DistillLoss, ICAEExample
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "distill")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 _CHECKPOINT_PREFIX = "step-"
 DEFAULT_EXPORT_DTYPE = "bfloat16"
@@ -79,6 +79,12 @@ class TrainConfig:
     `[AE]` alone before mixing in `[LM]` at `ae_fraction`. `embedding_learning_rate` gives the
     ICAE's own tensors (memory and task embeddings, slot head) a rate of their own; the LoRA
     adapter keeps `learning_rate`. Both follow the same schedule.
+
+    Stage `distill` reads a cache written by `icmem train distill-cache` from `data` (and
+    `held_out_data` for its held-out loss), mixing in `[AE]` examples from `corpus` at
+    `ae_fraction` so reconstruction is kept; `freeze_encoder` trains the decoder side only
+    (its adapter and the task embeddings), which is what makes cached slots valid.
+    `distill_temperature` and `gold_weight` shape the loss (`ICAE.training_loss`).
     """
 
     stage: str
@@ -113,6 +119,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 1
     mixed_precision: str = "no"
+    corpus: str | None = None
+    held_out_data: str | None = None
+    freeze_encoder: bool = False
+    distill_temperature: float = 1.0
+    gold_weight: float = 1.0
     cpu: bool = False
     num_threads: int | None = None
     progress: bool = True
@@ -152,6 +163,15 @@ class TrainConfig:
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise TrainingConfigError("max_grad_norm must be positive, or null to disable")
+        if self.stage == "distill" and self.ae_fraction > 0 and not self.corpus:
+            raise TrainingConfigError(
+                f"ae_fraction={self.ae_fraction} mixes in [AE] examples from `corpus`; name a "
+                "corpus folder or set ae_fraction to 0"
+            )
+        if self.distill_temperature <= 0 or self.gold_weight < 0:
+            raise TrainingConfigError(
+                "distill_temperature must be positive and gold_weight 0 or more"
+            )
         if self.checkpoint_every_minutes < 0:
             raise TrainingConfigError("checkpoint_every_minutes must be >= 0 (0 = off)")
         if self.stage == "finetune" and self.icae and self.init_from:
@@ -232,6 +252,13 @@ def finetune(
     return train(_as_config(config, "finetune"), resume=resume, until_step=until_step)
 
 
+def distill(
+    config: TrainConfig | str | Path, *, resume: bool = False, until_step: int | None = None
+) -> TrainResult:
+    """Distil the base model reading text into the slot decoder (config.stage "distill")."""
+    return train(_as_config(config, "distill"), resume=resume, until_step=until_step)
+
+
 def _as_config(config: TrainConfig | str | Path, stage: str) -> TrainConfig:
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_file(config)
@@ -273,6 +300,8 @@ def train(
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every process
     icae = (icae_factory or _build_icae)(config)
     icae.to(accelerator.device)
+    if config.freeze_encoder:
+        icae.freeze_encoder()
     stream = _example_stream(config, icae)
     params = icae.trainable_parameters()
     optimizer = torch.optim.AdamW(
@@ -301,7 +330,7 @@ def train(
     else:
         _restore_rng(checkpoint, rank)
     held_out = _HeldOutEval(config, icae) if config.eval_every_steps else None
-    objective, optimizer = accelerator.prepare(_objective(icae), optimizer)
+    objective, optimizer = accelerator.prepare(_objective(icae, config), optimizer)
 
     stop = _StopFlag()
     progress = _progress_bar(config, accelerator.is_main_process, start_step)
@@ -393,9 +422,11 @@ def train(
 # --------------------------------------------------------------------------- model and data
 
 
-def _objective(icae: ICAE) -> torch.nn.Module:
+def _objective(icae: ICAE, config: TrainConfig) -> torch.nn.Module:
     """`ICAE.training_loss` as a module `forward`, the call DDP hooks its gradient sync into."""
     from torch import nn
+
+    loss = _distill_loss(config)
 
     class Objective(nn.Module):
         def __init__(self, inner: ICAE) -> None:
@@ -403,9 +434,15 @@ def _objective(icae: ICAE) -> torch.nn.Module:
             self.icae = inner
 
         def forward(self, examples: Sequence[ICAEExample]) -> torch.Tensor:
-            return self.icae.training_loss(examples)
+            return self.icae.training_loss(examples, loss)
 
     return Objective(icae)
+
+
+def _distill_loss(config: TrainConfig) -> DistillLoss:
+    from icmem.icae.model import DistillLoss
+
+    return DistillLoss(temperature=config.distill_temperature, gold_weight=config.gold_weight)
 
 
 def _parameter_groups(icae: ICAE, config: TrainConfig) -> list[dict[str, Any]]:
@@ -433,6 +470,8 @@ def _example_stream(config: TrainConfig, icae: ICAE) -> Callable[[int, float], I
     if config.stage == "pretrain":
         sampler = _pretrain_sampler(config, icae, held_out=False)
         return sampler.example
+    if config.stage == "distill":
+        return _distill_stream(config, icae)
     triples = _finetune_triples(config, held_out=False)
 
     def ft(index: int, _ae_fraction: float) -> ICAEExample:
@@ -450,8 +489,30 @@ def _example_stream(config: TrainConfig, icae: ICAE) -> Callable[[int, float], I
     return ft
 
 
+def _distill_stream(config: TrainConfig, icae: ICAE) -> Callable[[int, float], ICAEExample]:
+    """Cached distillation examples in a fresh order each epoch, with `[AE]` examples from the
+    corpus at `ae_fraction` (example i is still a pure function of i)."""
+    from icmem.icae.distill import iter_cache
+
+    cached = list(iter_cache(config.data))
+    sampler = _pretrain_sampler(config, icae, held_out=False) if config.corpus else None
+
+    def example(index: int, ae_fraction: float) -> ICAEExample:
+        rng = random.Random(f"{config.seed}:mix:{index}")
+        if sampler is not None and rng.random() < ae_fraction:
+            return sampler.example(index, 1.0)
+        epoch, position = divmod(index, len(cached))
+        order = list(range(len(cached)))
+        random.Random(f"{config.seed}:{epoch}").shuffle(order)
+        return cached[order[position]]
+
+    return example
+
+
 def _pretrain_sampler(config: TrainConfig, icae: ICAE, *, held_out: bool) -> PretrainSampler:
-    split = split_by_document(read_corpus(config.data), config.held_out_fraction, config.split_seed)
+    corpus = config.corpus if config.stage == "distill" else config.data
+    assert corpus is not None  # checked by TrainConfig for the distill stage
+    split = split_by_document(read_corpus(corpus), config.held_out_fraction, config.split_seed)
     docs = split.held_out if held_out else split.train
     if not docs:
         raise TrainingConfigError("held_out_fraction=0 leaves no held-out documents to evaluate")
@@ -495,11 +556,18 @@ class _HeldOutEval:
         self.icae = icae
         self.examples: dict[str, list[ICAEExample]] = {}
         n = config.eval_examples
-        if config.stage == "pretrain":
+        self.loss = _distill_loss(config)
+        if config.stage == "pretrain" or (config.stage == "distill" and config.corpus):
             sampler = _pretrain_sampler(config, icae, held_out=True)
             self.examples["ae"] = [sampler.example(i, 1.0) for i in range(n)]
             self.examples["lm"] = [sampler.example(i, 0.0) for i in range(n)]
-        else:
+        if config.stage == "distill":
+            if config.held_out_data:
+                from icmem.icae.distill import iter_cache
+
+                cached = iter_cache(config.held_out_data)
+                self.examples["distill"] = [e for e, _ in zip(cached, range(4 * n), strict=False)]
+        elif config.stage == "finetune":
             self.examples["ft"] = [
                 ft_example(
                     t,
@@ -519,7 +587,7 @@ class _HeldOutEval:
         result = {}
         with torch.no_grad():
             for task, examples in self.examples.items():
-                values = [float(self.icae.training_loss([e])) for e in examples]
+                values = [float(self.icae.training_loss([e], self.loss)) for e in examples]
                 result[f"held_out_{task}_loss"] = sum(values) / len(values)
         self.icae.train(was_training)
         return result

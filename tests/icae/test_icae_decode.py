@@ -166,7 +166,7 @@ def test_without_memory_the_base_model_answers_alone(icae, reference_model):
         for _ in range(6):
             logits = reference_model(input_ids=torch.tensor([ids + expected])).logits[0, -1]
             expected.append(int(logits.argmax()))
-    expected = expected[: next((i for i, t in enumerate(expected) if t in icae._stop_ids), 6)]
+    expected = expected[: next((i for i, t in enumerate(expected) if t in icae.stop_ids), 6)]
     got = icae.generate([], conversation, max_new_tokens=6)
     assert got == icae.tokenizer.decode(expected, skip_special_tokens=True)
 
