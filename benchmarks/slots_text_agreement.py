@@ -11,7 +11,6 @@ empty, and the numbers say so.
 from __future__ import annotations
 
 import argparse
-import collections
 import platform
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ import time
 import torch
 from icae_common import emit, play_text
 
+from icmem.evals.answers import token_f1
 from icmem.pipeline import MemoryPipeline
 
 QUESTIONS = [
@@ -36,17 +36,6 @@ QUESTIONS = [
     "Who are Rosencrantz and Guildenstern?",
     "What happens to Ophelia?",
 ]
-
-
-def token_f1(a: str, b: str) -> float:
-    left, right = a.lower().split(), b.lower().split()
-    if not left and not right:
-        return 1.0
-    common = sum((collections.Counter(left) & collections.Counter(right)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(left), common / len(right)
-    return 2 * precision * recall / (precision + recall)
 
 
 def main() -> None:

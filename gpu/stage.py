@@ -212,6 +212,20 @@ def choose_recipe(explicit: str | None, candidates: tuple[str, ...] = RECIPES) -
 # --------------------------------------------------------------------------- the GPU config
 
 
+DISTILL_ONLY = ("corpus", "held_out_data", "freeze_encoder", "distill_temperature", "gold_weight")
+
+
+def pretrain_recipe_of(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A distillation campaign's model as an `[AE]` + `[LM]` pretraining recipe: what a GPU
+    trains from the corpus alone (its distillation cache stays on the CPU machine, and a
+    changed encoder means rebuilding that cache, which `check_cache` enforces)."""
+    pretrain = {k: v for k, v in recipe.items() if k not in DISTILL_ONLY}
+    pretrain.update(
+        stage="pretrain", ae_fraction=0.5, span_tokens=[128, 512], continuation_tokens=128
+    )
+    return pretrain
+
+
 def derive_config(
     recipe_path: Path,
     *,
@@ -228,6 +242,8 @@ def derive_config(
     DEFAULT_GPU_STEPS (about what 7 minutes of an H200 should reach at micro batch 32).
     """
     recipe = json.loads(recipe_path.read_text())
+    if recipe.get("stage") == "distill":
+        recipe = pretrain_recipe_of(recipe)
     if recipe.get("stage", "pretrain") != "pretrain":
         raise StageError(f"{recipe_path} is a {recipe.get('stage')!r} config, not pretraining")
     old_steps = max(1, int(recipe.get("max_steps", 1000)))

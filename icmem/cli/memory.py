@@ -328,8 +328,8 @@ def demo(args: argparse.Namespace) -> int:
                 f"{time.perf_counter() - started:.1f} s; store: {stats_dict(stats)}"
             )
             for question in DEMO_QUESTIONS:
-                # Slots, then the same spans' text: the shipped checkpoint is trained on [AE]
-                # only so far, so its slot answers lag the uncompressed baseline (TRAINING.md).
+                # Slots, then the same spans' text: the uncompressed baseline the slot decoder
+                # is distilled from (TRAINING.md).
                 for memory in ("slots", "text"):
                     answer = pipeline.ask(question, k=2, max_new_tokens=60, memory=memory)
                     sources = ", ".join(f"{h.document_id}#{h.position}" for h in answer.hits)

@@ -35,6 +35,9 @@ from icmem.icae.train import (
 )
 
 DEFAULT_CONFIG = Path("configs/campaign-smollm2-135m-k128.json")
+# The campaign's latest export, committed whenever training stops (promoted or not), so that a
+# new machine continues from it rather than from the shipped checkpoint.
+CAMPAIGN_EXPORT = Path("campaign/latest")
 PID_FILE = "campaign.pid"
 LOG_FILE = "campaign.log"
 
@@ -49,8 +52,16 @@ class CampaignPlan:
     reason: str
 
 
-def plan_campaign(config: TrainConfig, export_dir: str | Path = DEFAULT_CHECKPOINT) -> CampaignPlan:
-    """Decide how to continue the campaign described by `config`."""
+def warm_start_source() -> Path:
+    """Where a fresh clone continues from: the campaign's committed latest export when there is
+    one, else the shipped checkpoint."""
+    return CAMPAIGN_EXPORT if (CAMPAIGN_EXPORT / MANIFEST).is_file() else DEFAULT_CHECKPOINT
+
+
+def plan_campaign(config: TrainConfig, export_dir: str | Path | None = None) -> CampaignPlan:
+    """Decide how to continue the campaign described by `config` (warm starts come from
+    `export_dir`, by default `warm_start_source()`)."""
+    export_dir = warm_start_source() if export_dir is None else export_dir
     out = Path(config.output_dir)
     if latest_checkpoint(out) is not None:
         saved = TrainConfig.from_file(out / "config.json")
@@ -73,8 +84,9 @@ def plan_campaign(config: TrainConfig, export_dir: str | Path = DEFAULT_CHECKPOI
         )
     # A new data seed per export: a warm start must not replay the examples already trained on.
     digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+    precision = {"dtype": config.icae["dtype"]} if "dtype" in config.icae else {}
     warm = dataclasses.replace(
-        config, init_from=str(export), icae={}, seed=config.seed + int(digest[:7], 16)
+        config, init_from=str(export), icae=precision, seed=config.seed + int(digest[:7], 16)
     )
     return CampaignPlan("warm-start", warm, f"warm-starting from the export in {export}")
 
@@ -87,7 +99,7 @@ def _recipe(config: ICAEConfig) -> dict[str, Any]:
 def run_campaign(
     config: TrainConfig | str | Path = DEFAULT_CONFIG,
     *,
-    export_dir: str | Path = DEFAULT_CHECKPOINT,
+    export_dir: str | Path | None = None,
     until_step: int | None = None,
 ) -> TrainResult:
     """Continue the campaign in this process (see `plan_campaign`)."""
@@ -406,9 +418,11 @@ def report(
     results: str | Path = "benchmarks/results",
     training_md: str | Path = "TRAINING.md",
     promote: bool = True,
+    latest_dir: str | Path = CAMPAIGN_EXPORT,
 ) -> dict[str, Any]:
     """What a session does before it stops: append the run's metrics to the committed log,
-    re-draw the curve, and promote the checkpoint if it beats the shipped one."""
+    re-draw the curve, export the latest checkpoint to `latest_dir` (committed, so the next
+    machine continues from it) and promote it if it beats the shipped one."""
     results = Path(results)
     log = results / "icae_campaign_metrics.jsonl"
     saved = Path(config.output_dir) / "config.json"
@@ -419,6 +433,9 @@ def report(
     if curve:
         render_curve(curve, training_md, results / "icae_campaign_curve.png")
     record: dict[str, Any] = {"metrics_added": added, "evaluations": len(curve)}
+    checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is not None:
+        record["latest_export"] = str(export_checkpoint(checkpoint, latest_dir))
     if promote:
         record["promotion"] = promote_if_better(config)
     return record

@@ -67,6 +67,7 @@ SMALL_TALK = (
     ("Thanks for your help earlier.", "You're welcome! What else can I do for you?"),
 )
 CACHE_SHARD = 64  # examples per cache file: a crash loses at most this much work
+CACHE_INFO = "cache.json"
 
 
 @dataclass(frozen=True)
@@ -375,8 +376,15 @@ def build_cache(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cache.json").write_text(
-        json.dumps({"records": len(records), "top_k": top_k, "fingerprint": icae.fingerprint})
+    (out / CACHE_INFO).write_text(
+        json.dumps(
+            {
+                "records": len(records),
+                "top_k": top_k,
+                "fingerprint": icae.fingerprint,
+                "encoder": icae.encoder_digest(),
+            }
+        )
     )
     shards = range(0, len(records), CACHE_SHARD)
     bar = tqdm(total=len(records), desc="teacher", unit="ex", disable=not progress)
@@ -411,6 +419,23 @@ def build_cache(
             torch.save(examples, partial)
             partial.replace(path)
     return sum(1 for _ in iter_cache(out))
+
+
+def check_cache(icae: ICAE, cache_dir: str | Path) -> None:
+    """Refuse a cache whose slots another encoder wrote: the decoder would learn to read slots
+    it will never be given."""
+    info_path = Path(cache_dir) / CACHE_INFO
+    if not info_path.is_file():
+        raise TrainingDataError(
+            f"{cache_dir} has no {CACHE_INFO}; build it with `icmem train distill-cache`"
+        )
+    info = json.loads(info_path.read_text())
+    if info.get("encoder") != icae.encoder_digest():
+        raise TrainingDataError(
+            f"the slots cached in {cache_dir} were written by encoder {info.get('encoder')!r}, "
+            f"but this ICAE's encoder is {icae.encoder_digest()!r}; rebuild the cache with "
+            "`icmem train distill-cache --icae` naming the checkpoint you train from"
+        )
 
 
 def iter_cache(cache_dir: str | Path) -> Iterator[ICAEExample]:

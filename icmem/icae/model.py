@@ -320,6 +320,23 @@ class ICAE(nn.Module):
                 tensor.requires_grad_(False)
         self.encoder_frozen = True
 
+    def encoder_digest(self) -> str:
+        """A short id of everything that shapes the slots (the encoder's adapter, the memory
+        embeddings, the slot head), equal for fp32 and bf16 copies: a cache of slots is valid
+        only for the encoder that wrote it."""
+        digest = hashlib.sha256()
+        marker = f".{DECODER_ADAPTER}."
+        encoder = [
+            (n, p) for n, p in self.model.named_parameters() if "lora_" in n and marker not in n
+        ]
+        own = [(n, t) for n, t in self.own_tensors().items() if n != "special_embeddings"]
+        with torch.no_grad():
+            for name, tensor in sorted(encoder + own, key=lambda item: item[0]):
+                digest.update(name.encode())
+                bits = tensor.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                digest.update(bits.tobytes())
+        return digest.hexdigest()[:16]
+
     def own_tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors outside the LoRA adapter, by the name checkpoints store them."""
         tensors: dict[str, torch.Tensor] = {

@@ -174,7 +174,7 @@ class TrainConfig:
             )
         if self.checkpoint_every_minutes < 0:
             raise TrainingConfigError("checkpoint_every_minutes must be >= 0 (0 = off)")
-        if self.stage == "finetune" and self.icae and self.init_from:
+        if self.stage == "finetune" and set(self.icae) - {"dtype"} and self.init_from:
             raise TrainingConfigError(
                 "`icae` overrides build a fresh ICAE but `init_from` loads a saved one; "
                 "drop one of them"
@@ -461,7 +461,8 @@ def _build_icae(config: TrainConfig) -> ICAE:
     from icmem.icae.model import ICAE
 
     if config.init_from:
-        return ICAE.from_pretrained(config.init_from)
+        # `icae` may still choose the precision of a saved ICAE (its recipe is the saved one).
+        return ICAE.from_pretrained(config.init_from, dtype=config.icae.get("dtype"))
     return ICAE.from_base(config.base_model, **config.icae)
 
 
@@ -492,8 +493,9 @@ def _example_stream(config: TrainConfig, icae: ICAE) -> Callable[[int, float], I
 def _distill_stream(config: TrainConfig, icae: ICAE) -> Callable[[int, float], ICAEExample]:
     """Cached distillation examples in a fresh order each epoch, with `[AE]` examples from the
     corpus at `ae_fraction` (example i is still a pure function of i)."""
-    from icmem.icae.distill import iter_cache
+    from icmem.icae.distill import check_cache, iter_cache
 
+    check_cache(icae, config.data)
     cached = list(iter_cache(config.data))
     sampler = _pretrain_sampler(config, icae, held_out=False) if config.corpus else None
 
@@ -563,8 +565,9 @@ class _HeldOutEval:
             self.examples["lm"] = [sampler.example(i, 0.0) for i in range(n)]
         if config.stage == "distill":
             if config.held_out_data:
-                from icmem.icae.distill import iter_cache
+                from icmem.icae.distill import check_cache, iter_cache
 
+                check_cache(icae, config.held_out_data)
                 cached = iter_cache(config.held_out_data)
                 self.examples["distill"] = [e for e, _ in zip(cached, range(4 * n), strict=False)]
         elif config.stage == "finetune":

@@ -214,12 +214,28 @@ def test_a_report_appends_metrics_and_redraws_the_curve(config, tmp_path):
     train(config)
     md = tmp_path / "TRAINING.md"
     md.write_text("# Training\n")
-    record = campaign.report(config, results=tmp_path / "results", training_md=md, promote=False)
-    assert record == {"metrics_added": len(read_metrics(config.output_dir)), "evaluations": 2}
+    latest = tmp_path / "latest"
+    options = {"results": tmp_path / "results", "training_md": md, "latest_dir": latest}
+    record = campaign.report(config, promote=False, **options)
+    assert record == {
+        "metrics_added": len(read_metrics(config.output_dir)),
+        "evaluations": 2,
+        "latest_export": str(latest),
+    }
     assert (tmp_path / "results" / "icae_campaign_curve.png").stat().st_size > 0
     assert md.read_text().count(campaign.CURVE_START) == 1
-    again = campaign.report(config, results=tmp_path / "results", training_md=md, promote=False)
-    assert again == {"metrics_added": 0, "evaluations": 2}
+    # the latest export is what a new machine warm-starts from: the run's last weights
+    trained = ICAE.from_pretrained(latest_checkpoint(config.output_dir) / "icae")
+    for name, tensor in _tensors(ICAE.from_pretrained(latest)).items():
+        torch.testing.assert_close(tensor, _tensors(trained)[name], atol=2e-2, rtol=1e-2)
+    assert (
+        campaign.plan_campaign(
+            dataclasses.replace(config, output_dir=str(tmp_path / "new")), latest
+        ).mode
+        == "warm-start"
+    )
+    again = campaign.report(config, promote=False, **options)
+    assert again["metrics_added"] == 0 and again["evaluations"] == 2
 
 
 def test_bootstrap_carries_a_smaller_k_checkpoint_over(config, tmp_path):
@@ -267,7 +283,11 @@ def test_report_tags_records_with_the_runs_own_seed(config, tmp_path):
     train(run, until_step=2)
     (tmp_path / "T.md").write_text(f"{campaign.CURVE_START}\n{campaign.CURVE_END}\n")
     record = campaign.report(
-        config, results=tmp_path / "results", training_md=tmp_path / "T.md", promote=False
+        config,
+        results=tmp_path / "results",
+        training_md=tmp_path / "T.md",
+        promote=False,
+        latest_dir=tmp_path / "latest",
     )
     log = tmp_path / "results" / "icae_campaign_metrics.jsonl"
     segments = {json.loads(line)["segment"] for line in log.read_text().splitlines()}

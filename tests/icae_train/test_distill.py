@@ -283,3 +283,19 @@ def test_campaign_config_is_a_valid_distill_recipe():
     assert config.stage == "distill" and config.freeze_encoder
     assert config.icae["dtype"] == "auto"  # fast on AVX2-only and AMX machines alike
     assert TINY_ICAE  # the tiny recipe the tests train stays importable
+
+
+def test_a_cache_from_another_encoder_is_refused(icae, tokenizer, records, tmp_path):
+    _, chosen = records
+    distill.build_cache(
+        icae, chosen[:2], tmp_path / "cache", top_k=4, max_answer_tokens=4, progress=False
+    )
+    distill.check_cache(icae, tmp_path / "cache")  # the encoder that wrote it
+    bf16 = build_tiny_icae(tokenizer, **RECIPE, lora_dropout=0.0)
+    bf16.load_state_dict(icae.state_dict())
+    distill.check_cache(bf16.to(torch.bfloat16), tmp_path / "cache")  # same weights, bf16
+    other = build_tiny_icae(tokenizer, seed=1, **RECIPE, lora_dropout=0.0)
+    with torch.no_grad():
+        other.memory_embeddings.add_(1.0)
+    with pytest.raises(TrainingDataError, match="rebuild the cache"):
+        distill.check_cache(other, tmp_path / "cache")
