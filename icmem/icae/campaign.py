@@ -311,6 +311,9 @@ def promote_if_better(
 CURVE_START = "<!-- campaign-curve:start -->"
 CURVE_END = "<!-- campaign-curve:end -->"
 GOAL_CE = 0.2  # held-out [AE] nats/token where reconstructions become near exact (UPL's logs)
+# What the curve shows, where a run logged it: reconstruction, continuation, and (distill runs)
+# the KL from the model reading the spans as text.
+CURVE_LOSSES = ("held_out_ae_loss", "held_out_lm_loss", "held_out_distill_loss")
 
 
 def append_metrics(config: TrainConfig, log: str | Path) -> int:
@@ -345,7 +348,7 @@ def campaign_curve(log: str | Path) -> list[dict[str, Any]]:
             "tokens": offsets[r["segment"]] + r["tokens_seen"],
             "step": r["step"],
             "segment": r["segment"],
-            "held_out_ae_loss": r["held_out_ae_loss"],
+            **{k: r[k] for k in CURVE_LOSSES if k in r},
         }
         for r in records
         if "held_out_ae_loss" in r
@@ -376,11 +379,15 @@ def render_curve(curve: list[dict[str, Any]], training_md: str | Path, png: str 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([p["tokens"] for p in curve], [p["held_out_ae_loss"] for p in curve], marker=".")
+    for key in CURVE_LOSSES:
+        points = [(p["tokens"], p[key]) for p in curve if key in p]
+        if points:
+            label = key.removeprefix("held_out_").removesuffix("_loss")
+            ax.plot(*zip(*points, strict=True), marker=".", label=f"held-out {label}")
     ax.axhline(GOAL_CE, color="green", linestyle=":", label=f"goal proxy ({GOAL_CE} nats)")
     ax.set_xscale("log")
     ax.set_xlabel("tokens processed (span + target), all segments")
-    ax.set_ylabel("held-out [AE] cross-entropy (nats/token)")
+    ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("ICAE training campaign")
     ax.legend()
     fig.tight_layout()
@@ -388,9 +395,14 @@ def render_curve(curve: list[dict[str, Any]], training_md: str | Path, png: str 
     plt.close(fig)
 
     goal = tokens_to_goal(curve)
-    rows = ["| tokens | segment | step | held-out AE CE |", "|---:|---:|---:|---:|"]
+    rows = [
+        "| tokens | segment | step | held-out AE CE | held-out LM CE | held-out distill KL |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     rows += [
-        f"| {p['tokens']:,} | {p['segment']} | {p['step']} | {p['held_out_ae_loss']:.3f} |"
+        f"| {p['tokens']:,} | {p['segment']} | {p['step']} | "
+        + " | ".join(f"{p[k]:.3f}" if k in p else "" for k in CURVE_LOSSES)
+        + " |"
         for p in curve
     ]
     estimate = (

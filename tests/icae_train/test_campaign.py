@@ -204,8 +204,12 @@ def test_the_curve_is_rewritten_between_its_markers(tmp_path):
     campaign.render_curve(curve[:2], md, tmp_path / "curve.png")
     text = md.read_text()
     assert text.startswith("# Training\n\nintro\n")
-    assert text.count(campaign.CURVE_START) == 1 and "| 2,000 | 0 | 2 | 2.000 |" in text
+    assert text.count(campaign.CURVE_START) == 1 and "| 2,000 | 0 | 2 | 2.000 |  |  |" in text
     assert "| 3,000 |" not in text  # the old table is gone
+    # a distill run's curve shows its continuation and distillation losses beside [AE]
+    distilled = [{**p, "held_out_lm_loss": 3.5, "held_out_distill_loss": 2.25} for p in curve]
+    campaign.render_curve(distilled, md, tmp_path / "curve.png")
+    assert "| 1,000 | 0 | 1 | 3.000 | 3.500 | 2.250 |" in md.read_text()
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
