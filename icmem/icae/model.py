@@ -258,6 +258,7 @@ class ICAE(nn.Module):
         self._unwrapped_key: tuple[Any, ...] = ()
         self.stop_ids = _stop_token_ids(model, tokenizer)
         self.encoder_frozen = False  # see freeze_encoder
+        self._frozen_parameters: list[nn.Parameter] = []
 
     # ----------------------------------------------------------------- construction
 
@@ -313,6 +314,7 @@ class ICAE(nn.Module):
         encoder = [p for n, p in self.model.named_parameters() if "lora_" in n and marker not in n]
         frozen = {id(p) for p in encoder}
         self._lora_parameters = [p for p in self._lora_parameters if id(p) not in frozen]
+        self._frozen_parameters = encoder
         for param in encoder:
             param.requires_grad_(False)
         for name, tensor in self.own_tensors().items():
@@ -1102,14 +1104,20 @@ class ICAE(nn.Module):
         finally:
             for module in layers:
                 module.enable_adapters(True)
-            for param in self._lora_parameters:  # disabling froze every adapter
-                param.requires_grad_(True)
+            self._restore_trainable()  # disabling froze every adapter
 
     def _activate(self, adapter: str) -> None:
         for module in self._tuner_layers():
             module.set_adapter(adapter)
-        for param in self._lora_parameters:  # set_adapter freezes the inactive adapter
+        self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        """peft's adapter switches set ``requires_grad`` by which adapter is active: put back
+        what trains (both adapters, less a frozen encoder's)."""
+        for param in self._lora_parameters:
             param.requires_grad_(True)
+        for param in self._frozen_parameters:
+            param.requires_grad_(False)
 
     def _tuner_layers(self) -> list[BaseTunerLayer]:
         """The PEFT model's LoRA layers, found once (the model's structure never changes)."""

@@ -120,6 +120,16 @@ def test_teacher_rows_must_cover_every_target_token(icae):
         icae.training_loss([dataclasses.replace(probe, teacher=short)])
 
 
+def test_a_frozen_encoder_stays_frozen_through_adapter_switches(icae):
+    icae.freeze_encoder()
+    example = dataclasses.replace(_example(icae, None), slots=())  # the encoder runs too
+    icae.train()
+    icae.training_loss([example]).backward()  # switches to the decoder adapter and back
+    trainable = {n for n, p in icae.named_parameters() if p.requires_grad}
+    assert trainable and all(".decoder." in n or n == "special_embeddings" for n in trainable)
+    assert all(p.grad is None for n, p in icae.named_parameters() if n not in trainable)
+
+
 def test_an_example_without_teacher_or_gold_is_refused(icae):
     with pytest.raises(Exception, match="needs a teacher"):
         _example(icae, None, gold=False)
