@@ -209,7 +209,7 @@ def held_out_losses(config: TrainConfig, icae_dir: str | Path) -> dict[str, floa
     from icmem.icae.model import ICAE
     from icmem.icae.train import _HeldOutEval
 
-    icae = ICAE.from_pretrained(icae_dir)
+    icae = ICAE.from_pretrained(icae_dir, dtype="auto")
     with torch.no_grad():
         return _HeldOutEval(config, icae).losses()
 
