@@ -347,7 +347,7 @@ class MemoryStore:
         (``("acme",)`` covers ``("acme", "bot", "t1")``) and never any other are considered,
         also when a metadata ``filter`` is given (see ``store.filters``).
         """
-        query = self._check_vectors(_numeric(vector, "query vector").reshape(1, -1), "query vector")
+        query = self._check_vectors(_one_vector(vector, "query vector"), "query vector")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise InvalidRecordError(f"k must be a positive int, got {k!r}")
         k = int(k)
@@ -773,7 +773,7 @@ class MemoryStore:
         return prepared, next(iter(fingerprints), None)
 
     def _span_vector(self, embedding: Any, key: str, position: int) -> np.ndarray:
-        vector = _numeric(embedding, f"embedding of document {key!r} span {position}").ravel()
+        vector = _one_vector(embedding, f"embedding of document {key!r} span {position}")[0]
         if vector.shape != (self.dim,):
             raise DimensionMismatchError(
                 f"embedding of document {key!r} span {position} has length {vector.size} but "
@@ -1023,6 +1023,21 @@ def _numeric(values: Any, what: str) -> np.ndarray:
             f"{what} must hold numbers (int or float), got an array of dtype {array.dtype}"
         )
     return array.astype(np.float32)
+
+
+def _one_vector(values: Any, what: str) -> np.ndarray:
+    """One vector as a (1, n) float32 array: a 1-D array, or a single (1, n) row. Anything else
+    is refused, never flattened: a (4, 4) array is four vectors, not one of length 16 that
+    happens to match a dim-16 store."""
+    array = _numeric(values, what)
+    if array.ndim == 1:
+        return array.reshape(1, -1)
+    if array.ndim == 2 and array.shape[0] == 1:
+        return array
+    raise InvalidRecordError(
+        f"{what} must be one vector (a 1-D array), got an array of shape {array.shape}; pass "
+        "each vector separately"
+    )
 
 
 def _span_ids(span_ids: Any) -> list[int]:

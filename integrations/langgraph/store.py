@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -130,6 +131,8 @@ class ICAEMemory(BaseStore):
             )
         self.pipeline = pipeline
         self.index_fields = _index_fields(index)
+        if ttl and ttl.get("default_ttl") is not None:
+            _check_minutes(ttl["default_ttl"], "TTLConfig default_ttl")
         self.ttl_config = ttl
         self._sweeper: tuple[threading.Event, concurrent.futures.Future[None]] | None = None
 
@@ -193,6 +196,7 @@ class ICAEMemory(BaseStore):
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
+            _check_ttl(op)
         now = _now()
         queries = self._embed_queries(ops)
         results: list[Result] = [self._read(op, now, queries) for op in ops]
@@ -206,6 +210,7 @@ class ICAEMemory(BaseStore):
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
+            _check_ttl(op)
         now = _now()
         queries = await asyncio.to_thread(self._embed_queries, ops)
         results: list[Result] = list(
@@ -485,6 +490,21 @@ def _check_value(op: PutOp) -> None:
         raise TypeError(
             f"the value for key {op.key!r} would not read back as written (tuples, non-string "
             "keys?); store lists and string-keyed dicts"
+        )
+
+
+def _check_ttl(op: Op) -> None:
+    """Refuse a put's TTL that is not a time to live, before anything is written."""
+    if isinstance(op, PutOp) and op.ttl is not None:
+        _check_minutes(op.ttl, f"the ttl of key {op.key!r}")
+
+
+def _check_minutes(ttl: Any, what: str) -> None:
+    """A TTL is a non-negative number of minutes; a negative, NaN or non-numeric one would
+    store an item that is expired (or unexpirable) by accident."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or math.isnan(ttl) or ttl < 0:
+        raise ValueError(
+            f"{what} is {ttl!r}; a TTL is a number of minutes >= 0 (or None for no expiry)"
         )
 
 
