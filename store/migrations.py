@@ -58,8 +58,8 @@ def _namespaces_as_paths(connection: Connection) -> None:
     if renamed:
         warnings.warn(
             f"{len(renamed)} namespaces of this schema-1 store had labels that can no longer be "
-            f"addressed (empty, NUL or over 255 characters) and were renamed: {'; '.join(renamed)}. "
-            "Their documents are unchanged; address them by the new names",
+            "addressed (empty, NUL or over 255 characters) and were renamed: "
+            f"{'; '.join(renamed)}. Their documents are unchanged; address them by the new names",
             UserWarning,
             stacklevel=2,
         )

@@ -103,7 +103,7 @@ def test_corrupt_manifest_fails_cleanly(saved):
 @pytest.mark.parametrize("manifest", ["5", "null", "[1, 2]", '"text"'])
 def test_a_manifest_that_is_not_an_object_fails_cleanly(saved, manifest):
     (saved / "icae_config.json").write_text(manifest)
-    with pytest.raises(CorruptCheckpointError, match="not the object .* re-save"):
+    with pytest.raises(CorruptCheckpointError, match=r"not the object .* re-save"):
         ICAE.from_pretrained(saved)
 
 
