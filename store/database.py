@@ -147,11 +147,20 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read transaction (a snapshot on SQLite)."""
+        """A read transaction that sees one snapshot, on both backends.
+
+        SQLite's read transaction is a snapshot already. Postgres's default, READ COMMITTED,
+        takes a new snapshot per statement, so a filtered search could choose documents by
+        their metadata in one statement and fetch those rows, changed since, in the next: a
+        hit that contradicts its filter. REPEATABLE READ gives the whole transaction the
+        first statement's snapshot; a transaction that only reads never fails for it."""
         self._follow_new_writers()
         try:
-            with self._engine.connect() as connection, connection.begin():
-                yield connection
+            with self._engine.connect() as connection:
+                if self.dialect == "postgresql":
+                    connection.execution_options(isolation_level="REPEATABLE READ")
+                with connection.begin():
+                    yield connection
         except DatabaseError as exc:
             raise _translate(exc, reading=True) from exc
 

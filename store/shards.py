@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from .database import Database, chunks
 from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
+from .filters import FilterNode, matching_ids
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
 from .schema import DocumentRow, EmbeddingRow, NamespaceRow, SettingRow, SpanRow
 from .validation import MAX_VECTOR_NORM
@@ -109,7 +110,7 @@ class Shards:
         session: Connection,
         namespaces: list[Any],
         filter_: Mapping[str, Any],
-        where: Any,
+        where: FilterNode,
     ) -> dict[int, np.ndarray]:
         """The span ids, per namespace, whose document matches a metadata filter.
 
@@ -126,13 +127,18 @@ class Shards:
                 self._filter_cache.move_to_end(key)
                 return cached
         ns_ids = [row.id for row in namespaces]
-        documents = _id_array(
-            session.scalar(
-                select(self.database.id_aggregate(DocumentRow.id)).where(
-                    DocumentRow.namespace_id.in_(ns_ids), where
+        aggregate = select(self.database.id_aggregate(DocumentRow.id))
+
+        def run(condition: Any) -> np.ndarray:
+            found = [
+                _id_array(
+                    session.scalar(aggregate.where(DocumentRow.namespace_id.in_(chunk), condition))
                 )
-            )
-        )
+                for chunk in chunks(ns_ids)
+            ]
+            return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+
+        documents = matching_ids(where, run)
         allowed = {}
         for row in namespaces:
             span_ids, span_documents = self._span_documents(session, row.id, row.generation)
