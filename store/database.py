@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
@@ -38,12 +38,10 @@ from .errors import (
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION, Base, SchemaVersionRow, SettingRow
 
-__all__ = ["DATABASE_FILE", "INDEX_DIR", "Database", "chunks"]
+__all__ = ["DATABASE_FILE", "INDEX_DIR", "Database"]
 
 DATABASE_FILE = "store.sqlite"
 INDEX_DIR = "index"
-_IN_CHUNK = 900  # ids per IN (...) clause, below SQLite's default parameter limit
-_T = TypeVar("_T")
 _PG_INIT_LOCK = 0x1C3E30  # advisory lock key serialising schema creation across workers
 
 
@@ -226,11 +224,6 @@ class Database:
             old = self._engine
             self._engine = _sqlite_engine(path, True, self._busy_timeout_s or 30.0)
             old.dispose()
-
-
-def chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
 
 
 def _translate(exc: SQLAlchemyError, *, reading: bool = False) -> StoreError:

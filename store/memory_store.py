@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, Integer, bindparam, cast, delete, func, literal, select, update
+from sqlalchemy import Engine, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -38,7 +38,8 @@ from sqlalchemy.orm import Session
 
 from icmem.codec import SlotCodecError
 
-from .database import Database, chunks
+from . import queries
+from .database import Database
 from .errors import (
     DimensionMismatchError,
     DuplicateDocumentError,
@@ -48,8 +49,10 @@ from .errors import (
     warn_damaged,
 )
 from .filters import compile_filter
+from .id_lists import chunks
 from .index import IndexPolicy
 from .namespaces import decode_path, encode_path, path_key, prefix_keys, validate_namespace
+from .queries import path_starts_with
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -71,6 +74,7 @@ from .schema import (
 )
 from .shards import Shards, embedding_is_damaged, token_key
 from .slots import verify_slot_blob
+from .stored_metadata import parse_metadata, warn_damaged_metadata
 from .validation import INT64_MAX, MAX_KEY_CHARS, MAX_VECTOR_NORM, check_metadata, check_text
 
 __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
@@ -80,43 +84,16 @@ _NAMESPACE_COLUMNS = select(NamespaceRow.id, NamespaceRow.path, NamespaceRow.gen
 _ALL_NAMESPACES = _NAMESPACE_COLUMNS.order_by(NamespaceRow.id)
 
 
-# A prefix matches by equality on the leading characters of the encoded path, never LIKE: the
-# encoding is prefix-free per label, so ("a",) cannot match ("ab",) (see store.namespaces).
-def _path_starts_with(length: Any, prefix: Any) -> Any:
-    # Both positions cast: Postgres has substr(text, integer, integer) only, and a driver may
-    # send a Python int as bigint.
-    start, length = cast(literal(1), Integer), cast(length, Integer)
-    return func.substr(NamespaceRow.path, start, length) == prefix
-
-
 # Found through the indexed prefix table, and checked against the path itself.
 _NAMESPACES_UNDER_PREFIX = (
     _NAMESPACE_COLUMNS.join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
     .where(
         NamespacePrefixRow.prefix_key == bindparam("prefix_key"),
-        _path_starts_with(bindparam("length"), bindparam("prefix")),
+        path_starts_with(bindparam("length"), bindparam("prefix")),
     )
     .order_by(NamespaceRow.id)
 )
 _NAMESPACE_EXACTLY = _NAMESPACE_COLUMNS.where(NamespaceRow.path_key == bindparam("path_key"))
-_HIT_ROWS = (
-    select(
-        SpanRow.id,
-        SpanRow.namespace_id,
-        SpanRow.position,
-        SpanRow.char_start,
-        SpanRow.char_end,
-        SpanRow.text,
-        DocumentRow.key,
-        DocumentRow.metadata_.label("document_metadata"),
-        DocumentRow.source,
-    )
-    .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-    .where(
-        SpanRow.id.in_(bindparam("span_ids", expanding=True)),
-        SpanRow.namespace_id.in_(bindparam("namespace_ids", expanding=True)),
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -273,16 +250,10 @@ class MemoryStore:
                     )
                     removed[row.id] = ([], row.generation)
                     continue
-                doc_ids = list(
-                    session.scalars(
-                        select(DocumentRow.id).where(
-                            DocumentRow.namespace_id == row.id, DocumentRow.key.in_(keys)
-                        )
-                    )
-                )
+                doc_ids = list(queries.document_ids(session, row.id, keys).values())
                 if doc_ids:
-                    span_ids = self._span_ids_of_documents(session, doc_ids)
-                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(doc_ids)))
+                    span_ids = queries.span_ids_of_documents(session, doc_ids)
+                    queries.delete_documents(session, doc_ids)
                     removed[row.id] = (span_ids, self._bump_generation(session, row.id) - 1)
                     deleted_documents += len(doc_ids)
         for ns_id, (span_ids, old_generation) in removed.items():
@@ -317,19 +288,15 @@ class MemoryStore:
             if not rows:
                 return 0
             ns_id = rows[0].id
-            documents = session.scalars(
-                select(DocumentRow).where(
-                    DocumentRow.namespace_id == ns_id, DocumentRow.key.in_(list(checked))
-                )
-            ).all()
-            for document in documents:
-                document.metadata_ = checked[document.key]
+            found = queries.document_ids(session, ns_id, checked)
+            # The old metadata is never read, so a damaged row is repaired, not an error.
+            queries.set_metadata(session, {doc_id: checked[key] for key, doc_id in found.items()})
             # Filter answers are cached per generation: a metadata change must move it on.
-            old_generation = self._bump_generation(session, ns_id) - 1 if documents else None
+            old_generation = self._bump_generation(session, ns_id) - 1 if found else None
         if old_generation is not None:
             self._index.apply_delta(ns_id, old_generation=old_generation)
             self._index.keep_current([ns_id])
-        return len(documents)
+        return len(found)
 
     # ------------------------------------------------------------------ reads
 
@@ -364,7 +331,7 @@ class MemoryStore:
                 if not any(len(ids) for ids in allowed.values()):
                     return []
             top = self._index.search(session, namespaces, query, k, allowed)
-            rows = self._hit_rows(session, [span_id for _, span_id in top], ns_ids)
+            rows = queries.hit_rows(session, [span_id for _, span_id in top], ns_ids)
         # A span deleted by another process since the index was refreshed is left out.
         return _hits(top, rows, {row.id: decode_path(row.path) for row in namespaces})
 
@@ -377,7 +344,7 @@ class MemoryStore:
         ns = validate_namespace(namespace, allow_prefix=True)
         with self._read() as session:
             namespaces = self._select_namespaces(session, ns)
-            rows = self._hit_rows(session, wanted, [row.id for row in namespaces])
+            rows = queries.hit_rows(session, wanted, [row.id for row in namespaces])
         missing = [i for i in wanted if i not in rows]
         if missing:
             raise UnknownSpanError(
@@ -400,37 +367,14 @@ class MemoryStore:
         wanted = _span_ids(span_ids)
         if not wanted:
             return []
-        statement = (
-            select(
-                SlotRow.span_id,
-                SlotRow.blob,
-                SlotRow.codec,
-                SlotRow.rows,
-                SlotRow.cols,
-                SpanRow.position,
-                SpanRow.token_count,
-                DocumentRow.key,
-            )
-            .join(SpanRow, SlotRow.span_id == SpanRow.id)
-            .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-            .where(SlotRow.span_id.in_(sorted(set(wanted))))
-        )
+        prefix = None
         if namespace is not None:
-            ns = validate_namespace(namespace, allow_prefix=True)
-            prefix = encode_path(ns)
-            statement = (
-                statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
-                .join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
-                .where(
-                    NamespacePrefixRow.prefix_key == path_key(prefix),
-                    _path_starts_with(len(prefix), prefix),
-                )
-            )
+            prefix = validate_namespace(namespace, allow_prefix=True)
         with self._read() as session:
-            found = {row.span_id: row for row in session.execute(statement)}
-        damaged = [span_id for span_id, row in found.items() if _slot_is_damaged(row)]
+            found = queries.slot_rows(session, wanted, prefix)
+        damaged = {span_id for span_id, row in found.items() if _slot_is_damaged(row)}
         if damaged:
-            warn_damaged("slots", damaged, "left out of the answer", stacklevel=3)
+            warn_damaged("slots", sorted(damaged), "left out of the answer", stacklevel=3)
         missing = [i for i in wanted if i not in found]
         if missing:
             raise UnknownSpanError(
@@ -455,81 +399,31 @@ class MemoryStore:
         self, namespace: Sequence[str], *, exact: bool = False
     ) -> list[DocumentInfo]:
         """The documents under a namespace prefix (that namespace and every one below it), or
-        with ``exact=True`` of that namespace only, in the order they were first added."""
+        with ``exact=True`` of that namespace only, in the order they were first added.
+        Documents whose stored metadata is damaged are left out, with a warning."""
         ns = validate_namespace(namespace, allow_prefix=not exact)
-        span_count = (
-            select(func.count(SpanRow.id))
-            .where(SpanRow.document_id == DocumentRow.id)
-            .scalar_subquery()
-        )
         with self._read() as session:
             names = {
                 row.id: decode_path(row.path)
                 for row in self._select_namespaces(session, ns, exact=exact)
             }
-            if not names:
-                return []
-            rows = session.execute(
-                select(
-                    DocumentRow.key,
-                    DocumentRow.namespace_id,
-                    DocumentRow.source,
-                    DocumentRow.metadata_.label("document_metadata"),
-                    DocumentRow.content_hash,
-                    span_count.label("span_count"),
-                )
-                .where(DocumentRow.namespace_id.in_(list(names)))
-                .order_by(DocumentRow.id)
-            ).all()
-            return [
-                DocumentInfo(
-                    id=row.key,
-                    namespace=names[row.namespace_id],
-                    source=row.source,
-                    metadata=row.document_metadata or {},
-                    content_hash=row.content_hash,
-                    span_count=int(row.span_count),
-                )
-                for row in rows
-            ]
+            rows = queries.document_rows(session, list(names)) if names else []
+        return _document_infos(rows, names)
 
     def get_documents(
         self, document_ids: Sequence[str], *, namespace: Sequence[str]
     ) -> list[DocumentInfo]:
         """The documents of exactly this namespace with the given ids, in the order asked;
-        ids that are not stored are left out."""
+        ids that are not stored, or whose stored metadata is damaged (with a warning), are left
+        out."""
         ns = validate_namespace(namespace)
         keys = _document_keys(document_ids)
         if not keys:
             return []
-        span_count = (
-            select(func.count(SpanRow.id))
-            .where(SpanRow.document_id == DocumentRow.id)
-            .scalar_subquery()
-        )
-        found: dict[str, DocumentInfo] = {}
         with self._read() as session:
-            rows = self._select_namespaces(session, ns, exact=True)
-            if not rows:
-                return []
-            for chunk in chunks(sorted(set(keys))):
-                for row in session.execute(
-                    select(
-                        DocumentRow.key,
-                        DocumentRow.source,
-                        DocumentRow.metadata_.label("document_metadata"),
-                        DocumentRow.content_hash,
-                        span_count.label("span_count"),
-                    ).where(DocumentRow.namespace_id == rows[0].id, DocumentRow.key.in_(chunk))
-                ):
-                    found[row.key] = DocumentInfo(
-                        id=row.key,
-                        namespace=ns,
-                        source=row.source,
-                        metadata=row.document_metadata or {},
-                        content_hash=row.content_hash,
-                        span_count=int(row.span_count),
-                    )
+            names = {row.id: ns for row in self._select_namespaces(session, ns, exact=True)}
+            rows = queries.document_rows(session, list(names), keys) if names else []
+        found = {info.id: info for info in _document_infos(rows, names)}
         return [found[key] for key in keys if key in found]
 
     def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
@@ -871,9 +765,9 @@ class MemoryStore:
         self, session: Session, ns_id: int, doc: _PreparedDocument, *, replace: bool
     ) -> tuple[int, list[int]]:
         record = doc.record
-        existing = session.scalar(
-            select(DocumentRow).where(DocumentRow.namespace_id == ns_id, DocumentRow.key == doc.key)
-        )
+        # Only the id is read: a replaced document's old metadata may be damaged, and upsert
+        # is how it is repaired.
+        existing = queries.document_ids(session, ns_id, [doc.key]).get(doc.key)
         if existing is None:
             row = DocumentRow(
                 namespace_id=ns_id,
@@ -890,13 +784,18 @@ class MemoryStore:
                 f"document {doc.key!r} already exists in this namespace; use upsert() to replace "
                 "it or delete it first"
             )
-        old_spans = self._span_ids_of_documents(session, [existing.id])
-        session.execute(delete(SpanRow).where(SpanRow.document_id == existing.id))
-        existing.source = record.source
-        existing.metadata_ = doc.metadata
-        existing.content_hash = record.content_hash
-        session.flush()
-        return existing.id, old_spans
+        old_spans = queries.span_ids_of_documents(session, [existing])
+        session.execute(delete(SpanRow).where(SpanRow.document_id == existing))
+        session.execute(
+            update(DocumentRow)
+            .where(DocumentRow.id == existing)
+            .values(
+                source=record.source,
+                metadata_=doc.metadata,
+                content_hash=record.content_hash,
+            )
+        )
+        return existing, old_spans
 
     def _insert_spans(
         self, session: Session, ns_id: int, doc_id: int, doc: _PreparedDocument
@@ -950,14 +849,6 @@ class MemoryStore:
         )
         return span_ids
 
-    def _span_ids_of_documents(self, session: Session, doc_ids: list[int]) -> list[int]:
-        span_ids: list[int] = []
-        for chunk in chunks(doc_ids):
-            span_ids.extend(
-                session.scalars(select(SpanRow.id).where(SpanRow.document_id.in_(chunk)))
-            )
-        return span_ids
-
     def _select_namespaces(
         self, session: Session | Connection, ns: tuple[str, ...], *, exact: bool = False
     ) -> list[Any]:
@@ -970,14 +861,6 @@ class MemoryStore:
         parameters = {"prefix_key": path_key(path), "length": len(path), "prefix": path}
         return list(session.execute(_NAMESPACES_UNDER_PREFIX, parameters))
 
-    def _hit_rows(
-        self, session: Session | Connection, span_ids: list[int], ns_ids: list[int]
-    ) -> dict[int, Any]:
-        if not span_ids:
-            return {}
-        rows = session.execute(_HIT_ROWS, {"span_ids": span_ids, "namespace_ids": ns_ids})
-        return {row.id: row for row in rows}
-
     def _read(self) -> AbstractContextManager[Connection]:
         return self._database.read()
 
@@ -988,23 +871,59 @@ class MemoryStore:
 def _hits(
     scored: Sequence[tuple[float, int]], rows: Mapping[int, Any], names: Mapping[int, Namespace]
 ) -> list[SearchHit]:
-    """SearchHits of ``(score, span_id)`` pairs whose rows were found, in the order given."""
-    return [
-        SearchHit(
-            span_id=span_id,
-            score=float(score),
-            document_id=row.key,
-            namespace=names[row.namespace_id],
-            position=row.position,
-            char_start=row.char_start,
-            char_end=row.char_end,
-            text=row.text,
-            metadata=row.document_metadata or {},
-            source=row.source,
+    """SearchHits of ``(score, span_id)`` pairs whose rows were found, in the order given; a
+    span whose document's metadata is damaged is left out, with a warning."""
+    hits = []
+    damaged: dict[tuple[Namespace, str], None] = {}
+    for score, span_id in scored:
+        row = rows.get(span_id)
+        if row is None:
+            continue
+        metadata = parse_metadata(row.document_metadata)
+        if metadata is None:
+            damaged[names[row.namespace_id], row.key] = None
+            continue
+        hits.append(
+            SearchHit(
+                span_id=span_id,
+                score=float(score),
+                document_id=row.key,
+                namespace=names[row.namespace_id],
+                position=row.position,
+                char_start=row.char_start,
+                char_end=row.char_end,
+                text=row.text,
+                metadata=metadata,
+                source=row.source,
+            )
         )
-        for score, span_id in scored
-        if (row := rows.get(span_id)) is not None
-    ]
+    if damaged:
+        warn_damaged_metadata(list(damaged), stacklevel=4)
+    return hits
+
+
+def _document_infos(rows: Sequence[Any], names: Mapping[int, Namespace]) -> list[DocumentInfo]:
+    """DocumentInfos of document rows, in their order; damaged metadata left out, warned of."""
+    infos = []
+    damaged = []
+    for row in rows:
+        metadata = parse_metadata(row.document_metadata)
+        if metadata is None:
+            damaged.append((names[row.namespace_id], row.key))
+            continue
+        infos.append(
+            DocumentInfo(
+                id=row.key,
+                namespace=names[row.namespace_id],
+                source=row.source,
+                metadata=metadata,
+                content_hash=row.content_hash,
+                span_count=int(row.span_count),
+            )
+        )
+    if damaged:
+        warn_damaged_metadata(damaged, stacklevel=4)
+    return infos
 
 
 def _numeric(values: Any, what: str) -> np.ndarray:

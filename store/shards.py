@@ -26,9 +26,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from .database import Database, chunks
+from .database import Database
 from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
 from .filters import FilterNode, matching_ids
+from .id_lists import chunks
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
 from .schema import DocumentRow, EmbeddingRow, NamespaceRow, SettingRow, SpanRow
 from .validation import MAX_VECTOR_NORM

@@ -1,0 +1,176 @@
+"""The SQL that ``MemoryStore`` reads and changes documents and spans with, grouped by domain.
+
+Every statement that matches a caller's ids goes through ``store.id_lists`` (so a list of any
+length works on both backends), and every read of document metadata takes the raw column
+(``store.stored_metadata``), so that a damaged row is skipped with a warning instead of failing
+the call. The functions run inside the caller's transaction and return plain rows and dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Integer, cast, delete, func, literal, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from .id_lists import chunks, distinct, rows_matching
+from .namespaces import encode_path, path_key
+from .schema import DocumentRow, NamespacePrefixRow, NamespaceRow, SlotRow, SpanRow
+from .stored_metadata import RAW_METADATA
+
+__all__ = [
+    "delete_documents",
+    "document_ids",
+    "document_rows",
+    "hit_rows",
+    "path_starts_with",
+    "set_metadata",
+    "slot_rows",
+    "span_ids_of_documents",
+]
+
+Reader = Session | Connection
+
+
+# A prefix matches by equality on the leading characters of the encoded path, never LIKE: the
+# encoding is prefix-free per label, so ("a",) cannot match ("ab",) (see store.namespaces).
+def path_starts_with(length: Any, prefix: Any) -> Any:
+    # Both positions cast: Postgres has substr(text, integer, integer) only, and a driver may
+    # send a Python int as bigint.
+    start, length = cast(literal(1), Integer), cast(length, Integer)
+    return func.substr(NamespaceRow.path, start, length) == prefix
+
+
+# ------------------------------------------------------------------ documents
+
+_SPAN_COUNT = (
+    select(func.count(SpanRow.id)).where(SpanRow.document_id == DocumentRow.id).scalar_subquery()
+)
+_DOCUMENT_COLUMNS = select(
+    DocumentRow.id,
+    DocumentRow.key,
+    DocumentRow.namespace_id,
+    DocumentRow.source,
+    RAW_METADATA,
+    DocumentRow.content_hash,
+    _SPAN_COUNT.label("span_count"),
+)
+
+
+def document_ids(session: Reader, ns_id: int, keys: Iterable[str]) -> dict[str, int]:
+    """Row ids of the documents of one namespace with the given keys (absent keys left out)."""
+    found = rows_matching(
+        session,
+        lambda piece: select(DocumentRow.key, DocumentRow.id).where(
+            DocumentRow.namespace_id == ns_id, DocumentRow.key.in_(piece)
+        ),
+        keys,
+    )
+    return {key: doc_id for key, doc_id in found}
+
+
+def document_rows(
+    session: Reader, ns_ids: Sequence[int], keys: Iterable[str] | None = None
+) -> list[Any]:
+    """The documents of the given namespaces (only those with ``keys`` when given), in the order
+    they were first added; metadata raw, for ``parse_metadata``."""
+    wanted = None if keys is None else distinct(keys)
+    rows: list[Any] = []
+    for ns_piece in chunks(list(ns_ids)):
+        statement = _DOCUMENT_COLUMNS.where(DocumentRow.namespace_id.in_(ns_piece))
+        if wanted is None:
+            rows.extend(session.execute(statement))
+            continue
+        for piece in chunks(wanted):
+            rows.extend(session.execute(statement.where(DocumentRow.key.in_(piece))))
+    return sorted(rows, key=lambda row: row.id)
+
+
+def span_ids_of_documents(session: Reader, doc_ids: Iterable[int]) -> list[int]:
+    return [
+        row.id
+        for row in rows_matching(
+            session, lambda piece: select(SpanRow.id).where(SpanRow.document_id.in_(piece)), doc_ids
+        )
+    ]
+
+
+def delete_documents(session: Session, doc_ids: Iterable[int]) -> None:
+    """Delete documents (their spans, slots and embeddings cascade)."""
+    for piece in chunks(distinct(doc_ids)):
+        session.execute(delete(DocumentRow).where(DocumentRow.id.in_(piece)))
+
+
+def set_metadata(session: Session, metadata: Mapping[int, Mapping[str, Any]]) -> None:
+    """Overwrite documents' metadata by row id, whatever the rows held (damaged or not): the
+    old value is never read."""
+    if metadata:
+        session.execute(
+            update(DocumentRow),
+            [{"id": doc_id, "metadata_": value} for doc_id, value in metadata.items()],
+        )
+
+
+# ------------------------------------------------------------------ spans
+
+_HIT_COLUMNS = select(
+    SpanRow.id,
+    SpanRow.namespace_id,
+    SpanRow.position,
+    SpanRow.char_start,
+    SpanRow.char_end,
+    SpanRow.text,
+    DocumentRow.key,
+    RAW_METADATA,
+    DocumentRow.source,
+).join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+
+
+def hit_rows(session: Reader, span_ids: Iterable[int], ns_ids: Iterable[int]) -> dict[int, Any]:
+    """The rows of the given spans that live in one of the given namespaces, by span id. The
+    namespace test runs here rather than as a second ``IN`` list: a prefix may cover any
+    number of namespaces."""
+    allowed = set(ns_ids)
+    found = rows_matching(
+        session, lambda piece: _HIT_COLUMNS.where(SpanRow.id.in_(piece)), span_ids
+    )
+    return {row.id: row for row in found if row.namespace_id in allowed}
+
+
+_SLOT_COLUMNS = (
+    select(
+        SlotRow.span_id,
+        SlotRow.blob,
+        SlotRow.codec,
+        SlotRow.rows,
+        SlotRow.cols,
+        SpanRow.position,
+        SpanRow.token_count,
+        DocumentRow.key,
+    )
+    .join(SpanRow, SlotRow.span_id == SpanRow.id)
+    .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+)
+
+
+def slot_rows(
+    session: Reader, span_ids: Iterable[int], prefix: tuple[str, ...] | None
+) -> dict[int, Any]:
+    """The slot rows of the given spans, by span id; with ``prefix``, only spans under it."""
+    statement = _SLOT_COLUMNS
+    if prefix is not None:
+        path = encode_path(prefix)
+        statement = (
+            statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
+            .join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
+            .where(
+                NamespacePrefixRow.prefix_key == path_key(path),
+                path_starts_with(len(path), path),
+            )
+        )
+    found = rows_matching(
+        session, lambda piece: statement.where(SlotRow.span_id.in_(piece)), span_ids
+    )
+    return {row.span_id: row for row in found}
