@@ -74,7 +74,7 @@ from .schema import (
 )
 from .shards import Shards, embedding_is_damaged, token_key
 from .slots import verify_slot_blob
-from .stored_metadata import parse_metadata, warn_damaged_metadata
+from .stored_metadata import damaged_metadata, parse_metadata, warn_damaged_metadata
 from .validation import INT64_MAX, MAX_KEY_CHARS, MAX_VECTOR_NORM, check_metadata, check_text
 
 __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
@@ -499,14 +499,12 @@ class MemoryStore:
                 damaged_embeddings.extend(
                     span_id for span_id, vector in vectors if embedding_is_damaged(vector, self.dim)
                 )
-                if self.dialect == "sqlite":
-                    invalid = session.execute(
-                        select(DocumentRow.namespace_id, DocumentRow.key).where(
-                            DocumentRow.namespace_id.in_(chunk),
-                            func.json_valid(DocumentRow.metadata_) == 0,
-                        )
+                invalid = session.execute(
+                    select(DocumentRow.namespace_id, DocumentRow.key).where(
+                        DocumentRow.namespace_id.in_(chunk), damaged_metadata(self.dialect)
                     )
-                    invalid_metadata.extend((names[ns_id], key) for ns_id, key in invalid)
+                )
+                invalid_metadata.extend((names[ns_id], key) for ns_id, key in invalid)
         return StoreCheck(
             damaged_slots=tuple(sorted(damaged_slots)),
             damaged_embeddings=tuple(sorted(damaged_embeddings)),

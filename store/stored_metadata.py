@@ -16,12 +16,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Text, type_coerce
+from sqlalchemy import ColumnElement, Text, case, func, true, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 
 from .errors import StoreDamageWarning
 from .schema import DocumentRow
 
-__all__ = ["RAW_METADATA", "parse_metadata", "warn_damaged_metadata"]
+__all__ = ["RAW_METADATA", "damaged_metadata", "parse_metadata", "warn_damaged_metadata"]
 
 # The column with no result processing: text on SQLite; on Postgres the driver's own value.
 RAW_METADATA = type_coerce(DocumentRow.metadata_, Text()).label("document_metadata")
@@ -40,6 +41,18 @@ def parse_metadata(value: Any) -> dict[str, Any] | None:
     if value is None:
         return {}
     return value if isinstance(value, dict) else None
+
+
+def damaged_metadata(dialect: str) -> ColumnElement[bool]:
+    """A WHERE clause true for the rows ``parse_metadata`` calls damaged (for ``check()``):
+    not JSON at all (SQLite), or JSON that is neither an object nor null (both backends). On
+    SQLite, legacy metadata holding NaN is listed too: Python reads it, SQL filters cannot."""
+    kinds = ("object", "null")
+    if dialect == "postgresql":
+        jsonb = type_coerce(DocumentRow.metadata_, JSONB())
+        return func.jsonb_typeof(jsonb).not_in(kinds)
+    text = DocumentRow.metadata_
+    return case((func.json_valid(text) == 0, true()), else_=func.json_type(text).not_in(kinds))
 
 
 def warn_damaged_metadata(documents: Sequence[tuple[Sequence[str], str]], stacklevel: int) -> None:
