@@ -348,15 +348,17 @@ class _PostgresJson(_SqliteJson):
         integral one (every stored int, and a float whose decimal form is integral) is compared
         with the exact value of the bound, so 2**53 + 1 stays above 2**53; a fractional one was
         a Python float, written as its shortest decimal form, and is compared as that float
-        (``float8`` reads the form back to the same double). Floats of 2**53 and beyond are
-        integral and compared by their decimal form, which may differ from the double in the
-        last digits that the form leaves out."""
+        (``float8`` reads the form back to the same double), as is any number past the int64
+        range. Floats from 2**53 to 2**63 look integral and are compared by their decimal
+        form, which may differ from the double in the digits that the form leaves out."""
         element = self.column[key]
         number = case((func.jsonb_typeof(element) == "number", cast(element, Numeric())))
         exact = literal(Decimal(value), Numeric())  # Decimal(float) is the double's exact value
         compare = _COMPARE[op]
+        # An integral number within int64 may be a stored int: exact. Beyond, it was a float.
+        integral = and_(number == func.trunc(number), func.abs(number) < literal(2**63, Numeric()))
         return case(
-            (number == func.trunc(number), compare(number, exact)),
+            (integral, compare(number, exact)),
             else_=compare(cast(number, Float()), literal(float(value), Float())),
         )
 

@@ -41,6 +41,8 @@ NUMBERS = {
     "third": 1 / 3,
     "float-big": float(BIG),
     "neg-big+1": -(BIG + 1),
+    "huge-float": 1e300,
+    "past-int64-float": 1e20,
 }
 
 
@@ -57,7 +59,10 @@ def numbers(store: MemoryStore) -> MemoryStore:
 @pytest.mark.parametrize("op", ["$gt", "$gte", "$lt", "$lte"])
 @pytest.mark.parametrize(
     "value",
-    [BIG, BIG + 1, float(BIG), 2**63 - 1, 2**63 - 2, -(2**63), -(BIG + 1), 0.1, 1 / 3, 2.0**62],
+    [
+        *(BIG, BIG + 1, float(BIG), 2**63 - 1, 2**63 - 2, -(2**63), -(BIG + 1)),
+        *(0.1, 1 / 3, 2.0**62, 1e300, 1e20),
+    ],
     ids=repr,
 )
 def test_range_filters_compare_64_bit_integers_exactly(numbers: MemoryStore, op, value) -> None:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from icmem.store import (
     DocumentRecord,
@@ -463,6 +464,8 @@ def test_read_only_reader_sees_every_commit_whatever_the_writer_did(shared_store
         writer = MemoryStore.open(path, dim=DIM)
         try:
             writer.add([make_document(f"b{i}", 1, seed=40 + i) for i in range(5)], namespace=NS)
+            assert (path / "store.sqlite-wal").stat().st_size > 0  # read through the -shm now
+            assert ask() == {"documents": 20, "hits": 20}
             with writer.engine.connect() as connection:
                 connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").all()
             assert (path / "store.sqlite-wal").stat().st_size == 0
@@ -481,3 +484,36 @@ def test_read_only_reader_sees_every_commit_whatever_the_writer_did(shared_store
             reader.stdin.close()
         reader.wait(timeout=120)
     assert reader.returncode == 0, reader.stderr.read() if reader.stderr else ""
+
+
+def test_read_only_reader_in_a_writable_directory_sees_every_commit(tmp_path: Path) -> None:
+    """The same sequence for a read-only store whose directory is writable (``mode=ro`` with
+    the WAL's shared memory): each answer reflects every commit before it."""
+    import sqlite3
+
+    path = tmp_path / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"d{i}", 1, seed=i) for i in range(10)], namespace=NS)
+    reader = MemoryStore.open(path, dim=DIM, read_only=True)
+
+    def seen() -> tuple[int, int]:
+        hits = reader.search(np.ones(DIM, np.float32), 100, namespace=NS)
+        return reader.stats().documents, len(hits)
+
+    try:
+        assert seen() == (10, 10)
+        with MemoryStore.open(path, dim=DIM) as writer:
+            writer.add([make_document(f"a{i}", 1, seed=20 + i) for i in range(5)], namespace=NS)
+        assert seen() == (15, 15)
+        with MemoryStore.open(path, dim=DIM) as writer:
+            writer.add([make_document(f"b{i}", 1, seed=40 + i) for i in range(5)], namespace=NS)
+            with writer.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").all()
+            assert seen() == (20, 20)
+            writer.delete(namespace=NS, document_ids=[f"d{i}" for i in range(8)])
+        vacuum = sqlite3.connect(path / "store.sqlite")
+        vacuum.execute("VACUUM")
+        vacuum.close()
+        assert seen() == (12, 12)
+    finally:
+        reader.close()
