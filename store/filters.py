@@ -84,15 +84,25 @@ class FilterNode:
         return _balanced(self.op, [child.where() for child in self.children])
 
 
-def compile_filter(filter_: Mapping[str, Any] | None, dialect: str) -> FilterNode:
-    """Compile a metadata filter to a ``FilterNode`` over ``DocumentRow`` for the dialect."""
+def compile_filter(
+    filter_: Mapping[str, Any] | None, dialect: str, root: Sequence[str] = ()
+) -> FilterNode:
+    """Compile a metadata filter to a ``FilterNode`` over ``DocumentRow`` for the dialect.
+
+    ``root`` names nested keys the filter's keys are relative to: with ``("item", "value")``
+    the key ``"color"`` is ``metadata["item"]["value"]["color"]`` (a document lacking the root
+    lacks every key). Top-level keys (no root) are what callers filter on; a root is how an
+    integration that nests its own fields (the LangGraph store) filters in SQL."""
     if filter_ is None:
         return FilterNode("leaf", true())
     if not isinstance(filter_, Mapping):
         raise InvalidFilterError(
             f"a metadata filter must be a mapping, got {type(filter_).__name__}"
         )
-    json = _PostgresJson() if dialect == "postgresql" else _SqliteJson()
+    for part in root:
+        _check_key(part)
+    root = tuple(root)
+    json = _PostgresJson(root) if dialect == "postgresql" else _SqliteJson(root)
     return _compile(filter_, json, 0)
 
 
@@ -261,14 +271,15 @@ def _scalar(key: str, value: Any) -> str | int | float | bool:
 class _SqliteJson:
     """JSON1 functions; the path is a bound parameter, the key was checked to need no escaping."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: tuple[str, ...] = ()) -> None:
         # Stores written before metadata was validated may hold NaN, which SQLite's JSON functions
         # reject with an error that would fail the whole search: such metadata reads as empty.
         column = DocumentRow.metadata_
         self.column: Any = case((func.json_valid(column) == 1, column))
+        self.root = root
 
     def _path(self, key: str) -> Any:
-        return literal(f'$."{key}"')
+        return literal("$" + "".join(f'."{part}"' for part in (*self.root, key)))
 
     def _type(self, key: str) -> Any:
         # One expression per key, shared by every condition on it: a filter of thousands of
@@ -334,14 +345,27 @@ class _SqliteJson:
 class _PostgresJson(_SqliteJson):
     """JSONB operators: containment for equality, a typeof guard before casting to a number."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: tuple[str, ...] = ()) -> None:
         self.column = type_coerce(DocumentRow.metadata_, JSONB())
+        self.root = root
+
+    def _element(self, key: str) -> Any:
+        """``metadata -> key``, or ``metadata #> '{root..., key}'`` under a root."""
+        if not self.root:
+            return self.column[key]
+        path = (*self.root, key)
+        return self.column[path]
 
     def missing(self, key: str) -> ColumnElement[bool]:
-        return not_(self.column.has_key(key))
+        if not self.root:
+            return not_(self.column.has_key(key))
+        return self._element(key).is_(None)  # #> is SQL NULL only where the path is absent
 
     def equals(self, key: str, value: str | int | float | bool) -> ColumnElement[bool]:
-        return self.column.contains({key: value})
+        nested: Any = {key: value}
+        for part in reversed(self.root):
+            nested = {part: nested}
+        return self.column.contains(nested)
 
     def compare(self, key: str, op: str, value: int | float) -> ColumnElement[bool]:
         """A range comparison, exact like SQLite's. jsonb keeps numbers as ``numeric``: an
@@ -351,7 +375,7 @@ class _PostgresJson(_SqliteJson):
         (``float8`` reads the form back to the same double), as is any number past the int64
         range. Floats from 2**53 to 2**63 look integral and are compared by their decimal
         form, which may differ from the double in the digits that the form leaves out."""
-        element = self.column[key]
+        element = self._element(key)
         number = case((func.jsonb_typeof(element) == "number", cast(element, Numeric())))
         exact = literal(Decimal(value), Numeric())  # Decimal(float) is the double's exact value
         compare = _COMPARE[op]
@@ -366,7 +390,7 @@ class _PostgresJson(_SqliteJson):
         # jsonb equality is type-strict and numeric (1 = 1.0, 1 <> "1", 1 <> true) like SQLite's.
         array = literal(list(values), JSONB())
         elements = select(func.jsonb_array_elements(array).column_valued()).scalar_subquery()
-        return func.coalesce(self.column[key].in_(elements), false())
+        return func.coalesce(self._element(key).in_(elements), false())
 
 
 @dataclass

@@ -396,18 +396,37 @@ class MemoryStore:
         ]
 
     def list_documents(
-        self, namespace: Sequence[str], *, exact: bool = False
+        self,
+        namespace: Sequence[str],
+        *,
+        exact: bool = False,
+        filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
     ) -> list[DocumentInfo]:
         """The documents under a namespace prefix (that namespace and every one below it), or
         with ``exact=True`` of that namespace only, in the order they were first added.
-        Documents whose stored metadata is damaged are left out, with a warning."""
+        Documents whose stored metadata is damaged are left out, with a warning.
+
+        ``filter`` keeps the documents whose metadata matches it (``store.filters``), evaluated
+        in SQL so that the cost follows the answer; ``filter_root`` makes its keys relative to
+        nested metadata (``("item", "value")``: ``"color"`` is ``metadata["item"]["value"]
+        ["color"]``)."""
         ns = validate_namespace(namespace, allow_prefix=not exact)
+        where = None if filter is None else compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
             names = {
                 row.id: decode_path(row.path)
                 for row in self._select_namespaces(session, ns, exact=exact)
             }
-            rows = queries.document_rows(session, list(names)) if names else []
+            if not names:
+                rows = []
+            elif where is None:
+                rows = queries.document_rows(session, list(names))
+            else:
+                ids = queries.filtered_document_ids(
+                    session, self._database.id_aggregate, list(names), where
+                )
+                rows = queries.document_rows_by_id(session, ids.tolist())
         return _document_infos(rows, names)
 
     def get_documents(

@@ -8,13 +8,16 @@ the call. The functions run inside the caller's transaction and return plain row
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Integer, cast, delete, func, literal, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from .filters import FilterNode, matching_ids
 from .id_lists import chunks, distinct, rows_matching
 from .namespaces import encode_path, path_key
 from .schema import DocumentRow, NamespacePrefixRow, NamespaceRow, SlotRow, SpanRow
@@ -24,6 +27,8 @@ __all__ = [
     "delete_documents",
     "document_ids",
     "document_rows",
+    "document_rows_by_id",
+    "filtered_document_ids",
     "hit_rows",
     "path_starts_with",
     "set_metadata",
@@ -86,6 +91,45 @@ def document_rows(
         for piece in chunks(wanted):
             rows.extend(session.execute(statement.where(DocumentRow.key.in_(piece))))
     return sorted(rows, key=lambda row: row.id)
+
+
+def document_rows_by_id(session: Reader, doc_ids: Iterable[int]) -> list[Any]:
+    """The documents with the given row ids, in the order they were first added."""
+    found = rows_matching(
+        session, lambda piece: _DOCUMENT_COLUMNS.where(DocumentRow.id.in_(piece)), doc_ids
+    )
+    return sorted(found, key=lambda row: row.id)
+
+
+def filtered_document_ids(
+    session: Reader, id_aggregate: Any, ns_ids: Sequence[int], where: FilterNode
+) -> np.ndarray:
+    """Row ids (sorted) of the documents of the given namespaces that match a compiled filter.
+
+    ``id_aggregate`` is ``Database.id_aggregate``: the ids come back as one aggregated value
+    per statement rather than a row each. Namespaces and wide filters are split over several
+    statements of the caller's transaction (``store.id_lists``, ``filters.matching_ids``)."""
+    aggregate = select(id_aggregate(DocumentRow.id))
+
+    def run(condition: Any) -> np.ndarray:
+        found = [
+            _id_array(
+                session.scalar(aggregate.where(DocumentRow.namespace_id.in_(piece), condition))
+            )
+            for piece in chunks(list(ns_ids))
+        ]
+        return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+
+    return matching_ids(where, run)
+
+
+def _id_array(value: Any) -> np.ndarray:
+    """An aggregated id list (a Postgres array, a SQLite JSON text) as an int64 array."""
+    if value is None:
+        return np.empty(0, np.int64)
+    if isinstance(value, str):
+        value = json.loads(value)
+    return np.asarray(value, dtype=np.int64)
 
 
 def span_ids_of_documents(session: Reader, doc_ids: Iterable[int]) -> list[int]:

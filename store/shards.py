@@ -28,10 +28,11 @@ from sqlalchemy.orm import Session
 
 from .database import Database
 from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
-from .filters import FilterNode, matching_ids
+from .filters import FilterNode
 from .id_lists import chunks
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
-from .schema import DocumentRow, EmbeddingRow, NamespaceRow, SettingRow, SpanRow
+from .queries import filtered_document_ids
+from .schema import EmbeddingRow, NamespaceRow, SettingRow, SpanRow
 from .validation import MAX_VECTOR_NORM
 
 __all__ = ["Shards", "embedding_is_damaged", "token_key"]
@@ -128,18 +129,7 @@ class Shards:
                 self._filter_cache.move_to_end(key)
                 return cached
         ns_ids = [row.id for row in namespaces]
-        aggregate = select(self.database.id_aggregate(DocumentRow.id))
-
-        def run(condition: Any) -> np.ndarray:
-            found = [
-                _id_array(
-                    session.scalar(aggregate.where(DocumentRow.namespace_id.in_(chunk), condition))
-                )
-                for chunk in chunks(ns_ids)
-            ]
-            return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
-
-        documents = matching_ids(where, run)
+        documents = filtered_document_ids(session, self.database.id_aggregate, ns_ids, where)
         allowed = {}
         for row in namespaces:
             span_ids, span_documents = self._span_documents(session, row.id, row.generation)
