@@ -445,11 +445,27 @@ class MemoryStore:
         found = {info.id: info for info in _document_infos(rows, names)}
         return [found[key] for key in keys if key in found]
 
-    def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
-        """Every namespace written to and not deleted, optionally under a prefix; sorted."""
+    def list_namespaces(
+        self,
+        prefix: Sequence[str] | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
+    ) -> list[Namespace]:
+        """Every namespace written to and not deleted, optionally under a prefix; sorted.
+
+        With ``filter`` (as for ``list_documents``), only the namespaces holding at least one
+        document whose metadata matches it, found in SQL."""
         ns = () if prefix is None else validate_namespace(prefix, allow_prefix=True)
+        where = None if filter is None else compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
             rows = self._select_namespaces(session, ns)
+            if where is not None and rows:
+                ids = queries.filtered_document_ids(
+                    session, self._database.id_aggregate, [row.id for row in rows], where
+                )
+                holding = queries.namespaces_of_documents(session, ids.tolist())
+                rows = [row for row in rows if row.id in holding]
         return sorted(decode_path(row.path) for row in rows)
 
     def stats(self, namespace: Sequence[str] | None = None) -> StoreStats:

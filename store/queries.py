@@ -30,6 +30,7 @@ __all__ = [
     "document_rows_by_id",
     "filtered_document_ids",
     "hit_rows",
+    "namespaces_of_documents",
     "path_starts_with",
     "set_metadata",
     "slot_rows",
@@ -121,6 +122,16 @@ def filtered_document_ids(
         return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
 
     return matching_ids(where, run)
+
+
+def namespaces_of_documents(session: Reader, doc_ids: Iterable[int]) -> set[int]:
+    """The namespace ids holding the given documents."""
+    found = rows_matching(
+        session,
+        lambda piece: select(DocumentRow.namespace_id).where(DocumentRow.id.in_(piece)).distinct(),
+        doc_ids,
+    )
+    return {row.namespace_id for row in found}
 
 
 def _id_array(value: Any) -> np.ndarray:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from icmem.store import InvalidFilterError
 from langgraph.store.base import (
     BaseStore,
     GetOp,
@@ -46,6 +47,7 @@ from langgraph.store.base import (
 from icmem.pipeline import MemoryPipeline, TextDocument
 
 from .filters import matches_filter
+from .sql_filters import VALUE_ROOT, store_prefilter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -310,7 +312,8 @@ class ICAEMemory(BaseStore):
     def _search(self, op: SearchOp, vector: np.ndarray | None, now: datetime) -> list[SearchItem]:
         if op.limit <= 0:
             return []
-        documents = self._documents_under(op.namespace_prefix)
+        # SQL keeps a superset of the items the filter matches; the exact check runs below.
+        documents = self._documents_under(op.namespace_prefix, store_prefilter(op.filter))
         candidates = [
             stored
             for stored in _items(documents)
@@ -321,7 +324,7 @@ class ICAEMemory(BaseStore):
             page = candidates[op.offset : op.offset + op.limit]
             return [stored.search_item() for stored in page]
         wanted = op.offset + op.limit
-        total = sum(document.span_count for document in documents)
+        total = self._span_count(op.namespace_prefix)
         scores = self._best_scores(op.namespace_prefix, vector, candidates, wanted, total)
         ranked = sorted(
             (c for c in candidates if (c.namespace, c.key) in scores),
@@ -365,11 +368,18 @@ class ICAEMemory(BaseStore):
             if condition.match_type == "prefix":
                 labels = tuple(condition.path)
                 literal = labels[: labels.index("*")] if "*" in labels else labels
-        namespaces = {
-            stored.namespace
-            for stored in _items(self._documents_under(literal))
-            if not self._hidden(stored, now)
-        }
+        if (self.ttl_config or {}).get("omit_expired"):
+            namespaces = {
+                stored.namespace
+                for stored in _items(self._documents_under(literal))
+                if not self._hidden(stored, now)
+            }
+        else:  # no item is hidden: the namespaces holding an item, found in SQL
+            namespaces = set(
+                self.pipeline.namespaces(
+                    literal or None, filter={"value": {"$exists": True}}, filter_root=(ITEM_KEY,)
+                )
+            )
         chosen = [ns for ns in namespaces if all(_matches(c, ns) for c in conditions)]
         if op.max_depth is not None:
             chosen = list({ns[: op.max_depth] for ns in chosen})
@@ -378,16 +388,33 @@ class ICAEMemory(BaseStore):
     def _get_stored(self, namespace: tuple[str, ...], keys: Sequence[str]) -> list[_Stored]:
         return _items(self.pipeline.get_documents(list(keys), namespace=namespace))
 
-    def _documents_under(self, prefix: tuple[str, ...]) -> list[DocumentInfo]:
+    def _documents_under(
+        self, prefix: tuple[str, ...], value_filter: dict[str, Any] | None = None
+    ) -> list[DocumentInfo]:
         """Every document under a prefix, items or not, by namespace and then in the order
-        first written."""
-        documents = [
-            document
-            for root in self._roots(prefix)
-            for document in self.pipeline.list_documents(root)
-        ]
+        first written; with ``value_filter`` (a store filter on the item value, from
+        ``store_prefilter``), only those the database finds matching it."""
+        options: dict[str, Any] = {}
+        if value_filter is not None:
+            options = {"filter": value_filter, "filter_root": VALUE_ROOT}
+        try:
+            documents = [
+                document
+                for root in self._roots(prefix)
+                for document in self.pipeline.list_documents(root, **options)
+            ]
+        except InvalidFilterError:
+            # A key or value the store's filter language refuses (a quote in a key, a NUL):
+            # nothing is narrowed in SQL, the exact check in Python still applies.
+            if value_filter is None:
+                raise
+            return self._documents_under(prefix)
         documents.sort(key=lambda d: d.namespace)  # stable: first-written order inside one
         return documents
+
+    def _span_count(self, prefix: tuple[str, ...]) -> int:
+        """Spans under a prefix (every span, of items or not), counted in SQL."""
+        return sum(self.pipeline.stats(root).spans for root in self._roots(prefix))
 
     def _roots(self, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
         """The store reads prefixes of one label or more: the empty prefix is every top label."""
