@@ -243,7 +243,15 @@ class ICAEMemory(BaseStore):
         """Delete every expired item now; returns how many were deleted."""
         now = _now()
         expired: dict[tuple[str, ...], list[str]] = {}
-        for stored in _items(self._documents_under(())):
+        # SQL finds the candidates: items whose expiry time has passed, and items written
+        # before expiry times were kept as numbers (checked from their ISO time, in Python).
+        due = {
+            "$or": [
+                {"expires_ts": {"$lte": now.timestamp() + 1.0}},
+                {"expires_ts": {"$exists": False}, "expires_at": {"$exists": True}},
+            ]
+        }
+        for stored in _items(self._documents_under((), due, root=(ITEM_KEY,))):
             if stored.expired(now):
                 expired.setdefault(stored.namespace, []).append(stored.key)
         return sum(
@@ -389,14 +397,19 @@ class ICAEMemory(BaseStore):
         return _items(self.pipeline.get_documents(list(keys), namespace=namespace))
 
     def _documents_under(
-        self, prefix: tuple[str, ...], value_filter: dict[str, Any] | None = None
+        self,
+        prefix: tuple[str, ...],
+        value_filter: dict[str, Any] | None = None,
+        *,
+        root: tuple[str, ...] = VALUE_ROOT,
     ) -> list[DocumentInfo]:
         """Every document under a prefix, items or not, by namespace and then in the order
-        first written; with ``value_filter`` (a store filter on the item value, from
-        ``store_prefilter``), only those the database finds matching it."""
+        first written; with ``value_filter`` (a store filter relative to ``root``: by default
+        the item value, as ``store_prefilter`` writes it), only those the database finds
+        matching it."""
         options: dict[str, Any] = {}
         if value_filter is not None:
-            options = {"filter": value_filter, "filter_root": VALUE_ROOT}
+            options = {"filter": value_filter, "filter_root": root}
         try:
             documents = [
                 document
@@ -563,6 +576,8 @@ def _metadata(stored: _Stored, now: datetime, *, refreshed: bool) -> dict[str, A
             "created_at": stored.created_at.isoformat(),
             "updated_at": stored.updated_at.isoformat(),
             "expires_at": expires.isoformat() if expires else None,
+            # The same instant as a number, so that a TTL sweep finds expired items in SQL.
+            "expires_ts": expires.timestamp() if expires else None,
             "ttl": stored.ttl,
         }
     }

@@ -115,3 +115,35 @@ def test_prefilter_narrows_only_what_sql_can_test() -> None:
     assert store_prefilter({"v": {"$in": [True, 3]}}) == {"v": {"$in": [True, 1, 3]}}
     for left_to_python in ({"v": None}, {"v": [1]}, {"v": {"x": 1}}, {"v": {"$ne": 1}}):
         assert store_prefilter(left_to_python) is None
+
+
+def test_ttl_sweep_finds_expired_items_in_sql_and_legacy_ones_too(tmp_path) -> None:
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    pipeline = fresh_pipeline(tmp_path / "store")
+    memory = ICAEMemory(pipeline)
+    try:
+        memory.put(("u",), "due", {"text": "x"}, ttl=0.0005, index=False)
+        memory.put(("u",), "later", {"text": "x"}, ttl=60.0, index=False)
+        memory.put(("u",), "forever", {"text": "x"}, ttl=None, index=False)
+        memory.put(("u",), "legacy-due", {"text": "x"}, index=False)
+        memory.put(("u",), "legacy-later", {"text": "x"}, index=False)
+        pipeline.store.add(
+            [DocumentRecord(id="plain", metadata={"n": 1}, spans=[])], namespace=("u",)
+        )
+        # Items written before expiry times were kept as numbers: only the ISO time.
+        past = (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat()
+        future = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        for key, expires in (("legacy-due", past), ("legacy-later", future)):
+            (document,) = pipeline.get_documents([key], namespace=("u",))
+            record = dict(document.metadata["langgraph_item"])
+            record.pop("expires_ts")
+            record.update(expires_at=expires, ttl=1.0)
+            pipeline.update_metadata({key: {"langgraph_item": record}}, namespace=("u",))
+        time.sleep(0.05)
+        assert memory.sweep_ttl() == 2
+        left = [d.id for d in pipeline.list_documents(("u",))]
+        assert left == ["later", "forever", "legacy-later", "plain"]
+    finally:
+        memory.close()
