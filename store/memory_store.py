@@ -461,10 +461,9 @@ class MemoryStore:
         with self._read() as session:
             rows = self._select_namespaces(session, ns)
             if where is not None and rows:
-                ids = queries.filtered_document_ids(
+                holding = queries.namespaces_holding(
                     session, self._database.id_aggregate, [row.id for row in rows], where
                 )
-                holding = queries.namespaces_of_documents(session, ids.tolist())
                 rows = [row for row in rows if row.id in holding]
         return sorted(decode_path(row.path) for row in rows)
 

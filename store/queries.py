@@ -17,7 +17,7 @@ from sqlalchemy import Integer, cast, delete, func, literal, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from .filters import FilterNode, matching_ids
+from .filters import QUERY_WEIGHT, FilterNode, matching_ids
 from .id_lists import chunks, distinct, rows_matching
 from .namespaces import encode_path, path_key
 from .schema import DocumentRow, NamespacePrefixRow, NamespaceRow, SlotRow, SpanRow
@@ -30,7 +30,7 @@ __all__ = [
     "document_rows_by_id",
     "filtered_document_ids",
     "hit_rows",
-    "namespaces_of_documents",
+    "namespaces_holding",
     "path_starts_with",
     "set_metadata",
     "slot_rows",
@@ -124,14 +124,31 @@ def filtered_document_ids(
     return matching_ids(where, run)
 
 
-def namespaces_of_documents(session: Reader, doc_ids: Iterable[int]) -> set[int]:
-    """The namespace ids holding the given documents."""
+def namespaces_holding(
+    session: Reader, id_aggregate: Any, ns_ids: Sequence[int], where: FilterNode
+) -> set[int]:
+    """The namespaces (of the given ids) holding at least one document that matches a filter.
+    A filter that fits one statement is tested with ``EXISTS``, which stops at each
+    namespace's first match: the cost follows the namespaces, not their documents."""
+    if where.op != "leaf" and where.weight > QUERY_WEIGHT:
+        ids = filtered_document_ids(session, id_aggregate, ns_ids, where)
+        found = rows_matching(
+            session,
+            lambda piece: select(DocumentRow.namespace_id).where(DocumentRow.id.in_(piece)),
+            ids.tolist(),
+        )
+        return {row.namespace_id for row in found}
+    holds = (
+        select(DocumentRow.id)
+        .where(DocumentRow.namespace_id == NamespaceRow.id, where.where())
+        .exists()
+    )
     found = rows_matching(
         session,
-        lambda piece: select(DocumentRow.namespace_id).where(DocumentRow.id.in_(piece)).distinct(),
-        doc_ids,
+        lambda piece: select(NamespaceRow.id).where(NamespaceRow.id.in_(piece), holds),
+        ns_ids,
     )
-    return {row.namespace_id for row in found}
+    return {row.id for row in found}
 
 
 def _id_array(value: Any) -> np.ndarray:

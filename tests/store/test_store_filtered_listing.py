@@ -63,3 +63,16 @@ def test_top_level_filters_list_like_search(listed: MemoryStore) -> None:
 def test_a_bad_root_is_an_invalid_filter(listed: MemoryStore) -> None:
     with pytest.raises(InvalidFilterError, match="keys"):
         listed.list_documents(NS, filter={"n": 1}, filter_root=("item", 'a"b'))
+
+
+def test_list_namespaces_keeps_those_holding_a_match(listed: MemoryStore) -> None:
+    listed.add([make_document("x", 1, seed=11, metadata={"top": "blue"})], namespace=("t", "b"))
+    listed.add([make_document("y", 1, seed=12, metadata={"top": "red"})], namespace=("t", "b", "c"))
+    assert listed.list_namespaces() == [("t", "a"), ("t", "b"), ("t", "b", "c"), ("u",)]
+    assert listed.list_namespaces(filter={"top": "red"}) == [("t", "a"), ("t", "b", "c"), ("u",)]
+    assert listed.list_namespaces(("t",), filter={"top": "blue"}) == [("t", "a"), ("t", "b")]
+    nested = listed.list_namespaces(filter={"color": "red"}, filter_root=ROOT)
+    assert nested == [("t", "a")]
+    wide = {"$or": [{"top": f"none{i}"} for i in range(3_000)] + [{"top": "blue"}]}
+    assert listed.list_namespaces(("t",), filter=wide) == [("t", "a"), ("t", "b")]
+    assert listed.list_namespaces(filter={"top": "nothing"}) == []
