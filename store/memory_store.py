@@ -2,7 +2,10 @@
 
 The store is three rooms. ``store.database`` holds the rows (engine, directory checks, schema,
 migration, error translation); ``store.shards`` holds each namespace's FAISS shard and keeps it
-in step with the rows; ``MemoryStore`` here is only the transactional API over both.
+in step with the rows; ``MemoryStore`` here is only the transactional API over both. The SQL that
+reads and changes documents and spans is moving out of this class into ``store.queries`` (every
+statement over a caller's ids goes through ``store.id_lists``, every metadata read through
+``store.stored_metadata``).
 
 The rows are the truth and every write is one transaction: a document and all of its spans,
 slots and embeddings land together or not at all. Each namespace carries a generation counter that
