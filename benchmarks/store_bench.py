@@ -1,6 +1,7 @@
 """Memory-store benchmark: add throughput, search latency (unfiltered, and filtered to half of
-the spans), slot fetches, bytes on disk, and search latency among many namespaces (one thread,
-a tenant prefix, a deep path).
+the spans), slot fetches, bytes on disk, search latency among many namespaces (one thread,
+a tenant prefix, a deep path), and the LangGraph store beside LangGraph's InMemoryStore
+(filtered search, list_namespaces, TTL sweep; `--langgraph-items`).
 
 Synthetic but embedding-shaped data: unit vectors of dim 384 drawn around 1,000 centres, each span
 carrying a 128x576 bf16 slot blob (the ICAE's size for SmolLM2). The baseline, measured in the same
@@ -309,6 +310,69 @@ def bench_first_search_after_write(directory: Path, dim: int, n: int) -> dict:
     return {"spans": n, "writer_s": round(write_s, 1), **json.loads(reader.stdout)}
 
 
+def bench_langgraph(directory: Path, items: int, queries: int) -> dict:
+    """The LangGraph store (``ICAEMemory``) beside LangGraph's ``InMemoryStore`` on the same
+    `items` (values only, unindexed, over 100 namespaces, half of them with a TTL): a filtered
+    search without a query (one item matches), ``list_namespaces``, and (ours only:
+    InMemoryStore keeps no TTL) a TTL sweep that finds nothing due."""
+    from icmem.integrations.langgraph import ICAEMemory
+    from langgraph.store.base import PutOp
+    from langgraph.store.memory import InMemoryStore
+
+    from icmem.pipeline import MemoryPipeline
+
+    # Unindexed puts never compress or embed, so the pipeline needs no models here.
+    store = MemoryStore.open(directory, dim=8)
+    ours = ICAEMemory(MemoryPipeline(None, store, None))  # type: ignore[arg-type]
+    reference = InMemoryStore()
+    puts = [
+        PutOp(
+            ("users", f"u{i % 100}"),
+            f"k{i}",
+            {"color": ("red", "blue", "green")[i % 3], "n": i},
+            index=False,
+            ttl=60.0 if i % 2 else None,
+        )
+        for i in range(items)
+    ]
+    started = time.perf_counter()
+    for start in range(0, items, 1_000):
+        ours.batch(puts[start : start + 1_000])
+    put_s = time.perf_counter() - started
+    for start in range(0, items, 1_000):
+        reference.batch([PutOp(*p[:3], index=False) for p in puts[start : start + 1_000]])
+
+    def timed(call) -> dict[str, float]:
+        seconds = []
+        for i in range(queries):
+            begun = time.perf_counter()
+            call(i)
+            seconds.append(time.perf_counter() - begun)
+        return percentiles(seconds)
+
+    def filtered(target):
+        return lambda i: target.search(("users",), filter={"n": (i * 7919) % items}, limit=10)
+
+    result = {
+        "items": items,
+        "put_items_per_s": round(items / put_s, 1),
+        "filtered_search": {
+            "icmem": timed(filtered(ours)),
+            "in_memory_store": timed(filtered(reference)),
+        },
+        "list_namespaces": {
+            "icmem": timed(lambda _i: ours.list_namespaces(limit=1_000)),
+            "in_memory_store": timed(lambda _i: reference.list_namespaces(limit=1_000)),
+        },
+        "sweep_ttl": {"icmem": timed(lambda _i: ours.sweep_ttl())},
+    }
+    for name in ("filtered_search", "list_namespaces"):
+        entry = result[name]
+        entry["p50_ratio"] = round(entry["icmem"]["p50_ms"] / entry["in_memory_store"]["p50_ms"], 2)
+    ours.close()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
@@ -329,6 +393,11 @@ def main() -> None:
         type=int,
         default=50_000,
         help="spans one process writes before a fresh read-only process searches (0: skip)",
+    )
+    parser.add_argument(
+        "--langgraph-items",
+        default="10000,100000",
+        help="item counts of the LangGraph store comparison ('': skip)",
     )
     parser.add_argument("--workdir", default=None, help="where stores are written (a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/store_bench.json")
@@ -372,6 +441,11 @@ def main() -> None:
         result["many_namespaces"] = bench_namespaces(
             work / "namespaces", args.dim, args.namespaces, args.queries
         )
+        if args.langgraph_items:
+            result["langgraph_store"] = {
+                count: bench_langgraph(work / f"langgraph-{count}", int(count), 50)
+                for count in args.langgraph_items.split(",")
+            }
         if args.first_search_spans:
             result["first_search_after_write"] = bench_first_search_after_write(
                 work / "written", args.dim, args.first_search_spans

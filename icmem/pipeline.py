@@ -464,10 +464,18 @@ class MemoryPipeline:
         return self.store.get_documents(document_ids, namespace=namespace)
 
     def list_documents(
-        self, namespace: Sequence[str], *, exact: bool = False
+        self,
+        namespace: Sequence[str],
+        *,
+        exact: bool = False,
+        filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
     ) -> list[DocumentInfo]:
-        """Documents under a namespace prefix (or of exactly that namespace), oldest first."""
-        return self.store.list_documents(namespace, exact=exact)
+        """Documents under a namespace prefix (or of exactly that namespace), oldest first;
+        with ``filter``, only those whose metadata matches it (``MemoryStore.list_documents``)."""
+        return self.store.list_documents(
+            namespace, exact=exact, filter=filter, filter_root=filter_root
+        )
 
     def delete_documents(
         self, document_ids: Sequence[str] | None = None, *, namespace: Sequence[str]
@@ -484,9 +492,16 @@ class MemoryPipeline:
         """The text recalled memory stands for, decoded from its slots (the ``[AE]`` task)."""
         return self.icae.reconstruct(memory)
 
-    def namespaces(self, prefix: Sequence[str] | None = None) -> list[tuple[str, ...]]:
-        """Every namespace holding or having held documents, optionally under a prefix; sorted."""
-        return self.store.list_namespaces(prefix)
+    def namespaces(
+        self,
+        prefix: Sequence[str] | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
+    ) -> list[tuple[str, ...]]:
+        """Every namespace holding or having held documents, optionally under a prefix; sorted.
+        With ``filter``, only those holding a document whose metadata matches it."""
+        return self.store.list_namespaces(prefix, filter=filter, filter_root=filter_root)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Retrieval vectors of texts, one row each, from the embedder the store was built with."""

@@ -11,17 +11,18 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from .errors import (
     DamagedStoreError,
@@ -37,12 +38,10 @@ from .errors import (
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION, Base, SchemaVersionRow, SettingRow
 
-__all__ = ["DATABASE_FILE", "INDEX_DIR", "Database", "chunks"]
+__all__ = ["DATABASE_FILE", "INDEX_DIR", "Database"]
 
 DATABASE_FILE = "store.sqlite"
 INDEX_DIR = "index"
-_IN_CHUNK = 900  # ids per IN (...) clause, below SQLite's default parameter limit
-_T = TypeVar("_T")
 _PG_INIT_LOCK = 0x1C3E30  # advisory lock key serialising schema creation across workers
 
 
@@ -146,11 +145,20 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read transaction (a snapshot on SQLite)."""
+        """A read transaction that sees one snapshot, on both backends.
+
+        SQLite's read transaction is a snapshot already. Postgres's default, READ COMMITTED,
+        takes a new snapshot per statement, so a filtered search could choose documents by
+        their metadata in one statement and fetch those rows, changed since, in the next: a
+        hit that contradicts its filter. REPEATABLE READ gives the whole transaction the
+        first statement's snapshot; a transaction that only reads never fails for it."""
         self._follow_new_writers()
         try:
-            with self._engine.connect() as connection, connection.begin():
-                yield connection
+            with self._engine.connect() as connection:
+                if self.dialect == "postgresql":
+                    connection.execution_options(isolation_level="REPEATABLE READ")
+                with connection.begin():
+                    yield connection
         except DatabaseError as exc:
             raise _translate(exc, reading=True) from exc
 
@@ -196,23 +204,26 @@ class Database:
         return 0
 
     def _follow_new_writers(self) -> None:
-        """An ``immutable=1`` engine (read-only directory, empty WAL at open) would read the
-        database file under a writer that started since and miss or garble its writes; once the
-        WAL holds writes, reopen in the mode that reads them."""
+        """Keep a reader in a directory it cannot write in step with the writers.
+
+        Such a reader cannot create the WAL's shared memory, so it opens ``immutable=1`` while
+        the WAL is empty (every commit is then in the database file) and ``mode=ro`` through an
+        existing ``-shm`` while the WAL holds writes. Which one is right changes under it: a
+        writer starts (the WAL fills), closes or checkpoints (the WAL empties or goes away),
+        VACUUMs (every page moves). So the mode is chosen again before each read, and these
+        engines keep no connection between reads (``_sqlite_engine`` gives them no pool): an
+        ``immutable=1`` connection never looks for changes, so one kept open would answer from
+        the pages it cached (stale rows, or after a VACUUM pages that no longer fit together
+        and read as damage)."""
         path = self.path
-        if path is None or "immutable=1" not in str(self._engine.url):
+        if path is None or not self.read_only or os.access(path.parent, os.W_OK):
             return
-        if _wal_holds_writes(path):
-            with self._reopen_lock:
-                if "immutable=1" in str(self._engine.url):
-                    old = self._engine
-                    self._engine = _sqlite_engine(path, True, self._busy_timeout_s or 30.0)
-                    old.dispose()
-
-
-def chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
+        if _read_only_mode(path) == _engine_mode(self._engine):
+            return
+        with self._reopen_lock:
+            old = self._engine
+            self._engine = _sqlite_engine(path, True, self._busy_timeout_s or 30.0)
+            old.dispose()
 
 
 def _translate(exc: SQLAlchemyError, *, reading: bool = False) -> StoreError:
@@ -364,13 +375,22 @@ def _read_only_mode(database: Path) -> str:
     return "mode=ro"
 
 
+def _engine_mode(engine: Engine) -> str:
+    """The ``_read_only_mode`` a read-only SQLite engine was opened with."""
+    return "mode=ro&immutable=1" if "immutable=1" in str(engine.url) else "mode=ro"
+
+
 def _sqlite_engine(database: Path, read_only: bool, busy_timeout_s: float) -> Engine:
+    options: dict[str, Any] = {}
     if read_only:
         url = f"sqlite:///file:{database.resolve()}?{_read_only_mode(database)}&uri=true"
+        if not os.access(database.parent, os.W_OK):
+            # A fresh connection per read: see Database._follow_new_writers.
+            options["poolclass"] = NullPool
     else:
         url = f"sqlite:///{database.resolve()}"
     engine = create_engine(
-        url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}
+        url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}, **options
     )
 
     @event.listens_for(engine, "connect")
@@ -495,10 +515,15 @@ def _initialise_in(
 
 
 def _is_emptied(database: Path) -> bool:
-    """A 0-byte database file whose WAL (if any) holds nothing either."""
-    wal = database.with_name(database.name + "-wal")
+    """A 0-byte database file, whatever its WAL holds.
+
+    A store's database is never legitimately empty: it is created whole under another name and
+    linked into place (``_create_database``), and switching to WAL mode writes its header first.
+    A WAL beside an empty file is therefore a leftover of the lost database, and replaying it
+    into the empty file (what SQLite does on open) would build a partial store and delete the
+    WAL, the only copy of those pages: refuse instead, before SQLite touches either file."""
     try:
-        return database.stat().st_size == 0 and (not wal.exists() or wal.stat().st_size == 0)
+        return database.stat().st_size == 0
     except OSError:
         return False
 
@@ -506,10 +531,18 @@ def _is_emptied(database: Path) -> bool:
 def _not_a_store_any_more(path: Path) -> NotAStoreError:
     size = path.stat().st_size if path.exists() else 0
     state = "empty (0 bytes)" if size == 0 else f"a SQLite database ({size} bytes) with no tables"
+    wal = path.with_name(path.name + "-wal")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    left = (
+        f" Its write-ahead log {wal.name} ({wal_size} bytes) was left untouched: keep it with "
+        "the backup you restore, never open it against the empty file."
+        if size == 0 and wal_size
+        else ""
+    )
     return NotAStoreError(
         f"{path} is {state}: the store's database was emptied or replaced (a failed copy, a full "
         "disk). icmem never initialises a new store over an existing file, so nothing was "
-        "changed: restore the file from a backup, or move it away to start a new store"
+        f"changed: restore the file from a backup, or move it away to start a new store.{left}"
     )
 
 

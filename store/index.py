@@ -104,13 +104,29 @@ class NamespaceIndex:
     def search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) for one query; ``allowed`` restricts the ids that may be returned."""
+        """Top-k (scores, ids) for one query, best first and equal scores by ascending id;
+        ``allowed`` restricts the ids that may be returned.
+
+        FAISS orders equal scores by where the vectors sit in the index, which depends on the
+        order they were added (a catch-up adds them in whatever order the database returned
+        the rows), so the same store could answer the same query differently. Candidates are
+        fetched until every vector that ties with the k-th best is among them, then sorted by
+        (score, id): a tie costs a slightly larger search, the usual case one extra candidate.
+        """
         query = _as_matrix(query, self.dim)
-        k = min(k, self.ntotal if allowed is None else min(self.ntotal, len(allowed)))
+        limit = self.ntotal if allowed is None else min(self.ntotal, len(allowed))
+        k = min(k, limit)
         if k <= 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
+        probe = min(k + 1, limit)
         with _one_openmp_thread():
-            return self._search(query, k, allowed)
+            while True:
+                scores, ids = self._search(query, probe, allowed)
+                if len(ids) < probe or probe >= limit or scores[-1] < scores[k - 1]:
+                    break
+                probe = min(2 * probe, limit)
+        order = np.lexsort((ids, -scores))[:k]
+        return scores[order], ids[order]
 
     def _search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None

@@ -2,7 +2,10 @@
 
 The store is three rooms. ``store.database`` holds the rows (engine, directory checks, schema,
 migration, error translation); ``store.shards`` holds each namespace's FAISS shard and keeps it
-in step with the rows; ``MemoryStore`` here is only the transactional API over both.
+in step with the rows; ``MemoryStore`` here is only the transactional API over both. The SQL that
+reads and changes documents and spans is moving out of this class into ``store.queries`` (every
+statement over a caller's ids goes through ``store.id_lists``, every metadata read through
+``store.stored_metadata``).
 
 The rows are the truth and every write is one transaction: a document and all of its spans,
 slots and embeddings land together or not at all. Each namespace carries a generation counter that
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, Integer, bindparam, cast, delete, func, literal, select, update
+from sqlalchemy import Engine, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -38,7 +41,8 @@ from sqlalchemy.orm import Session
 
 from icmem.codec import SlotCodecError
 
-from .database import Database, chunks
+from . import queries
+from .database import Database
 from .errors import (
     DimensionMismatchError,
     DuplicateDocumentError,
@@ -48,8 +52,10 @@ from .errors import (
     warn_damaged,
 )
 from .filters import compile_filter
+from .id_lists import chunks
 from .index import IndexPolicy
 from .namespaces import decode_path, encode_path, path_key, prefix_keys, validate_namespace
+from .queries import path_starts_with
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -71,6 +77,7 @@ from .schema import (
 )
 from .shards import Shards, embedding_is_damaged, token_key
 from .slots import verify_slot_blob
+from .stored_metadata import damaged_metadata, parse_metadata, warn_damaged_metadata
 from .validation import INT64_MAX, MAX_KEY_CHARS, MAX_VECTOR_NORM, check_metadata, check_text
 
 __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
@@ -80,43 +87,16 @@ _NAMESPACE_COLUMNS = select(NamespaceRow.id, NamespaceRow.path, NamespaceRow.gen
 _ALL_NAMESPACES = _NAMESPACE_COLUMNS.order_by(NamespaceRow.id)
 
 
-# A prefix matches by equality on the leading characters of the encoded path, never LIKE: the
-# encoding is prefix-free per label, so ("a",) cannot match ("ab",) (see store.namespaces).
-def _path_starts_with(length: Any, prefix: Any) -> Any:
-    # Both positions cast: Postgres has substr(text, integer, integer) only, and a driver may
-    # send a Python int as bigint.
-    start, length = cast(literal(1), Integer), cast(length, Integer)
-    return func.substr(NamespaceRow.path, start, length) == prefix
-
-
 # Found through the indexed prefix table, and checked against the path itself.
 _NAMESPACES_UNDER_PREFIX = (
     _NAMESPACE_COLUMNS.join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
     .where(
         NamespacePrefixRow.prefix_key == bindparam("prefix_key"),
-        _path_starts_with(bindparam("length"), bindparam("prefix")),
+        path_starts_with(bindparam("length"), bindparam("prefix")),
     )
     .order_by(NamespaceRow.id)
 )
 _NAMESPACE_EXACTLY = _NAMESPACE_COLUMNS.where(NamespaceRow.path_key == bindparam("path_key"))
-_HIT_ROWS = (
-    select(
-        SpanRow.id,
-        SpanRow.namespace_id,
-        SpanRow.position,
-        SpanRow.char_start,
-        SpanRow.char_end,
-        SpanRow.text,
-        DocumentRow.key,
-        DocumentRow.metadata_.label("document_metadata"),
-        DocumentRow.source,
-    )
-    .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-    .where(
-        SpanRow.id.in_(bindparam("span_ids", expanding=True)),
-        SpanRow.namespace_id.in_(bindparam("namespace_ids", expanding=True)),
-    )
-)
 
 
 @dataclass(frozen=True)
@@ -273,16 +253,10 @@ class MemoryStore:
                     )
                     removed[row.id] = ([], row.generation)
                     continue
-                doc_ids = list(
-                    session.scalars(
-                        select(DocumentRow.id).where(
-                            DocumentRow.namespace_id == row.id, DocumentRow.key.in_(keys)
-                        )
-                    )
-                )
+                doc_ids = list(queries.document_ids(session, row.id, keys).values())
                 if doc_ids:
-                    span_ids = self._span_ids_of_documents(session, doc_ids)
-                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(doc_ids)))
+                    span_ids = queries.span_ids_of_documents(session, doc_ids)
+                    queries.delete_documents(session, doc_ids)
                     removed[row.id] = (span_ids, self._bump_generation(session, row.id) - 1)
                     deleted_documents += len(doc_ids)
         for ns_id, (span_ids, old_generation) in removed.items():
@@ -317,19 +291,15 @@ class MemoryStore:
             if not rows:
                 return 0
             ns_id = rows[0].id
-            documents = session.scalars(
-                select(DocumentRow).where(
-                    DocumentRow.namespace_id == ns_id, DocumentRow.key.in_(list(checked))
-                )
-            ).all()
-            for document in documents:
-                document.metadata_ = checked[document.key]
+            found = queries.document_ids(session, ns_id, checked)
+            # The old metadata is never read, so a damaged row is repaired, not an error.
+            queries.set_metadata(session, {doc_id: checked[key] for key, doc_id in found.items()})
             # Filter answers are cached per generation: a metadata change must move it on.
-            old_generation = self._bump_generation(session, ns_id) - 1 if documents else None
+            old_generation = self._bump_generation(session, ns_id) - 1 if found else None
         if old_generation is not None:
             self._index.apply_delta(ns_id, old_generation=old_generation)
             self._index.keep_current([ns_id])
-        return len(documents)
+        return len(found)
 
     # ------------------------------------------------------------------ reads
 
@@ -347,7 +317,7 @@ class MemoryStore:
         (``("acme",)`` covers ``("acme", "bot", "t1")``) and never any other are considered,
         also when a metadata ``filter`` is given (see ``store.filters``).
         """
-        query = self._check_vectors(_numeric(vector, "query vector").reshape(1, -1), "query vector")
+        query = self._check_vectors(_one_vector(vector, "query vector"), "query vector")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise InvalidRecordError(f"k must be a positive int, got {k!r}")
         k = int(k)
@@ -364,7 +334,7 @@ class MemoryStore:
                 if not any(len(ids) for ids in allowed.values()):
                     return []
             top = self._index.search(session, namespaces, query, k, allowed)
-            rows = self._hit_rows(session, [span_id for _, span_id in top], ns_ids)
+            rows = queries.hit_rows(session, [span_id for _, span_id in top], ns_ids)
         # A span deleted by another process since the index was refreshed is left out.
         return _hits(top, rows, {row.id: decode_path(row.path) for row in namespaces})
 
@@ -377,7 +347,7 @@ class MemoryStore:
         ns = validate_namespace(namespace, allow_prefix=True)
         with self._read() as session:
             namespaces = self._select_namespaces(session, ns)
-            rows = self._hit_rows(session, wanted, [row.id for row in namespaces])
+            rows = queries.hit_rows(session, wanted, [row.id for row in namespaces])
         missing = [i for i in wanted if i not in rows]
         if missing:
             raise UnknownSpanError(
@@ -400,37 +370,14 @@ class MemoryStore:
         wanted = _span_ids(span_ids)
         if not wanted:
             return []
-        statement = (
-            select(
-                SlotRow.span_id,
-                SlotRow.blob,
-                SlotRow.codec,
-                SlotRow.rows,
-                SlotRow.cols,
-                SpanRow.position,
-                SpanRow.token_count,
-                DocumentRow.key,
-            )
-            .join(SpanRow, SlotRow.span_id == SpanRow.id)
-            .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-            .where(SlotRow.span_id.in_(sorted(set(wanted))))
-        )
+        prefix = None
         if namespace is not None:
-            ns = validate_namespace(namespace, allow_prefix=True)
-            prefix = encode_path(ns)
-            statement = (
-                statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
-                .join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
-                .where(
-                    NamespacePrefixRow.prefix_key == path_key(prefix),
-                    _path_starts_with(len(prefix), prefix),
-                )
-            )
+            prefix = validate_namespace(namespace, allow_prefix=True)
         with self._read() as session:
-            found = {row.span_id: row for row in session.execute(statement)}
-        damaged = [span_id for span_id, row in found.items() if _slot_is_damaged(row)]
+            found = queries.slot_rows(session, wanted, prefix)
+        damaged = {span_id for span_id, row in found.items() if _slot_is_damaged(row)}
         if damaged:
-            warn_damaged("slots", damaged, "left out of the answer", stacklevel=3)
+            warn_damaged("slots", sorted(damaged), "left out of the answer", stacklevel=3)
         missing = [i for i in wanted if i not in found]
         if missing:
             raise UnknownSpanError(
@@ -452,91 +399,75 @@ class MemoryStore:
         ]
 
     def list_documents(
-        self, namespace: Sequence[str], *, exact: bool = False
+        self,
+        namespace: Sequence[str],
+        *,
+        exact: bool = False,
+        filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
     ) -> list[DocumentInfo]:
         """The documents under a namespace prefix (that namespace and every one below it), or
-        with ``exact=True`` of that namespace only, in the order they were first added."""
+        with ``exact=True`` of that namespace only, in the order they were first added.
+        Documents whose stored metadata is damaged are left out, with a warning.
+
+        ``filter`` keeps the documents whose metadata matches it (``store.filters``), evaluated
+        in SQL so that the cost follows the answer; ``filter_root`` makes its keys relative to
+        nested metadata (``("item", "value")``: ``"color"`` is ``metadata["item"]["value"]
+        ["color"]``)."""
         ns = validate_namespace(namespace, allow_prefix=not exact)
-        span_count = (
-            select(func.count(SpanRow.id))
-            .where(SpanRow.document_id == DocumentRow.id)
-            .scalar_subquery()
-        )
+        where = None if filter is None else compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
             names = {
                 row.id: decode_path(row.path)
                 for row in self._select_namespaces(session, ns, exact=exact)
             }
             if not names:
-                return []
-            rows = session.execute(
-                select(
-                    DocumentRow.key,
-                    DocumentRow.namespace_id,
-                    DocumentRow.source,
-                    DocumentRow.metadata_.label("document_metadata"),
-                    DocumentRow.content_hash,
-                    span_count.label("span_count"),
+                rows = []
+            elif where is None:
+                rows = queries.document_rows(session, list(names))
+            else:
+                ids = queries.filtered_document_ids(
+                    session, self._database.id_aggregate, list(names), where
                 )
-                .where(DocumentRow.namespace_id.in_(list(names)))
-                .order_by(DocumentRow.id)
-            ).all()
-            return [
-                DocumentInfo(
-                    id=row.key,
-                    namespace=names[row.namespace_id],
-                    source=row.source,
-                    metadata=row.document_metadata or {},
-                    content_hash=row.content_hash,
-                    span_count=int(row.span_count),
-                )
-                for row in rows
-            ]
+                rows = queries.document_rows_by_id(session, ids.tolist())
+        return _document_infos(rows, names)
 
     def get_documents(
         self, document_ids: Sequence[str], *, namespace: Sequence[str]
     ) -> list[DocumentInfo]:
         """The documents of exactly this namespace with the given ids, in the order asked;
-        ids that are not stored are left out."""
+        ids that are not stored, or whose stored metadata is damaged (with a warning), are left
+        out."""
         ns = validate_namespace(namespace)
         keys = _document_keys(document_ids)
         if not keys:
             return []
-        span_count = (
-            select(func.count(SpanRow.id))
-            .where(SpanRow.document_id == DocumentRow.id)
-            .scalar_subquery()
-        )
-        found: dict[str, DocumentInfo] = {}
         with self._read() as session:
-            rows = self._select_namespaces(session, ns, exact=True)
-            if not rows:
-                return []
-            for chunk in chunks(sorted(set(keys))):
-                for row in session.execute(
-                    select(
-                        DocumentRow.key,
-                        DocumentRow.source,
-                        DocumentRow.metadata_.label("document_metadata"),
-                        DocumentRow.content_hash,
-                        span_count.label("span_count"),
-                    ).where(DocumentRow.namespace_id == rows[0].id, DocumentRow.key.in_(chunk))
-                ):
-                    found[row.key] = DocumentInfo(
-                        id=row.key,
-                        namespace=ns,
-                        source=row.source,
-                        metadata=row.document_metadata or {},
-                        content_hash=row.content_hash,
-                        span_count=int(row.span_count),
-                    )
+            names = {row.id: ns for row in self._select_namespaces(session, ns, exact=True)}
+            rows = queries.document_rows(session, list(names), keys) if names else []
+        found = {info.id: info for info in _document_infos(rows, names)}
         return [found[key] for key in keys if key in found]
 
-    def list_namespaces(self, prefix: Sequence[str] | None = None) -> list[Namespace]:
-        """Every namespace written to and not deleted, optionally under a prefix; sorted."""
+    def list_namespaces(
+        self,
+        prefix: Sequence[str] | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
+    ) -> list[Namespace]:
+        """Every namespace written to and not deleted, optionally under a prefix; sorted.
+
+        With ``filter`` (as for ``list_documents``), only the namespaces holding at least one
+        document whose metadata matches it, found in SQL."""
         ns = () if prefix is None else validate_namespace(prefix, allow_prefix=True)
+        where = None if filter is None else compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
             rows = self._select_namespaces(session, ns)
+            if where is not None and rows:
+                holding = queries.namespaces_holding(
+                    session, self._database.id_aggregate, [row.id for row in rows], where
+                )
+                rows = [row for row in rows if row.id in holding]
         return sorted(decode_path(row.path) for row in rows)
 
     def stats(self, namespace: Sequence[str] | None = None) -> StoreStats:
@@ -605,14 +536,12 @@ class MemoryStore:
                 damaged_embeddings.extend(
                     span_id for span_id, vector in vectors if embedding_is_damaged(vector, self.dim)
                 )
-                if self.dialect == "sqlite":
-                    invalid = session.execute(
-                        select(DocumentRow.namespace_id, DocumentRow.key).where(
-                            DocumentRow.namespace_id.in_(chunk),
-                            func.json_valid(DocumentRow.metadata_) == 0,
-                        )
+                invalid = session.execute(
+                    select(DocumentRow.namespace_id, DocumentRow.key).where(
+                        DocumentRow.namespace_id.in_(chunk), damaged_metadata(self.dialect)
                     )
-                    invalid_metadata.extend((names[ns_id], key) for ns_id, key in invalid)
+                )
+                invalid_metadata.extend((names[ns_id], key) for ns_id, key in invalid)
         return StoreCheck(
             damaged_slots=tuple(sorted(damaged_slots)),
             damaged_embeddings=tuple(sorted(damaged_embeddings)),
@@ -773,7 +702,7 @@ class MemoryStore:
         return prepared, next(iter(fingerprints), None)
 
     def _span_vector(self, embedding: Any, key: str, position: int) -> np.ndarray:
-        vector = _numeric(embedding, f"embedding of document {key!r} span {position}").ravel()
+        vector = _one_vector(embedding, f"embedding of document {key!r} span {position}")[0]
         if vector.shape != (self.dim,):
             raise DimensionMismatchError(
                 f"embedding of document {key!r} span {position} has length {vector.size} but "
@@ -871,9 +800,9 @@ class MemoryStore:
         self, session: Session, ns_id: int, doc: _PreparedDocument, *, replace: bool
     ) -> tuple[int, list[int]]:
         record = doc.record
-        existing = session.scalar(
-            select(DocumentRow).where(DocumentRow.namespace_id == ns_id, DocumentRow.key == doc.key)
-        )
+        # Only the id is read: a replaced document's old metadata may be damaged, and upsert
+        # is how it is repaired.
+        existing = queries.document_ids(session, ns_id, [doc.key]).get(doc.key)
         if existing is None:
             row = DocumentRow(
                 namespace_id=ns_id,
@@ -890,13 +819,18 @@ class MemoryStore:
                 f"document {doc.key!r} already exists in this namespace; use upsert() to replace "
                 "it or delete it first"
             )
-        old_spans = self._span_ids_of_documents(session, [existing.id])
-        session.execute(delete(SpanRow).where(SpanRow.document_id == existing.id))
-        existing.source = record.source
-        existing.metadata_ = doc.metadata
-        existing.content_hash = record.content_hash
-        session.flush()
-        return existing.id, old_spans
+        old_spans = queries.span_ids_of_documents(session, [existing])
+        session.execute(delete(SpanRow).where(SpanRow.document_id == existing))
+        session.execute(
+            update(DocumentRow)
+            .where(DocumentRow.id == existing)
+            .values(
+                source=record.source,
+                metadata_=doc.metadata,
+                content_hash=record.content_hash,
+            )
+        )
+        return existing, old_spans
 
     def _insert_spans(
         self, session: Session, ns_id: int, doc_id: int, doc: _PreparedDocument
@@ -950,14 +884,6 @@ class MemoryStore:
         )
         return span_ids
 
-    def _span_ids_of_documents(self, session: Session, doc_ids: list[int]) -> list[int]:
-        span_ids: list[int] = []
-        for chunk in chunks(doc_ids):
-            span_ids.extend(
-                session.scalars(select(SpanRow.id).where(SpanRow.document_id.in_(chunk)))
-            )
-        return span_ids
-
     def _select_namespaces(
         self, session: Session | Connection, ns: tuple[str, ...], *, exact: bool = False
     ) -> list[Any]:
@@ -970,14 +896,6 @@ class MemoryStore:
         parameters = {"prefix_key": path_key(path), "length": len(path), "prefix": path}
         return list(session.execute(_NAMESPACES_UNDER_PREFIX, parameters))
 
-    def _hit_rows(
-        self, session: Session | Connection, span_ids: list[int], ns_ids: list[int]
-    ) -> dict[int, Any]:
-        if not span_ids:
-            return {}
-        rows = session.execute(_HIT_ROWS, {"span_ids": span_ids, "namespace_ids": ns_ids})
-        return {row.id: row for row in rows}
-
     def _read(self) -> AbstractContextManager[Connection]:
         return self._database.read()
 
@@ -988,23 +906,59 @@ class MemoryStore:
 def _hits(
     scored: Sequence[tuple[float, int]], rows: Mapping[int, Any], names: Mapping[int, Namespace]
 ) -> list[SearchHit]:
-    """SearchHits of ``(score, span_id)`` pairs whose rows were found, in the order given."""
-    return [
-        SearchHit(
-            span_id=span_id,
-            score=float(score),
-            document_id=row.key,
-            namespace=names[row.namespace_id],
-            position=row.position,
-            char_start=row.char_start,
-            char_end=row.char_end,
-            text=row.text,
-            metadata=row.document_metadata or {},
-            source=row.source,
+    """SearchHits of ``(score, span_id)`` pairs whose rows were found, in the order given; a
+    span whose document's metadata is damaged is left out, with a warning."""
+    hits = []
+    damaged: dict[tuple[Namespace, str], None] = {}
+    for score, span_id in scored:
+        row = rows.get(span_id)
+        if row is None:
+            continue
+        metadata = parse_metadata(row.document_metadata)
+        if metadata is None:
+            damaged[names[row.namespace_id], row.key] = None
+            continue
+        hits.append(
+            SearchHit(
+                span_id=span_id,
+                score=float(score),
+                document_id=row.key,
+                namespace=names[row.namespace_id],
+                position=row.position,
+                char_start=row.char_start,
+                char_end=row.char_end,
+                text=row.text,
+                metadata=metadata,
+                source=row.source,
+            )
         )
-        for score, span_id in scored
-        if (row := rows.get(span_id)) is not None
-    ]
+    if damaged:
+        warn_damaged_metadata(list(damaged), stacklevel=4)
+    return hits
+
+
+def _document_infos(rows: Sequence[Any], names: Mapping[int, Namespace]) -> list[DocumentInfo]:
+    """DocumentInfos of document rows, in their order; damaged metadata left out, warned of."""
+    infos = []
+    damaged = []
+    for row in rows:
+        metadata = parse_metadata(row.document_metadata)
+        if metadata is None:
+            damaged.append((names[row.namespace_id], row.key))
+            continue
+        infos.append(
+            DocumentInfo(
+                id=row.key,
+                namespace=names[row.namespace_id],
+                source=row.source,
+                metadata=metadata,
+                content_hash=row.content_hash,
+                span_count=int(row.span_count),
+            )
+        )
+    if damaged:
+        warn_damaged_metadata(damaged, stacklevel=4)
+    return infos
 
 
 def _numeric(values: Any, what: str) -> np.ndarray:
@@ -1023,6 +977,21 @@ def _numeric(values: Any, what: str) -> np.ndarray:
             f"{what} must hold numbers (int or float), got an array of dtype {array.dtype}"
         )
     return array.astype(np.float32)
+
+
+def _one_vector(values: Any, what: str) -> np.ndarray:
+    """One vector as a (1, n) float32 array: a 1-D array, or a single (1, n) row. Anything else
+    is refused, never flattened: a (4, 4) array is four vectors, not one of length 16 that
+    happens to match a dim-16 store."""
+    array = _numeric(values, what)
+    if array.ndim == 1:
+        return array.reshape(1, -1)
+    if array.ndim == 2 and array.shape[0] == 1:
+        return array
+    raise InvalidRecordError(
+        f"{what} must be one vector (a 1-D array), got an array of shape {array.shape}; pass "
+        "each vector separately"
+    )
 
 
 def _span_ids(span_ids: Any) -> list[int]:

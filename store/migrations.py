@@ -12,13 +12,14 @@ cascade into its children, and each step checks the keys itself before it return
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .errors import SchemaVersionError
-from .namespaces import encode_path, path_key, prefix_keys
+from .namespaces import addressable_label, encode_path, path_key, prefix_keys
 
 __all__ = ["MIGRATIONS"]
 
@@ -26,14 +27,21 @@ __all__ = ["MIGRATIONS"]
 def _namespaces_as_paths(connection: Connection) -> None:
     """1 -> 2: the fixed (tenant, agent, thread) columns become an encoded label path of any
     depth. Namespace ids and generations are kept, so documents, spans, embeddings, saved index
-    files and their tokens all stay valid: each old namespace is the 3-label path of its parts."""
+    files and their tokens all stay valid: each old namespace is the 3-label path of its parts.
+    A part that schema 1 stored but no call can address any more (empty, NUL, over 255
+    characters) becomes its ``addressable_label`` stand-in, with a warning naming both."""
     rows = connection.execute(
         text("SELECT id, tenant, agent, thread, generation FROM icmem_namespaces ORDER BY id")
     ).all()
     values: list[dict[str, object]] = []
     prefixes: list[dict[str, object]] = []
-    for ns_id, tenant, agent, thread, generation in rows:
-        path = encode_path((tenant, agent, thread))
+    renamed: list[str] = []
+    for ns_id, *parts, generation in rows:
+        labels = tuple(addressable_label(part) for part in parts)
+        if labels != tuple(parts):
+            renamed.append(f"{tuple(parts)!r} -> {labels!r}")
+        tenant, agent, thread = labels
+        path = encode_path(labels)
         values.append(
             {
                 "id": ns_id,
@@ -46,6 +54,14 @@ def _namespaces_as_paths(connection: Connection) -> None:
         prefixes.extend(
             {"prefix_key": key, "namespace_id": ns_id}
             for key in prefix_keys((tenant, agent, thread))
+        )
+    if renamed:
+        warnings.warn(
+            f"{len(renamed)} namespaces of this schema-1 store had labels that can no longer be "
+            "addressed (empty, NUL or over 255 characters) and were renamed: "
+            f"{'; '.join(renamed)}. Their documents are unchanged; address them by the new names",
+            UserWarning,
+            stacklevel=2,
         )
     if connection.dialect.name == "sqlite":
         _sqlite_namespaces_as_paths(connection, values)

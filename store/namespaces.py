@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 from .errors import InvalidRecordError
 from .validation import MAX_KEY_CHARS, check_text
 
 __all__ = [
     "MAX_NAMESPACE_DEPTH",
+    "addressable_label",
     "decode_path",
     "encode_path",
     "format_namespace",
@@ -65,7 +66,9 @@ def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) 
     allowed, ``/`` and newlines included. ``allow_prefix`` only words the error: a prefix is
     checked the same way, and matches itself and every namespace below it."""
     labels = None
-    if not isinstance(namespace, str | bytes) and isinstance(namespace, Iterable):
+    # A mapping or a set iterates without a meaningful order (a dict would silently become its
+    # keys), so only sequences and other ordered iterables are read as labels.
+    if not isinstance(namespace, str | bytes | Mapping | Set) and isinstance(namespace, Iterable):
         labels = tuple(namespace)
     what = "a namespace prefix" if allow_prefix else "a namespace"
     if (
@@ -80,6 +83,26 @@ def validate_namespace(namespace: Sequence[str], *, allow_prefix: bool = False) 
     for depth, label in enumerate(labels):
         check_text(label, f"namespace label {depth}", max_chars=MAX_KEY_CHARS)
     return labels
+
+
+def addressable_label(label: str) -> str:
+    """``label`` itself when ``validate_namespace`` accepts it, else a valid stand-in for it.
+
+    Stores written before labels were checked may hold labels that can no longer be given to
+    any call: empty, holding NUL, or longer than 255 characters. Migration renames each such
+    label to its stand-in, so its documents stay reachable: a readable part (NUL written as
+    ``\\0``, an empty label as ``(empty)``, cut to 200 characters) followed by ``~`` and 12 hex
+    digits of the old label's SHA-256, which keeps two old labels from meeting in one name.
+    """
+    try:
+        validate_namespace((label,))
+        return label
+    except InvalidRecordError:
+        pass
+    readable = label.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
+    readable = readable[:200] or "(empty)"
+    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{readable}~{digest}"
 
 
 def parse_namespace(text: str) -> tuple[str, ...]:

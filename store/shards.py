@@ -26,10 +26,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from .database import Database, chunks
+from .database import Database
 from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
+from .filters import FilterNode
+from .id_lists import chunks
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
-from .schema import DocumentRow, EmbeddingRow, NamespaceRow, SettingRow, SpanRow
+from .queries import filtered_document_ids
+from .schema import EmbeddingRow, NamespaceRow, SettingRow, SpanRow
 from .validation import MAX_VECTOR_NORM
 
 __all__ = ["Shards", "embedding_is_damaged", "token_key"]
@@ -109,7 +112,7 @@ class Shards:
         session: Connection,
         namespaces: list[Any],
         filter_: Mapping[str, Any],
-        where: Any,
+        where: FilterNode,
     ) -> dict[int, np.ndarray]:
         """The span ids, per namespace, whose document matches a metadata filter.
 
@@ -126,13 +129,7 @@ class Shards:
                 self._filter_cache.move_to_end(key)
                 return cached
         ns_ids = [row.id for row in namespaces]
-        documents = _id_array(
-            session.scalar(
-                select(self.database.id_aggregate(DocumentRow.id)).where(
-                    DocumentRow.namespace_id.in_(ns_ids), where
-                )
-            )
-        )
+        documents = filtered_document_ids(session, self.database.id_aggregate, ns_ids, where)
         allowed = {}
         for row in namespaces:
             span_ids, span_documents = self._span_documents(session, row.id, row.generation)

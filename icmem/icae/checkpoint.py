@@ -183,6 +183,11 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); re-save it") from exc
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(
+            f"{path} holds a JSON {type(manifest).__name__}, not the object ICAE.save_pretrained "
+            "writes; the manifest was overwritten or damaged, so re-save the checkpoint"
+        )
     missing = {"format_version", "config", "base_model_fingerprint", "files"} - set(manifest)
     if missing:
         raise CorruptCheckpointError(f"{path} lacks {sorted(missing)}; re-save the checkpoint")

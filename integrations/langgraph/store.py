@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from icmem.store import InvalidFilterError
 from langgraph.store.base import (
     BaseStore,
     GetOp,
@@ -45,6 +47,7 @@ from langgraph.store.base import (
 from icmem.pipeline import MemoryPipeline, TextDocument
 
 from .filters import matches_filter
+from .sql_filters import VALUE_ROOT, store_prefilter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -130,6 +133,8 @@ class ICAEMemory(BaseStore):
             )
         self.pipeline = pipeline
         self.index_fields = _index_fields(index)
+        if ttl and ttl.get("default_ttl") is not None:
+            _check_minutes(ttl["default_ttl"], "TTLConfig default_ttl")
         self.ttl_config = ttl
         self._sweeper: tuple[threading.Event, concurrent.futures.Future[None]] | None = None
 
@@ -193,6 +198,7 @@ class ICAEMemory(BaseStore):
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
+            _check_ttl(op)
         now = _now()
         queries = self._embed_queries(ops)
         results: list[Result] = [self._read(op, now, queries) for op in ops]
@@ -206,6 +212,7 @@ class ICAEMemory(BaseStore):
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
+            _check_ttl(op)
         now = _now()
         queries = await asyncio.to_thread(self._embed_queries, ops)
         results: list[Result] = list(
@@ -236,7 +243,15 @@ class ICAEMemory(BaseStore):
         """Delete every expired item now; returns how many were deleted."""
         now = _now()
         expired: dict[tuple[str, ...], list[str]] = {}
-        for stored in _items(self._documents_under(())):
+        # SQL finds the candidates: items whose expiry time has passed, and items written
+        # before expiry times were kept as numbers (checked from their ISO time, in Python).
+        due = {
+            "$or": [
+                {"expires_ts": {"$lte": now.timestamp() + 1.0}},
+                {"expires_ts": {"$exists": False}, "expires_at": {"$exists": True}},
+            ]
+        }
+        for stored in _items(self._documents_under((), due, root=(ITEM_KEY,))):
             if stored.expired(now):
                 expired.setdefault(stored.namespace, []).append(stored.key)
         return sum(
@@ -305,7 +320,8 @@ class ICAEMemory(BaseStore):
     def _search(self, op: SearchOp, vector: np.ndarray | None, now: datetime) -> list[SearchItem]:
         if op.limit <= 0:
             return []
-        documents = self._documents_under(op.namespace_prefix)
+        # SQL keeps a superset of the items the filter matches; the exact check runs below.
+        documents = self._documents_under(op.namespace_prefix, store_prefilter(op.filter))
         candidates = [
             stored
             for stored in _items(documents)
@@ -316,7 +332,7 @@ class ICAEMemory(BaseStore):
             page = candidates[op.offset : op.offset + op.limit]
             return [stored.search_item() for stored in page]
         wanted = op.offset + op.limit
-        total = sum(document.span_count for document in documents)
+        total = self._span_count(op.namespace_prefix)
         scores = self._best_scores(op.namespace_prefix, vector, candidates, wanted, total)
         ranked = sorted(
             (c for c in candidates if (c.namespace, c.key) in scores),
@@ -360,11 +376,18 @@ class ICAEMemory(BaseStore):
             if condition.match_type == "prefix":
                 labels = tuple(condition.path)
                 literal = labels[: labels.index("*")] if "*" in labels else labels
-        namespaces = {
-            stored.namespace
-            for stored in _items(self._documents_under(literal))
-            if not self._hidden(stored, now)
-        }
+        if (self.ttl_config or {}).get("omit_expired"):
+            namespaces = {
+                stored.namespace
+                for stored in _items(self._documents_under(literal))
+                if not self._hidden(stored, now)
+            }
+        else:  # no item is hidden: the namespaces holding an item, found in SQL
+            namespaces = set(
+                self.pipeline.namespaces(
+                    literal or None, filter={"value": {"$exists": True}}, filter_root=(ITEM_KEY,)
+                )
+            )
         chosen = [ns for ns in namespaces if all(_matches(c, ns) for c in conditions)]
         if op.max_depth is not None:
             chosen = list({ns[: op.max_depth] for ns in chosen})
@@ -373,16 +396,38 @@ class ICAEMemory(BaseStore):
     def _get_stored(self, namespace: tuple[str, ...], keys: Sequence[str]) -> list[_Stored]:
         return _items(self.pipeline.get_documents(list(keys), namespace=namespace))
 
-    def _documents_under(self, prefix: tuple[str, ...]) -> list[DocumentInfo]:
+    def _documents_under(
+        self,
+        prefix: tuple[str, ...],
+        value_filter: dict[str, Any] | None = None,
+        *,
+        root: tuple[str, ...] = VALUE_ROOT,
+    ) -> list[DocumentInfo]:
         """Every document under a prefix, items or not, by namespace and then in the order
-        first written."""
-        documents = [
-            document
-            for root in self._roots(prefix)
-            for document in self.pipeline.list_documents(root)
-        ]
+        first written; with ``value_filter`` (a store filter relative to ``root``: by default
+        the item value, as ``store_prefilter`` writes it), only those the database finds
+        matching it."""
+        options: dict[str, Any] = {}
+        if value_filter is not None:
+            options = {"filter": value_filter, "filter_root": root}
+        try:
+            documents = [
+                document
+                for root in self._roots(prefix)
+                for document in self.pipeline.list_documents(root, **options)
+            ]
+        except InvalidFilterError:
+            # A key or value the store's filter language refuses (a quote in a key, a NUL):
+            # nothing is narrowed in SQL, the exact check in Python still applies.
+            if value_filter is None:
+                raise
+            return self._documents_under(prefix)
         documents.sort(key=lambda d: d.namespace)  # stable: first-written order inside one
         return documents
+
+    def _span_count(self, prefix: tuple[str, ...]) -> int:
+        """Spans under a prefix (every span, of items or not), counted in SQL."""
+        return sum(self.pipeline.stats(root).spans for root in self._roots(prefix))
 
     def _roots(self, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
         """The store reads prefixes of one label or more: the empty prefix is every top label."""
@@ -488,6 +533,21 @@ def _check_value(op: PutOp) -> None:
         )
 
 
+def _check_ttl(op: Op) -> None:
+    """Refuse a put's TTL that is not a time to live, before anything is written."""
+    if isinstance(op, PutOp) and op.ttl is not None:
+        _check_minutes(op.ttl, f"the ttl of key {op.key!r}")
+
+
+def _check_minutes(ttl: Any, what: str) -> None:
+    """A TTL is a non-negative number of minutes; a negative, NaN or non-numeric one would
+    store an item that is expired (or unexpirable) by accident."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or math.isnan(ttl) or ttl < 0:
+        raise ValueError(
+            f"{what} is {ttl!r}; a TTL is a number of minutes >= 0 (or None for no expiry)"
+        )
+
+
 def _put_metadata(op: PutOp, existing: _Stored | None, now: datetime) -> dict[str, Any]:
     ttl = None if op.ttl is None else float(op.ttl)
     stored = _Stored(
@@ -516,6 +576,8 @@ def _metadata(stored: _Stored, now: datetime, *, refreshed: bool) -> dict[str, A
             "created_at": stored.created_at.isoformat(),
             "updated_at": stored.updated_at.isoformat(),
             "expires_at": expires.isoformat() if expires else None,
+            # The same instant as a number, so that a TTL sweep finds expired items in SQL.
+            "expires_ts": expires.timestamp() if expires else None,
             "ttl": stored.ttl,
         }
     }

@@ -100,6 +100,13 @@ def test_corrupt_manifest_fails_cleanly(saved):
         ICAE.from_pretrained(saved)
 
 
+@pytest.mark.parametrize("manifest", ["5", "null", "[1, 2]", '"text"'])
+def test_a_manifest_that_is_not_an_object_fails_cleanly(saved, manifest):
+    (saved / "icae_config.json").write_text(manifest)
+    with pytest.raises(CorruptCheckpointError, match=r"not the object .* re-save"):
+        ICAE.from_pretrained(saved)
+
+
 def test_a_directory_without_manifest_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not an ICAE checkpoint"):
         ICAE.from_pretrained(tmp_path)

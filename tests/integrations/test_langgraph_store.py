@@ -207,3 +207,15 @@ def test_an_event_loop_can_drive_it_concurrently(memory):
         return await asyncio.gather(*(memory.aget(USER, f"k{i}") for i in range(4)))
 
     assert [item.value["text"] for item in asyncio.run(main())] == [f"n {i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("ttl", [-5, -0.001, float("nan"), "10", True])
+def test_a_ttl_that_is_not_minutes_is_refused(memory, ttl):
+    with pytest.raises(ValueError, match="minutes >= 0"):
+        memory.put(USER, "k", {"text": "x"}, ttl=ttl)
+    assert memory.get(USER, "k") is None  # nothing was written
+
+
+def test_a_negative_default_ttl_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="default_ttl is -5"):
+        ICAEMemory(fresh_pipeline(tmp_path / "store"), ttl={"default_ttl": -5})

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from icmem.store import (
     DocumentRecord,
@@ -50,6 +51,26 @@ def test_emptied_database_is_never_recreated(tmp_path: Path) -> None:
     with pytest.raises(NotAStoreError, match="empty"):
         _cli(["store", "reindex", str(path), "--dim", str(DIM)])
     assert _files(path) == before  # nothing was initialised, the index is untouched
+
+
+def test_emptied_database_with_a_stale_wal_is_refused(tmp_path: Path) -> None:
+    """A 0-byte database beside a WAL that still holds pages (a writer was killed, then the file
+    was emptied): opening must not replay the WAL into the empty file and delete it."""
+    path = tmp_path / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"d{i}", 2, seed=i) for i in range(3)], namespace=NS)
+    writer = _writer(path, "kill")
+    writer.communicate(timeout=120)
+    assert writer.returncode == -9
+    assert (path / "store.sqlite-wal").stat().st_size > 0
+    (path / "store.sqlite").write_bytes(b"")
+    before = _files(path)
+    for read_only in (False, True):
+        with pytest.raises(
+            NotAStoreError, match=r"empty \(0 bytes\).*store\.sqlite-wal.*untouched"
+        ):
+            MemoryStore.open(path, dim=DIM, read_only=read_only)
+    assert _files(path) == before  # the WAL, the only copy of its pages, is still there
 
 
 def test_index_without_database_is_not_a_new_store(tmp_path: Path) -> None:
@@ -390,3 +411,109 @@ def test_read_only_reader_follows_a_writer_that_starts_later(shared_store) -> No
             writer.communicate("stop\\n", timeout=120)
         if reader.poll() is None:
             reader.kill()
+
+
+STEPPING_READER = AS_NOBODY + textwrap.dedent(
+    """
+    store = MemoryStore.open(path, dim=dim, read_only=True)
+    for _line in sys.stdin:  # one answer per line: the parent changes the store in between
+        try:
+            hits = store.search(np.ones(dim, np.float32), 100, namespace=ns)
+            answer = {"documents": store.stats().documents, "hits": len(hits)}
+        except StoreError as exc:
+            answer = {"error": type(exc).__name__, "message": str(exc)}
+        print(json.dumps(answer), flush=True)
+    store.close()
+    """
+)
+
+
+def test_read_only_reader_sees_every_commit_whatever_the_writer_did(shared_store) -> None:
+    """A reader in a directory it cannot write (opened with the WAL empty, so ``immutable=1``)
+    must see each commit made before its call: after a writer that added and closed (leaving no
+    WAL), after a ``wal_checkpoint(TRUNCATE)`` (an empty WAL beside a live writer), and after a
+    VACUUM rewrote every page of the file, which a stale reader reads as damage."""
+    import json
+    import sqlite3
+
+    path, warm = shared_store
+    reader = subprocess.Popen(
+        [sys.executable, "-c", STEPPING_READER, str(path), str(warm), str(DIM)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+
+    def ask() -> dict:
+        assert reader.stdin is not None and reader.stdout is not None
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        line = reader.stdout.readline()
+        assert line, reader.stderr.read() if reader.stderr else ""
+        return json.loads(line)
+
+    try:
+        assert ask() == {"documents": 10, "hits": 10}
+        with MemoryStore.open(path, dim=DIM) as writer:  # adds, then closes: no WAL is left
+            writer.add([make_document(f"a{i}", 1, seed=20 + i) for i in range(5)], namespace=NS)
+        assert not (path / "store.sqlite-wal").exists()
+        assert ask() == {"documents": 15, "hits": 15}
+
+        writer = MemoryStore.open(path, dim=DIM)
+        try:
+            writer.add([make_document(f"b{i}", 1, seed=40 + i) for i in range(5)], namespace=NS)
+            assert (path / "store.sqlite-wal").stat().st_size > 0  # read through the -shm now
+            assert ask() == {"documents": 20, "hits": 20}
+            with writer.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").all()
+            assert (path / "store.sqlite-wal").stat().st_size == 0
+            assert ask() == {"documents": 20, "hits": 20}
+        finally:
+            writer.close()
+
+        with MemoryStore.open(path, dim=DIM) as writer:
+            writer.delete(namespace=NS, document_ids=[f"d{i}" for i in range(8)])
+        vacuum = sqlite3.connect(path / "store.sqlite")
+        vacuum.execute("VACUUM")
+        vacuum.close()
+        assert ask() == {"documents": 12, "hits": 12}
+    finally:
+        if reader.stdin is not None:
+            reader.stdin.close()
+        reader.wait(timeout=120)
+    assert reader.returncode == 0, reader.stderr.read() if reader.stderr else ""
+
+
+def test_read_only_reader_in_a_writable_directory_sees_every_commit(tmp_path: Path) -> None:
+    """The same sequence for a read-only store whose directory is writable (``mode=ro`` with
+    the WAL's shared memory): each answer reflects every commit before it."""
+    import sqlite3
+
+    path = tmp_path / "store"
+    with MemoryStore.open(path, dim=DIM) as store:
+        store.add([make_document(f"d{i}", 1, seed=i) for i in range(10)], namespace=NS)
+    reader = MemoryStore.open(path, dim=DIM, read_only=True)
+
+    def seen() -> tuple[int, int]:
+        hits = reader.search(np.ones(DIM, np.float32), 100, namespace=NS)
+        return reader.stats().documents, len(hits)
+
+    try:
+        assert seen() == (10, 10)
+        with MemoryStore.open(path, dim=DIM) as writer:
+            writer.add([make_document(f"a{i}", 1, seed=20 + i) for i in range(5)], namespace=NS)
+        assert seen() == (15, 15)
+        with MemoryStore.open(path, dim=DIM) as writer:
+            writer.add([make_document(f"b{i}", 1, seed=40 + i) for i in range(5)], namespace=NS)
+            with writer.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").all()
+            assert seen() == (20, 20)
+            writer.delete(namespace=NS, document_ids=[f"d{i}" for i in range(8)])
+        vacuum = sqlite3.connect(path / "store.sqlite")
+        vacuum.execute("VACUUM")
+        vacuum.close()
+        assert seen() == (12, 12)
+    finally:
+        reader.close()
