@@ -66,3 +66,15 @@ def test_shipped_checkpoint_reconstructs_a_known_span_far_below_its_references(s
     with torch.no_grad():
         (foreign,) = shipped.compress([other[:SPAN_TOKENS]])
         assert _target_nll(shipped, foreign, "ae", span) > ce + FOREIGN_MARGIN
+
+
+def test_shipped_checkpoint_answers_from_slots(shipped, tmp_path):
+    """The decoder reads slots and answers (the checkpoints before distillation stopped at once
+    on every question, so `ask` from slots returned an empty string)."""
+    from icmem.pipeline import MemoryPipeline
+
+    text = (files("icmem") / "data" / "lighthouse.txt").read_text(encoding="utf-8")
+    with MemoryPipeline.open(tmp_path / "store", icae=shipped) as pipeline:
+        pipeline.ingest(text, document_id="lighthouse")
+        answer = pipeline.ask("Who kept the light at Skerry Point?", k=1, max_new_tokens=24)
+    assert answer.hits and answer.text.strip(), "the answer from slots is empty"
