@@ -80,3 +80,26 @@ def test_held_out_questions_are_answered_by_their_documents():
     # the held-out stream is not the training stream
     assert invented_document(0, seed=0).text != documents[0].text
     assert invented_document(3, seed=1) == documents[3]  # repeatable
+
+
+def test_invented_documents_never_name_what_the_demo_asks_about():
+    """The demo is answered by reading memory; training must not have met its people and places."""
+    import re
+    from importlib import resources
+
+    demo = "".join(
+        resources.files("icmem").joinpath("data", f"{name}.txt").read_text("utf-8")
+        for name in ("lighthouse", "orchard")
+    )
+    common = {"The", "In", "His", "Her", "She", "He", "After", "All", "Their", "It", "When", "By"}
+    common |= {"Red", "Orange"}  # colours, capitalised in invented ships' names
+    months_and_days = set(re.findall(r"\b[A-Z][a-z]+\b", " ".join(_calendar_words())))
+    proper = set(re.findall(r"\b[A-Z][a-z]+\b", demo)) - common - months_and_days
+    generated = " ".join(invented_document(i, seed).text for seed in (0, 1) for i in range(400))
+    assert proper & set(re.findall(r"\b[A-Z][a-z]+\b", generated)) == set()
+
+
+def _calendar_words() -> list[str]:
+    import calendar
+
+    return [*calendar.month_name[1:], *calendar.day_name]

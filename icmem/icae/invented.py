@@ -9,6 +9,8 @@ train/held-out split is by document (different seeds), exactly as the corpus is 
 The sentences come in several phrasings per fact and in varied order, and documents carry
 filler sentences without facts, so that the decoder learns to find an answer rather than a slot
 position.
+No name in the pools occurs in the demo documents (icmem/data): the demo must be answered by
+reading memory, not from names met in training (tested).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _FIRST = [
-    "Tobias",
-    "Ada",
-    "Margaret",
-    "Samuel",
+    "Ambrose",
+    "Isolde",
+    "Winifred",
+    "Cedric",
     "Elena",
     "Victor",
     "Ingrid",
@@ -75,8 +77,8 @@ _FIRST = [
     "Maren",
 ]
 _LAST = [
-    "Wren",
-    "Pell",
+    "Quennell",
+    "Garrow",
     "Halloran",
     "Voss",
     "Abernethy",
@@ -94,7 +96,7 @@ _LAST = [
     "Harrowgate",
     "Ingleby",
     "Jessop",
-    "Kilbride",
+    "Dunhallow",
     "Lomax",
     "Mereweather",
     "Nettleship",
