@@ -19,6 +19,10 @@ Records (what to ask) are drawn before the teacher runs, split by document like 
 - ``corpus``: an instruction about a corpus span (summary, topic), the teacher's answer;
 - ``continue``: continue a corpus span (task ``lm``); the real next tokens, and the teacher's
   distributions over them from reading the span as text.
+
+Half the invented documents share their span with other invented documents, up to nearly a
+full span: a 512-token chunk of a real file holds several topics, and the decoder must find a
+fact among 128 slots, not only among the 30 of a short document.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ SMALL_TALK = (
     ("Can you help me with a few questions?", "Of course! What would you like to know?"),
     ("Thanks for your help earlier.", "You're welcome! What else can I do for you?"),
 )
+SHARED_SPAN_FRACTION = 0.5  # invented documents that share their span with others
+FILLER_SEED_OFFSET = 500  # the invented stream other documents of a shared span come from
 CACHE_SHARD = 64  # examples per cache file: a crash loses at most this much work
 CACHE_INFO = "cache.json"
 
@@ -148,6 +154,19 @@ def _record(
     def invented(offset: int) -> InventedDocument:
         return invented_document(index * 7 + offset, invented_seed)
 
+    def passage(document: InventedDocument, slot: int) -> str:
+        if rng.random() >= SHARED_SPAN_FRACTION:
+            return document.text
+        budget = rng.randint(span_tokens // 2, span_tokens - 16)
+        parts = [document.text]
+        for j in range(8):
+            other = invented_document(index * 64 + slot * 8 + j, invented_seed + FILLER_SEED_OFFSET)
+            if len(tokenizer.encode("\n\n".join([*parts, other.text]))) > budget:
+                break
+            parts.append(other.text)
+        rng.shuffle(parts)
+        return "\n\n".join(parts)
+
     if kind == "continue":
         span, following = corpus_span(96, 320, after=48)
         return DistillRecord(kind, (span,), (), following)
@@ -158,16 +177,17 @@ def _record(
     document = invented(0)
     asked = rng.choice(document.questions)
     question = {"role": "user", "content": asked.question}
+    text = passage(document, 0)
     if kind == "qa":
-        return DistillRecord(kind, (document.text,), (question,), asked.answer)
+        return DistillRecord(kind, (text,), (question,), asked.answer)
     distractors = [
-        invented(1 + i).text if rng.random() < 0.6 else corpus_span(64, 192)[0]
+        passage(invented(1 + i), 1 + i) if rng.random() < 0.6 else corpus_span(64, 192)[0]
         for i in range(rng.randint(1, 3))
     ]
     if kind == "absent":
         return DistillRecord(kind, tuple(distractors), (question,))
     if kind == "multi":
-        spans = [document.text, *distractors]
+        spans = [text, *distractors]
         rng.shuffle(spans)
         return DistillRecord(kind, tuple(spans), (question,), asked.answer)
     # conversation: a system prompt, an earlier exchange, then the question
@@ -182,7 +202,7 @@ def _record(
         {"role": "assistant", "content": before[1]},
         question,
     )
-    spans = [document.text, *distractors[: rng.randint(0, 1)]]
+    spans = [text, *distractors[: rng.randint(0, 1)]]
     rng.shuffle(spans)
     return DistillRecord(kind, tuple(spans), messages, asked.answer)
 

@@ -190,6 +190,19 @@ def test_records_are_split_by_document_and_repeatable(records, tokenizer):
             assert record.gold is None
 
 
+def test_invented_documents_share_spans_up_to_a_full_span(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "corpus", documents=10, words=400)
+    chosen = distill.build_records(corpus, tokenizer, 60, held_out_fraction=0.2, span_tokens=2048)
+    invented = [r for r in chosen if r.kind in ("qa", "multi", "conversation")]
+    # an invented document is a title and a paragraph; a shared span joins two or more
+    shared = [r for r in invented if any(s.count("\n\n") >= 3 for s in r.spans)]
+    assert shared and len(shared) < len(invented)  # about half, never all
+    for record in chosen:
+        assert all(len(tokenizer.encode(s)) <= 2048 for s in record.spans)
+    for record in invented:
+        assert record.gold is not None and any(record.gold in s for s in record.spans)
+
+
 def test_bad_records_are_refused():
     with pytest.raises(TrainingDataError, match="kind"):
         distill.DistillRecord("essay", ("text",), ({"role": "user", "content": "q"},))
