@@ -150,7 +150,7 @@ def _read_stage(stored: Mapping[str, str], options: ReadOptions):
                 if reason is not None:
                     document = Skip(document.name, f"refused by the store: {reason}")
             if isinstance(document, Skip):
-                out.append({**_NO_TEXT, "id": document.path, "reason": document.reason})
+                out.append({**_UNREADABLE_ROW, "id": document.path, "reason": document.reason})
                 continue
             status = _SKIPPED if unchanged(document, stored) else _ENCODE
             out.append(
@@ -171,7 +171,7 @@ def _read_stage(stored: Mapping[str, str], options: ReadOptions):
     return read
 
 
-_NO_TEXT = {"document": "", "status": _UNREADABLE}
+_UNREADABLE_ROW = {"document": "", "status": _UNREADABLE}
 
 
 def _rows(

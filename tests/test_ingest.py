@@ -124,7 +124,7 @@ def _skips(report_skips: list[Skip], root: Path) -> dict[str, str]:
     return {os.path.relpath(s.path, root): s.reason for s in report_skips}
 
 
-def ingest_paths(pipeline, paths, **options):
+def ingest_folder(pipeline, paths, **options):
     return pipeline.ingest_files(paths, namespace=NS, progress=False, **options)
 
 
@@ -141,7 +141,7 @@ def test_a_messy_folder_is_ingested_once_and_every_bad_file_listed(pipeline, mes
 
     monkeypatch.setattr(DocumentWriter, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ingest_paths(pipeline, [root], batch_spans=32)
+        ingest_folder(pipeline, [root], batch_spans=32)
     before = pipeline.store.list_documents(NS)
     stored_before = {d.id for d in before}
     assert sum(d.span_count for d in before) == calls[0] + calls[1]  # two batches written
@@ -149,7 +149,7 @@ def test_a_messy_folder_is_ingested_once_and_every_bad_file_listed(pipeline, mes
 
     monkeypatch.setattr(DocumentWriter, "write", real_write)
     (root / "vanished.txt").write_text("back, and gone again when read", encoding="utf-8")
-    report = ingest_paths(pipeline, [root], batch_spans=32)
+    report = ingest_folder(pipeline, [root], batch_spans=32)
     assert report.skipped == len(stored_before)
     assert report.ingested == len(good) - len(stored_before)
     skips = _skips(report.unreadable, root)
@@ -166,7 +166,7 @@ def test_a_messy_folder_is_ingested_once_and_every_bad_file_listed(pipeline, mes
     spans = pipeline.store.stats(NS).spans
     assert spans == sum(d.span_count for d in documents)
 
-    again = ingest_paths(pipeline, [root])
+    again = ingest_folder(pipeline, [root])
     assert (again.ingested, again.skipped, again.spans) == (0, len(good), 0)
     assert pipeline.store.stats(NS).spans == spans
 
@@ -214,7 +214,7 @@ def test_a_document_the_store_refuses_is_skipped_and_its_batch_stored(pipeline, 
     (deep / "long.txt").write_text("an id longer than the store's 255 characters", "utf-8")
     (tmp_path / "a.txt").write_text("first", encoding="utf-8")
     (tmp_path / "b.txt").write_text("second", encoding="utf-8")
-    report = ingest_paths(pipeline, [tmp_path])
+    report = ingest_folder(pipeline, [tmp_path])
     assert report.ingested == 2
     (refused,) = report.unreadable
     assert refused.path == str(deep / "long.txt") and "255" in refused.reason
@@ -255,15 +255,38 @@ def long_text(tokenizer, span_tokens: int, spans: int) -> str:
     return " ".join(sentences)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend_pipeline(request, tmp_path, tokenizer):
+    """The `pipeline` fixture's models over a store of each backend."""
+    from icmem.store import MemoryStore
+    from tiny_models import tiny_embedder, tiny_icae
+
+    from icmem.pipeline import MemoryPipeline
+
+    icae, embedder = tiny_icae(tokenizer), tiny_embedder(tokenizer)
+    where, index_dir, server = tmp_path / "store", None, None
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        where, index_dir = server.create_database(), tmp_path / "pg-index"
+    store = MemoryStore.open(
+        where, dim=embedder.dim, index_dir=index_dir, model_fingerprint=icae.fingerprint
+    )
+    with MemoryPipeline(icae, store, embedder, codec="fp32") as opened:
+        yield opened
+    if server is not None:
+        server.drop_databases()
+
+
 def test_a_large_file_is_committed_in_parts_hidden_until_whole_and_resumed(
-    pipeline, tmp_path, monkeypatch, bars
+    backend_pipeline, tmp_path, monkeypatch, bars
 ):
     """Ctrl-C inside one large file keeps its finished parts; readers see the version stored
     before until the new one is whole; the next run compresses only the rest."""
+    pipeline = backend_pipeline
     tokenizer, span_tokens = pipeline.icae.tokenizer, pipeline.icae.config.span_tokens
     big = tmp_path / "big.txt"
     big.write_text("An old, short version of the file.", encoding="utf-8")
-    ingest_paths(pipeline, [big])
+    ingest_folder(pipeline, [big])
     (old,) = pipeline.store.list_documents(NS)
     text = long_text(tokenizer, span_tokens, 150)
     big.write_text(text, encoding="utf-8")
@@ -309,7 +332,7 @@ def test_a_large_file_is_committed_in_parts_hidden_until_whole_and_resumed(
     assert sorted((h.position, h.text) for h in hits) == [(s.index, s.text) for s in expected]
     assert pipeline.store.list_namespaces((PARTS_ROOT,)) == []  # the parts became the file
     assert set(pipeline.store.index_ids(NS)) == set(pipeline.store.span_ids(NS))
-    again = ingest_paths(pipeline, [big])
+    again = ingest_folder(pipeline, [big])
     assert (again.skipped, again.spans) == (1, 0)
 
 
@@ -325,11 +348,11 @@ def test_parts_of_another_version_are_dropped_not_mixed_in(pipeline, tmp_path, m
 
     monkeypatch.setattr(DocumentWriter, "write_part", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ingest_paths(pipeline, [big], batch_spans=40)
+        ingest_folder(pipeline, [big], batch_spans=40)
     monkeypatch.setattr(DocumentWriter, "write_part", real_write_part)
     text = long_text(tokenizer, span_tokens, 90).upper()  # the file changed meanwhile
     big.write_text(text, encoding="utf-8")
-    report = ingest_paths(pipeline, [big], batch_spans=40)
+    report = ingest_folder(pipeline, [big], batch_spans=40)
     expected = chunk(text, tokenizer, span_tokens=span_tokens)
     assert report.spans == len(expected)
     hits = pipeline.store.search(pipeline.embed(["x"])[0], 500, namespace=NS)
