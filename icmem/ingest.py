@@ -27,7 +27,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from icmem.chunking import DecodeErrors, read_utf8
+from icmem.chunking import DecodeErrors, Span, read_utf8
 from icmem.documents import TextDocument
 from icmem.encoding import DocumentEncoder, StageClock
 from icmem.errors import ChunkingError, IcmemError
@@ -51,6 +51,7 @@ FORMATS: Mapping[str, str] = {
 DEFAULT_GLOB = "**/*"
 DEFAULT_TEXT_FIELD = "text"
 STAGES = ("read", "tokenize", "compress", "embed", "write")
+KEPT_TOKENS = 1 << 22  # tokens of spans kept from the counting pass (about 200 MB at most)
 
 
 @dataclass(frozen=True)
@@ -379,8 +380,9 @@ def ingest_paths(
     """Read, chunk, compress and store every document under `paths` into `writer`'s namespace.
 
     A first pass reads and chunks every file to find what is new or changed and how many spans
-    it holds (the progress bar's true total; its speed and ETA follow); the second compresses
-    and writes it, `batch_spans` spans per transaction (see `icmem.writing.BatchedWriter`).
+    it holds (the progress bar's true total; its speed and ETA follow), keeping the spans of up
+    to `KEPT_TOKENS` tokens; the second compresses and writes them (chunking again only what
+    was not kept), `batch_spans` spans per transaction (see `icmem.writing.BatchedWriter`).
     Documents stored under the same id with the same content hash are skipped, and a large
     document continues after the parts an earlier, interrupted run committed, so Ctrl-C loses
     at most the batch in flight and a re-run redoes nothing. Unreadable files are reported in
@@ -403,7 +405,8 @@ def ingest_paths(
         report.files = len(files)
         stored = writer.stored_hashes()
         todo: dict[Path, set[str]] = {}  # file -> ids of its documents to write
-        total = 0  # spans to compress
+        chunked: dict[str, tuple[str, list[Span]]] = {}  # id -> (hash, spans), kept for pass 2
+        kept_tokens, total = 0, 0  # tokens of the kept spans, spans to compress
         reading = tqdm(files, desc="reading", unit="file", disable=not progress, leave=False)
         for path in reading:
             for document in _documents_of(path, options, clock, report, progress):
@@ -418,6 +421,10 @@ def ingest_paths(
                 todo.setdefault(path, set()).add(str(document.document_id))
                 done = writer.parts_done(document) if len(spans) > batch_spans else 0
                 total += len(spans) - done
+                tokens = sum(span.token_count for span in spans)
+                if kept_tokens + tokens <= KEPT_TOKENS:  # not chunked twice, within a budget
+                    chunked[str(document.document_id)] = (document.content_hash, spans)
+                    kept_tokens += tokens
         reading.close()
         bar = tqdm(
             desc="ingesting", total=total, unit="span", disable=not progress, dynamic_ncols=True
@@ -427,8 +434,10 @@ def ingest_paths(
             for document in _documents_of(path, options, clock, None, progress):
                 if document.document_id in wanted:
                     wanted.discard(document.document_id)
-                    with clock("tokenize"):
-                        spans = encoder.chunk(document)
+                    digest, spans = chunked.pop(document.document_id, ("", []))
+                    if digest != document.content_hash:  # not kept, or changed since
+                        with clock("tokenize"):
+                            spans = encoder.chunk(document)
                     batched.add(document, spans)
             for gone in sorted(wanted):  # changed since the first pass into something unreadable
                 report.add_skip(Skip(gone, "could not be read again"), announce=progress)

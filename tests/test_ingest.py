@@ -148,6 +148,7 @@ def test_a_messy_folder_is_ingested_once_and_every_bad_file_listed(pipeline, mes
     assert all(c >= 32 for c in calls)  # spans of many files were compressed together
 
     monkeypatch.setattr(DocumentWriter, "write", real_write)
+    monkeypatch.setattr(ingest, "KEPT_TOKENS", 300)  # some spans kept, the rest chunked again
     (root / "vanished.txt").write_text("back, and gone again when read", encoding="utf-8")
     report = ingest_folder(pipeline, [root], batch_spans=32)
     assert report.skipped == len(stored_before)
@@ -360,15 +361,25 @@ def test_parts_of_another_version_are_dropped_not_mixed_in(pipeline, tmp_path, m
     assert pipeline.store.list_namespaces((PARTS_ROOT,)) == []
 
 
-def test_many_small_files_show_their_true_total_from_the_start(pipeline, tmp_path, bars):
+def test_many_small_files_show_their_true_total_from_the_start(
+    pipeline, tmp_path, bars, monkeypatch
+):
     tokenizer, span_tokens = pipeline.icae.tokenizer, pipeline.icae.config.span_tokens
     texts = [_sentence(i) * (1 + i % 7) for i in range(40)]
+    folder = tmp_path / "docs"
+    folder.mkdir()
     for i, text in enumerate(texts):
-        (tmp_path / f"{i:02d}.txt").write_text(text, encoding="utf-8")
-    report = pipeline.ingest_files([tmp_path], namespace=NS, progress=True)
+        (folder / f"{i:02d}.txt").write_text(text, encoding="utf-8")
+    chunked = []
+    real_chunk = pipeline.encoder.chunk
+    monkeypatch.setattr(
+        pipeline.encoder, "chunk", lambda document: chunked.append(1) or real_chunk(document)
+    )
+    report = pipeline.ingest_files([folder], namespace=NS, progress=True)
     spans = sum(len(chunk(t, tokenizer, span_tokens=span_tokens)) for t in texts)
     bar = _span_bar(bars)
     assert set(bar.totals_shown) == {spans} and bar.n == report.spans == spans
+    assert len(chunked) == len(texts)  # counting the total cost no second chunking
 
 
 def test_unsupported_files_are_reported_as_skipped(pipeline, tmp_path, capsys):
