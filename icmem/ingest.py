@@ -404,22 +404,30 @@ def ingest_paths(
                 files.append(found)
         report.files = len(files)
         stored = writer.stored_hashes()
+        unfinished = writer.unfinished_parts()
         todo: dict[Path, set[str]] = {}  # file -> ids of its documents to write
         chunked: dict[str, tuple[str, list[Span]]] = {}  # id -> (hash, spans), kept for pass 2
         kept_tokens, total = 0, 0  # tokens of the kept spans, spans to compress
         reading = tqdm(files, desc="reading", unit="file", disable=not progress, leave=False)
         for path in reading:
             for document in _documents_of(path, options, clock, report, progress):
+                leftover = writer.parts_namespace(document) in unfinished
                 if unchanged(document, stored):
                     report.skipped += 1
+                    if leftover:  # parts of a version that was never finished
+                        writer.drop_parts(document)
                     continue
                 with clock("tokenize"):
                     spans = encoder.chunk(document)
+                done = 0
+                if len(spans) > batch_spans:
+                    done = writer.parts_done(document)
+                elif leftover:  # it shrank: written whole now
+                    writer.drop_parts(document)
                 if not spans:
                     report.empty += 1
                     continue
                 todo.setdefault(path, set()).add(str(document.document_id))
-                done = writer.parts_done(document) if len(spans) > batch_spans else 0
                 total += len(spans) - done
                 tokens = sum(span.token_count for span in spans)
                 if kept_tokens + tokens <= KEPT_TOKENS:  # not chunked twice, within a budget

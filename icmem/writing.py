@@ -85,6 +85,15 @@ class DocumentWriter:
         key = json.dumps([list(self.namespace), document.document_id], ensure_ascii=False)
         return (PARTS_ROOT, hashlib.sha256(key.encode("utf-8")).hexdigest()[:32])
 
+    def unfinished_parts(self) -> set[tuple[str, ...]]:
+        """The parts namespaces in the store: documents (of any namespace) whose writing
+        stopped before they were assembled."""
+        return set(self.store.list_namespaces((PARTS_ROOT,)))
+
+    def drop_parts(self, document: TextDocument) -> None:
+        """Delete the committed parts of `document` (of a version that is not written)."""
+        self.store.delete(namespace=self.parts_namespace(document))
+
     def parts_done(self, document: TextDocument) -> int:
         """How many spans of `document` (from its first) an earlier run committed as parts.
         Parts of another version of the document, or that do not follow one another, are
@@ -93,7 +102,7 @@ class DocumentWriter:
         done = 0
         for part in sorted(self.store.list_documents(where, exact=True), key=lambda p: int(p.id)):
             if part.content_hash != document.content_hash or int(part.id) != done:
-                self.store.delete(namespace=where)
+                self.drop_parts(document)
                 return 0
             done += part.span_count
         return done

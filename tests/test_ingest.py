@@ -361,6 +361,33 @@ def test_parts_of_another_version_are_dropped_not_mixed_in(pipeline, tmp_path, m
     assert pipeline.store.list_namespaces((PARTS_ROOT,)) == []
 
 
+@pytest.mark.parametrize("now", ["small", "as stored"])
+def test_parts_of_a_version_never_finished_are_dropped(pipeline, tmp_path, monkeypatch, now):
+    """Interrupted inside a large version of a file that then became small again (or went back
+    to the version stored): its parts are deleted, not left behind."""
+    tokenizer, span_tokens = pipeline.icae.tokenizer, pipeline.icae.config.span_tokens
+    big = tmp_path / "big.txt"
+    big.write_text("A short note.", encoding="utf-8")
+    ingest_folder(pipeline, [big])
+    big.write_text(long_text(tokenizer, span_tokens, 100), encoding="utf-8")
+    real_write_part = DocumentWriter.write_part
+
+    def interrupted(writer, document, spans):
+        real_write_part(writer, document, spans)
+        raise KeyboardInterrupt  # after the first part
+
+    monkeypatch.setattr(DocumentWriter, "write_part", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_folder(pipeline, [big], batch_spans=40)
+    monkeypatch.setattr(DocumentWriter, "write_part", real_write_part)
+    assert len(pipeline.store.list_namespaces((PARTS_ROOT,))) == 1
+    big.write_text("A short note." if now == "as stored" else "Another note.", encoding="utf-8")
+    report = ingest_folder(pipeline, [big], batch_spans=40)
+    assert (report.skipped, report.ingested) == ((1, 0) if now == "as stored" else (0, 1))
+    assert pipeline.store.list_namespaces((PARTS_ROOT,)) == []
+    assert pipeline.store.stats().spans == 1  # all that is stored is the one span of the note
+
+
 def test_many_small_files_show_their_true_total_from_the_start(
     pipeline, tmp_path, bars, monkeypatch
 ):
