@@ -1,4 +1,4 @@
-"""Ingestion throughput in one process: spans/s and tokens/s of `icmem.ingest.ingest_paths` over a
+"""Ingestion throughput in one process: spans/s and tokens/s of `MemoryPipeline.ingest_files` over a
 small mixed corpus (txt, md, html, jsonl cut from a Shakespeare play), on the tests' tiny random
 ICAE and on the default model (shipped ICAE on SmolLM2-135M, all-MiniLM-L6-v2 embedder), with
 the share of wall time spent reading, tokenizing, compressing, embedding and writing.
@@ -20,7 +20,7 @@ import torch
 from icae_common import emit, play_text
 from icmem.store import MemoryStore
 
-from icmem.ingest import STAGES, ingest_paths
+from icmem.ingest import STAGES
 from icmem.pipeline import MemoryPipeline
 
 NS = ("bench", "ingest", "run")
@@ -52,7 +52,7 @@ def write_corpus(root: Path, files: int, chars: int) -> int:
 
 def measure(name: str, pipeline: MemoryPipeline, corpus: Path, corpus_bytes: int) -> dict:
     started = time.perf_counter()
-    report = ingest_paths(pipeline, [corpus], namespace=NS, progress=False)
+    report = pipeline.ingest_files([corpus], namespace=NS, progress=False)
     wall = time.perf_counter() - started
     assert not report.unreadable, report.unreadable
     staged = sum(report.seconds.values())

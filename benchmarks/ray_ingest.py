@@ -26,7 +26,8 @@ import psutil
 import torch
 from icae_common import emit, play_text
 
-from icmem.distributed import DefaultModels, ModelLoader, TextDocument, ingest_with_ray
+from icmem.distributed import DefaultModels, ModelLoader, ingest_with_ray
+from icmem.documents import TextDocument
 from icmem.ingest import STAGES
 from icmem.pipeline import MemoryPipeline
 
@@ -39,7 +40,7 @@ def documents(count: int, tokens: int, tokenizer) -> list[TextDocument]:
     """`count` consecutive pieces of a play, each one span of `tokens` tokens."""
     ids = tokenizer(play_text(), add_special_tokens=False).input_ids[: count * tokens]
     return [
-        TextDocument(id=f"hamlet-{i}", text=tokenizer.decode(ids[i * tokens : (i + 1) * tokens]))
+        TextDocument.from_text(tokenizer.decode(ids[i * tokens : (i + 1) * tokens]), f"hamlet-{i}")
         for i in range(count)
     ]
 
@@ -56,7 +57,7 @@ def single_process(docs: list[TextDocument], models: ModelLoader) -> dict:
         opened = MemoryStore.open(store, dim=embedder.dim)
         with MemoryPipeline(icae, opened, embedder) as pipeline:
             for doc in docs:
-                pipeline.ingest(doc.text, document_id=doc.id)
+                pipeline.ingest(doc.texts[0], document_id=doc.document_id)
             spans = pipeline.store.stats().spans
     end = time.perf_counter()
     return {

@@ -4,10 +4,11 @@ The expensive part of ingestion (the ICAE forward and the embedder) runs in a Ra
 whose compress stage is an actor pool: each actor loads the models once and then encodes
 document after document. Only the driver writes to the store, in batched transactions, so a
 SQLite store (one writer) works as well as Postgres, and a crash loses at most the batch in
-flight. Files are found, read, hashed and skipped by the functions `icmem.ingest` uses for one
-process (`discover`, `read_file`, `content_hash`, `write_skipping_refused`), and each document is
-encoded by `MemoryPipeline.encode_chunked`, what `MemoryPipeline.store_chunked` writes, so the
-store ends up with what a single-process run writes and the same files are reported skipped.
+flight. The write path is the single-process one: files are found and read by `icmem.ingest`
+(`discover`, `read_file`), unchanged and refused documents are decided by `icmem.writing`
+(`unchanged`, `refusal`), each document is encoded by `icmem.encoding.DocumentEncoder` and
+written by `icmem.writing.DocumentWriter`, so the store ends up with what a single-process run
+writes and the same files are reported skipped.
 
 Ray is an optional dependency (`pip install "icmem[ray]"`); it is imported when called.
 """
@@ -20,26 +21,17 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from icmem.chunking import chunk
+from icmem.chunking import Span
+from icmem.documents import DEFAULT_NAMESPACE, TextDocument
+from icmem.encoding import DocumentEncoder, StageClock
 from icmem.errors import IcmemError
-from icmem.ingest import (
-    STAGES,
-    ChunkedDocument,
-    IngestReport,
-    ReadOptions,
-    Skip,
-    SourceDocument,
-    StageClock,
-    content_hash,
-    discover,
-    read_file,
-    write_skipping_refused,
-)
-from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline
+from icmem.ingest import IngestReport, ReadOptions, Skip, discover, read_file
+from icmem.store.namespaces import validate_namespace
+from icmem.writing import DocumentWriter, refusal, unchanged
 
 if TYPE_CHECKING:
     from icmem.embedding import TextEmbedder
@@ -53,16 +45,6 @@ _WORKER_STAGES = ("read", "tokenize", "compress", "embed")
 
 class DistributedIngestError(IcmemError):
     """Ray is missing, or the inputs of a distributed ingestion are unusable."""
-
-
-@dataclass(frozen=True)
-class TextDocument:
-    """A document given as text rather than as a file path."""
-
-    id: str
-    text: str
-    source: str = ""
-    metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ModelLoader(Protocol):
@@ -100,13 +82,10 @@ class _DocumentEncoder:
     def __init__(self, models: ModelLoader, codec: str, batch_size: int) -> None:
         import torch
 
-        self.icae, embedder = models.load()
+        icae, embedder = models.load()
         if torch.cuda.is_available():  # the actor was given a GPU; the embedder stays on CPU
-            self.icae.to("cuda")
-        # A pipeline without a store: it only encodes; the driver writes.
-        self.encoder = MemoryPipeline(
-            self.icae, None, embedder, codec=codec, batch_size=batch_size, conversations=0
-        )
+            icae.to("cuda")
+        self.encoder = DocumentEncoder(icae, embedder, codec=codec, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Chunk every document of the batch, then compress and embed all their spans together
@@ -116,27 +95,18 @@ class _DocumentEncoder:
         statuses = list(batch["status"])
         seconds = {stage: [float(t) for t in batch[stage]] for stage in _WORKER_STAGES}
         timings = {"tokenize": 0.0, "compress": 0.0, "embed": 0.0}
-        chunked: dict[int, ChunkedDocument] = {}
+        chunked: dict[int, tuple[TextDocument, list[Span]]] = {}
         for i, status in enumerate(statuses):
             if status != _ENCODE:
                 continue
+            document = _document_of(batch["document"][i])
             with StageClock(timings)("tokenize"):
-                spans = chunk(
-                    str(batch["text"][i]),
-                    self.icae.tokenizer,
-                    span_tokens=self.icae.config.span_tokens,
-                )
+                spans = self.encoder.chunk(document)
             if not spans:
                 statuses[i] = _EMPTY
                 continue
-            chunked[i] = ChunkedDocument(
-                spans=spans,
-                document_id=str(batch["id"][i]),
-                source=str(batch["source"][i]),
-                metadata=json.loads(batch["metadata"][i]),
-                content_hash=str(batch["content_hash"][i]),
-            )
-        encoded = self.encoder.encode_chunked(list(chunked.values()), timings=timings)
+            chunked[i] = (document, spans)
+        encoded = self.encoder.encode(list(chunked.values()), timings=timings)
         records = np.empty(len(statuses), dtype=object)
         for i, record in zip(chunked, encoded, strict=True):
             records[i] = record
@@ -151,35 +121,42 @@ class _DocumentEncoder:
         }
 
 
+def _document_row(document: TextDocument) -> str:
+    """A document as one column of a Ray row (JSON: Ray Data keeps columns of plain values)."""
+    fields = [document.document_id, list(document.texts), dict(document.metadata)]
+    return json.dumps([*fields, document.source], ensure_ascii=False)
+
+
+def _document_of(row: str) -> TextDocument:
+    document_id, texts, metadata, source = json.loads(row)
+    return TextDocument(document_id, tuple(texts), metadata, source)
+
+
 def _read_stage(stored: Mapping[str, str], options: ReadOptions):
     """Reads a file's documents as single-process ingestion does (`read_file`: text, HTML, PDF,
-    JSONL, several per file), or takes the given text, and marks documents stored unchanged."""
+    JSONL, several per file), or takes the given document, and marks documents stored
+    unchanged and those the store would refuse."""
 
     def read(row: dict[str, Any]) -> list[dict[str, Any]]:
-        import icmem.store  # noqa: F401  (content_hash needs it: loaded once, and not timed)
-
         started = time.perf_counter()
         if not row["path"]:
-            documents: list[SourceDocument | Skip] = [
-                SourceDocument(row["id"], row["text"], json.loads(row["metadata"]), row["source"])
-            ]
+            documents: list[TextDocument | Skip] = [_document_of(row["document"])]
         else:
             documents = list(read_file(Path(row["path"]), options))
         out: list[dict[str, Any]] = []
         for document in documents:
-            digest = document if isinstance(document, Skip) else content_hash(document)
-            if isinstance(digest, Skip):
-                out.append({**_NO_TEXT, "id": digest.path, "reason": digest.reason})
+            if isinstance(document, TextDocument):
+                reason = refusal(document)
+                if reason is not None:
+                    document = Skip(document.name, f"refused by the store: {reason}")
+            if isinstance(document, Skip):
+                out.append({**_UNREADABLE_ROW, "id": document.path, "reason": document.reason})
                 continue
-            assert isinstance(document, SourceDocument)
-            status = _SKIPPED if stored.get(document.document_id) == digest else _ENCODE
+            status = _SKIPPED if unchanged(document, stored) else _ENCODE
             out.append(
                 {
                     "id": document.document_id,
-                    "text": document.text,
-                    "source": document.source,
-                    "metadata": json.dumps(document.metadata),
-                    "content_hash": digest,
+                    "document": _document_row(document),
                     "status": status,
                     "reason": "",
                 }
@@ -194,7 +171,7 @@ def _read_stage(stored: Mapping[str, str], options: ReadOptions):
     return read
 
 
-_NO_TEXT = {"text": "", "source": "", "metadata": "{}", "content_hash": "", "status": _UNREADABLE}
+_UNREADABLE_ROW = {"document": "", "status": _UNREADABLE}
 
 
 def _rows(
@@ -206,9 +183,12 @@ def _rows(
     paths: list[str | os.PathLike[str]] = []
     for source in sources:
         if isinstance(source, TextDocument):
-            row = {"path": "", "id": source.id, "text": source.text, "source": source.source}
-            row["metadata"] = json.dumps(dict(source.metadata))
-            rows.append(row)
+            if source.document_id is None:
+                raise DistributedIngestError(
+                    "a TextDocument given to ingest_with_ray needs a document_id (a re-run "
+                    "finds it by its id)"
+                )
+            rows.append({"path": "", "id": source.document_id, "document": _document_row(source)})
         elif isinstance(source, (str, os.PathLike)):
             paths.append(source)
         else:
@@ -220,9 +200,7 @@ def _rows(
         if isinstance(found, Skip):
             skips.append(found)
             continue
-        row = {"path": str(found), "id": str(found), "text": "", "source": str(found)}
-        row["metadata"] = "{}"
-        rows.append(row)
+        rows.append({"path": str(found), "id": str(found), "document": ""})
     for row in rows:
         if row["id"] in seen:
             raise DistributedIngestError(
@@ -261,9 +239,11 @@ def ingest_with_ray(
     `write_batch` documents per transaction to `store` (a directory or an SQLAlchemy URL).
     Resumable: a document already stored with the same content is skipped. Files that vanish,
     cannot be decoded or lie outside the given folders are skipped and listed in the report's
-    `unreadable` (with `progress`, also on stderr as they happen). The report's `seconds` are
-    summed over the workers (their shares, not wall time); "write" is the driver's. Ray's own
-    INFO logs and the workers' output (library warnings) are shown only when `verbose`.
+    `unreadable`, files of formats not read in its `unsupported` (with `progress`, both also on
+    stderr as they happen). The arguments, the namespace first, are checked before any work.
+    The report's `seconds` are summed over the workers (their shares, not wall time); "write"
+    is the driver's. Ray's own INFO logs and the workers' output (library warnings) are shown
+    only when `verbose`.
     """
     try:
         import ray
@@ -273,6 +253,7 @@ def ingest_with_ray(
         ) from exc
     from icmem.store import MemoryStore
 
+    namespace = validate_namespace(namespace)
     sizes: dict[str, int | None] = {"write_batch": write_batch, "batch_size": batch_size}
     sizes |= {"batch_documents": batch_documents, "num_workers": num_workers}
     bad = [f"{name}={size}" for name, size in sizes.items() if size is not None and size < 1]
@@ -282,9 +263,8 @@ def ingest_with_ray(
     options = options or ReadOptions()
     rows, skips = _rows(sources, options)
     report = IngestReport(files=sum(1 for row in rows if row["path"]))
-    report.seconds.update(dict.fromkeys(STAGES, 0.0))
     for item in skips:
-        report.add_unreadable(item, announce=progress)
+        report.add_skip(item, announce=progress)
     if not ray.is_initialized():
         ray.init(
             address=address,
@@ -301,7 +281,8 @@ def ingest_with_ray(
     with MemoryStore.open(store, dim=models.embedding_dim(), index_dir=index_dir) as opened:
         if not rows:
             return report
-        stored = {d.id: d.content_hash for d in opened.list_documents(namespace, exact=True)}
+        writer = DocumentWriter(opened, namespace)
+        stored = writer.stored_hashes()
         context = ray.data.DataContext.get_current()
         saved = (
             context.execution_options.preserve_order,
@@ -330,7 +311,7 @@ def ingest_with_ray(
                 )
             )
             for batch in encoded.iter_batches(batch_size=write_batch, batch_format="numpy"):
-                _write(opened, batch, namespace, report, announce=progress)
+                _write(writer, batch, report, announce=progress)
         finally:
             (
                 context.execution_options.preserve_order,
@@ -341,34 +322,25 @@ def ingest_with_ray(
 
 
 def _write(
-    store: Any,
-    batch: dict[str, Any],
-    namespace: Sequence[str],
-    report: IngestReport,
-    *,
-    announce: bool,
+    writer: DocumentWriter, batch: dict[str, Any], report: IngestReport, *, announce: bool
 ) -> None:
     """One transaction for the encoded documents of a batch; counts the others."""
-    documents = []
+    records = []
     for status, record, key, reason in zip(
         batch["status"], batch["record"], batch["id"], batch["reason"], strict=True
     ):
         if status == _UNREADABLE:
-            report.add_unreadable(Skip(str(key), str(reason)), announce=announce)
+            report.add_skip(Skip(str(key), str(reason)), announce=announce)
         elif status == _SKIPPED:
             report.skipped += 1
         elif status == _EMPTY:
             report.empty += 1
         else:
-            documents.append(record)
+            records.append(record)
     for stage in _WORKER_STAGES:
         report.seconds[stage] += float(batch[stage].sum())
-    if not documents:
-        return
-
-    def upsert(records: list[Any]) -> None:
-        store.upsert(records, namespace=namespace)
-
     with StageClock(report.seconds)("write"):
-        written, refused = write_skipping_refused(upsert, documents, lambda r: r.id)
-    report.count_written(written, refused, announce=announce)
+        writer.write(records)
+    report.ingested += len(records)
+    report.spans += sum(len(r.spans) for r in records)
+    report.tokens += sum(s.token_count for r in records for s in r.spans)

@@ -1,18 +1,19 @@
 """Ingest real folders: find the files, read their text, skip (and report) what cannot be read.
 
 Folders hold more than clean UTF-8: HTML, PDFs, JSONL exports, files that vanish mid-run,
-files in another encoding, symlinks into other trees and symlink loops. Reading never stops at
-a bad file: it yields a `Skip` naming the file and the reason, and goes on. The pieces are
-separate so that another driver (a Ray job, a notebook) can reuse them:
+files in another encoding, files of formats icmem does not read, symlinks into other trees and
+symlink loops. Reading never stops at a bad file: it yields a `Skip` naming the file and the
+reason, and goes on. The pieces are separate so that another driver (a Ray job, a notebook) can
+reuse them:
 
-- `discover(paths)` walks the given files and folders and yields each readable candidate once;
-- `read_file(path)` yields the `SourceDocument`s of one file (a JSONL file holds many);
+- `discover(paths)` walks the given files and folders and yields each readable candidate once
+  (and a `Skip` for each file of a format it does not read);
+- `read_file(path)` yields the `TextDocument`s of one file (a JSONL file holds many);
 - `read_documents(paths)` is the two together;
-- `content_hash(document)` and `write_skipping_refused(write, documents, ...)` decide, for any
-  driver alike, what is unchanged and what the store refuses;
-- `ingest_paths(pipeline, paths)` chunks, compresses (spans of many files batched together),
-  embeds and stores them, skipping documents already stored with the same content, so an
-  interrupted run continues where it stopped.
+- `ingest_paths(paths, encoder, writer)` reads, chunks, compresses (spans of many files batched
+  together), embeds and stores them (`icmem.encoding`, `icmem.writing`), skipping documents
+  already stored with the same content and continuing a large document after the parts an
+  interrupted run committed, so a re-run redoes nothing.
 """
 
 from __future__ import annotations
@@ -20,22 +21,21 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from icmem.chunking import DecodeErrors, Span, chunk, read_utf8
+from icmem.chunking import DecodeErrors, Span, read_utf8
+from icmem.documents import TextDocument
+from icmem.encoding import DocumentEncoder, StageClock
 from icmem.errors import ChunkingError, IcmemError
+from icmem.writing import DEFAULT_BATCH_SPANS, BatchedWriter, DocumentWriter, refusal, unchanged
 
-if TYPE_CHECKING:
-    from icmem.pipeline import MemoryPipeline
-
-# Suffix -> format. Files inside folders are taken when their suffix is listed here; a file
-# named on the command line is read whatever its suffix (as UTF-8 text when it is not listed).
+# Suffix -> format. Files inside folders are taken when their suffix is listed here (the others
+# are reported as unsupported); a file named on the command line is read whatever its suffix (as
+# UTF-8 text when it is not listed).
 FORMATS: Mapping[str, str] = {
     ".txt": "text",
     ".text": "text",
@@ -50,8 +50,8 @@ FORMATS: Mapping[str, str] = {
 }
 DEFAULT_GLOB = "**/*"
 DEFAULT_TEXT_FIELD = "text"
-DEFAULT_BATCH_SPANS = 64  # spans compressed together, across documents
 STAGES = ("read", "tokenize", "compress", "embed", "write")
+KEPT_TOKENS = 1 << 22  # tokens of spans kept from the counting pass (about 200 MB at most)
 
 
 @dataclass(frozen=True)
@@ -65,40 +65,22 @@ class ReadOptions:
 
 
 @dataclass(frozen=True)
-class SourceDocument:
-    """One document read from a file: its id (the path, or path#Ln for a JSONL record)."""
-
-    document_id: str
-    text: str
-    metadata: dict[str, Any]
-    source: str
-
-
-@dataclass(frozen=True)
 class Skip:
-    """A file (or JSONL line) that was not ingested, and why."""
+    """A file (or JSONL line) that was not ingested, and why; `unsupported` when its format is
+    one icmem does not read (not an error: the folder simply holds other files too)."""
 
     path: str
     reason: str
+    unsupported: bool = False
 
     def as_dict(self) -> dict[str, str]:
         return {"path": self.path, "reason": self.reason}
 
 
-@dataclass(frozen=True)
-class ChunkedDocument:
-    """A document cut into spans, ready to compress (`MemoryPipeline.store_chunked`)."""
-
-    spans: list[Span]
-    document_id: str | None
-    source: str
-    metadata: Mapping[str, Any]
-    content_hash: str
-
-
 @dataclass
 class IngestReport:
-    """What an ingestion did: documents stored, already stored, empty, and unreadable."""
+    """What an ingestion did: documents stored, already stored, empty, unreadable, and files of
+    formats it does not read."""
 
     files: int = 0
     ingested: int = 0
@@ -107,47 +89,20 @@ class IngestReport:
     spans: int = 0  # spans compressed by this run
     tokens: int = 0  # tokens in those spans
     unreadable: list[Skip] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)  # per stage, see STAGES
+    unsupported: list[Skip] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     def as_dict(self) -> dict[str, int]:
         return {"ingested": self.ingested, "skipped": self.skipped, "empty": self.empty}
 
-    def add_unreadable(self, item: Skip, *, announce: bool) -> None:
+    def add_skip(self, item: Skip, *, announce: bool) -> None:
         """Record a file or document that was not ingested; with `announce`, say so on stderr
         as it happens (above the progress bar)."""
-        self.unreadable.append(item)
+        (self.unsupported if item.unsupported else self.unreadable).append(item)
         if announce:
             from tqdm import tqdm
 
             tqdm.write(f"icmem: skipped {item.path}: {item.reason}", file=sys.stderr)
-
-    def count_written(
-        self, written: Sequence[Any], refused: Sequence[Skip], *, announce: bool
-    ) -> None:
-        """Add what one write stored (documents whose `spans` carry `token_count`) and what
-        the store refused (see `write_skipping_refused`)."""
-        for item in refused:
-            self.add_unreadable(item, announce=announce)
-        self.ingested += len(written)
-        self.spans += sum(len(d.spans) for d in written)
-        self.tokens += sum(s.token_count for d in written for s in d.spans)
-
-
-class StageClock:
-    """Adds the wall time of named stages into a dict (when there is one to add to)."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.timings is not None:
-                elapsed = time.perf_counter() - started
-                self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
 
 
 # ----------------------------------------------------------------------------------- discovery
@@ -163,7 +118,8 @@ def discover(
     `Skip` for each path that cannot be walked.
 
     Folders are walked in name order; their files are taken when `glob` matches the path
-    relative to the folder and the suffix is in `FORMATS`. A symlink is followed when its
+    relative to the folder and the suffix is in `FORMATS` (a matching file of another suffix
+    is yielded as an unsupported `Skip`). A symlink is followed when its
     target lies inside one of the given paths (or always, with `follow_symlinks`); a link
     back into a folder being walked, a link to itself and a dangling link are skipped, so
     loops end.
@@ -229,13 +185,21 @@ def _walk(
                 subfolders.append((path, (*ancestors, target)))
                 continue
             relative = path.relative_to(root).as_posix()
-            if not _matches(relative, glob) or path.suffix.lower() not in FORMATS:
+            if not _matches(relative, glob):
                 continue
-            if not _is_regular(info):
+            if path.suffix.lower() not in FORMATS:
+                yield Skip(str(path), _UNSUPPORTED, unsupported=True)
+            elif not _is_regular(info):
                 yield Skip(str(path), "not a regular file (a device, pipe or socket)")
             elif _first_visit(info, seen_files):
                 yield path
         stack.extend(reversed(subfolders))
+
+
+_UNSUPPORTED = (
+    "not a format icmem reads (see FORMATS, or `icmem ingest --help`); name the file itself to "
+    "read it as UTF-8 text"
+)
 
 
 def _link_target(
@@ -285,7 +249,7 @@ def _os_reason(exc: OSError) -> str:
 # ------------------------------------------------------------------------------------- reading
 
 
-def read_file(path: Path, options: ReadOptions = ReadOptions()) -> Iterator[SourceDocument | Skip]:
+def read_file(path: Path, options: ReadOptions = ReadOptions()) -> Iterator[TextDocument | Skip]:
     """The documents of one file, or a `Skip` saying why it (or one JSONL line) was not read."""
     kind = FORMATS.get(path.suffix.lower(), "text")
     source = str(path)
@@ -305,12 +269,12 @@ def read_file(path: Path, options: ReadOptions = ReadOptions()) -> Iterator[Sour
     except (ChunkingError, _UnreadableFile) as exc:
         yield Skip(source, str(exc).removeprefix(f"{source}: "))  # the path is said once
         return
-    yield SourceDocument(source, text, {"format": kind, **metadata}, source)
+    yield TextDocument.from_text(text, source, source=source, metadata={"format": kind, **metadata})
 
 
 def read_documents(
     paths: Sequence[str | os.PathLike[str]], options: ReadOptions = ReadOptions()
-) -> Iterator[SourceDocument | Skip]:
+) -> Iterator[TextDocument | Skip]:
     """`discover` then `read_file`: every document under `paths`, and every skip."""
     for found in discover(paths, glob=options.glob, follow_symlinks=options.follow_symlinks):
         if isinstance(found, Skip):
@@ -323,7 +287,7 @@ class _UnreadableFile(IcmemError):
     """A file whose format could not be parsed (the message names the file and why)."""
 
 
-def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[SourceDocument | Skip]:
+def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[TextDocument | Skip]:
     field_name = options.text_field
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -347,7 +311,7 @@ def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[SourceDocument | S
                 )
                 continue
             metadata = {"format": "jsonl", "line": number}
-            yield SourceDocument(where, text, metadata, str(path))
+            yield TextDocument.from_text(text, where, source=str(path), metadata=metadata)
 
 
 # Elements whose text is not part of the page, and elements that end a line of text.
@@ -402,144 +366,118 @@ def _read_pdf(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------- ingesting
-# What every ingestion driver (this module's, icmem.distributed's Ray pipeline) decides alike.
-
-Written = TypeVar("Written")
-
-
-def content_hash(document: SourceDocument) -> str | Skip:
-    """The hash a document is stored with (a re-run skips it while the hash is unchanged), or a
-    `Skip` when its text is one the store cannot hold."""
-    from icmem.store import content_id_of
-    from icmem.store.errors import InvalidRecordError
-
-    try:
-        return content_id_of(document.text)
-    except InvalidRecordError as exc:
-        return Skip(document.document_id, str(exc))
-
-
-def write_skipping_refused(
-    write: Callable[[list[Written]], object],
-    documents: Sequence[Written],
-    document_id: Callable[[Written], str | None],
-) -> tuple[list[Written], list[Skip]]:
-    """Write `documents` in one transaction; when the store refuses one (an id over 255
-    characters, a character it cannot hold), write them one by one and skip only those it
-    refuses. Returns the written documents and a `Skip` for each refused one."""
-    from icmem.store.errors import InvalidRecordError
-
-    try:
-        write(list(documents))
-        return list(documents), []
-    except InvalidRecordError:
-        pass
-    written, refused = [], []
-    for document in documents:
-        try:
-            write([document])
-        except InvalidRecordError as exc:
-            refused.append(Skip(str(document_id(document)), f"refused by the store: {exc}"))
-        else:
-            written.append(document)
-    return written, refused
 
 
 def ingest_paths(
-    pipeline: MemoryPipeline,
     paths: Sequence[str | os.PathLike[str]],
+    encoder: DocumentEncoder,
+    writer: DocumentWriter,
     *,
-    namespace: Sequence[str],
     options: ReadOptions = ReadOptions(),
     batch_spans: int = DEFAULT_BATCH_SPANS,
     progress: bool = True,
 ) -> IngestReport:
-    """Read, chunk, compress and store every document under `paths` into `namespace`.
+    """Read, chunk, compress and store every document under `paths` into `writer`'s namespace.
 
-    Documents already stored under the same id with the same content hash are skipped, so a
-    re-run only compresses what is new or changed, and an interrupted run loses at most the
-    batch in flight. Unreadable files are reported in `IngestReport.unreadable` (and, with
-    `progress`, as they happen).
+    A first pass reads and chunks every file to find what is new or changed and how many spans
+    it holds (the progress bar's true total; its speed and ETA follow), keeping the spans of up
+    to `KEPT_TOKENS` tokens; the second compresses and writes them (chunking again only what
+    was not kept), `batch_spans` spans per transaction (see `icmem.writing.BatchedWriter`).
+    Documents stored under the same id with the same content hash are skipped, and a large
+    document continues after the parts an earlier, interrupted run committed, so Ctrl-C loses
+    at most the batch in flight and a re-run redoes nothing. Unreadable files are reported in
+    `IngestReport.unreadable`, files of formats not read in `IngestReport.unsupported` (with
+    `progress`, both also as they happen).
     """
-    if batch_spans < 1:
-        raise ValueError(f"batch_spans={batch_spans}; use 1 or more")
     from tqdm import tqdm
 
     report = IngestReport()
     clock = StageClock(report.seconds)
-    for stage in STAGES:
-        report.seconds[stage] = 0.0
-    found = list(discover(paths, glob=options.glob, follow_symlinks=options.follow_symlinks))
-    files = [f for f in found if isinstance(f, Path)]
-    for item in found:
-        if isinstance(item, Skip):
-            report.add_unreadable(item, announce=progress)
-    report.files = len(files)
-    sizes = [_size(f) for f in files]
-    stored = {d.id: d.content_hash for d in pipeline.store.list_documents(namespace, exact=True)}
-    taken: set[str] = set()
-    batch: list[ChunkedDocument] = []
-    tokenizer = pipeline.icae.tokenizer
-    span_tokens = pipeline.icae.config.span_tokens
-
-    bar = tqdm(desc="ingesting", unit="span", disable=not progress, dynamic_ncols=True)
-
-    def write(documents: list[ChunkedDocument]) -> None:
-        pipeline.store_chunked(documents, namespace=namespace, timings=report.seconds)
-
-    def flush() -> None:
-        if not batch:
-            return
-        written, refused = write_skipping_refused(write, batch, lambda d: d.document_id)
-        report.count_written(written, refused, announce=progress)
-        bar.update(sum(len(d.spans) for d in batch))
-        batch.clear()
-
+    batched = BatchedWriter(encoder, writer, batch_spans=batch_spans, timings=report.seconds)
+    bar = None
     try:
-        done_bytes, total_bytes = 0, max(1, sum(sizes))
-        for path, size in zip(files, sizes, strict=True):
-            with clock("read"):
-                documents = list(read_file(path, options))
-            for document in documents:
-                if isinstance(document, Skip):
-                    report.add_unreadable(document, announce=progress)
-                    continue
-                if document.document_id in taken:
-                    continue
-                taken.add(document.document_id)
-                digest = content_hash(document)
-                if isinstance(digest, Skip):
-                    report.add_unreadable(digest, announce=progress)
-                    continue
-                if stored.get(document.document_id) == digest:
+        files: list[Path] = []
+        for found in discover(paths, glob=options.glob, follow_symlinks=options.follow_symlinks):
+            if isinstance(found, Skip):
+                report.add_skip(found, announce=progress)
+            else:
+                files.append(found)
+        report.files = len(files)
+        stored = writer.stored_hashes()
+        unfinished = writer.unfinished_parts()
+        todo: dict[Path, set[str]] = {}  # file -> ids of its documents to write
+        chunked: dict[str, tuple[str, list[Span]]] = {}  # id -> (hash, spans), kept for pass 2
+        kept_tokens, total = 0, 0  # tokens of the kept spans, spans to compress
+        reading = tqdm(files, desc="reading", unit="file", disable=not progress, leave=False)
+        for path in reading:
+            for document in _documents_of(path, options, clock, report, progress):
+                leftover = writer.parts_namespace(document) in unfinished
+                if unchanged(document, stored):
                     report.skipped += 1
+                    if leftover:  # parts of a version that was never finished
+                        writer.drop_parts(document)
                     continue
                 with clock("tokenize"):
-                    spans = chunk(document.text, tokenizer, span_tokens=span_tokens)
+                    spans = encoder.chunk(document)
+                done = 0
+                if len(spans) > batch_spans:
+                    done = writer.parts_done(document)
+                elif leftover:  # it shrank: written whole now
+                    writer.drop_parts(document)
                 if not spans:
                     report.empty += 1
                     continue
-                batch.append(
-                    ChunkedDocument(
-                        spans, document.document_id, document.source, document.metadata, digest
-                    )
-                )
-                if sum(len(d.spans) for d in batch) >= batch_spans:
-                    flush()
-            done_bytes += size
-            # Spans still to come, estimated from the bytes read so far: gives the bar an ETA.
-            pending = bar.n + sum(len(d.spans) for d in batch)
-            if pending:
-                bar.total = max(pending, round(pending * total_bytes / max(1, done_bytes)))
-                bar.refresh()
-        flush()
+                todo.setdefault(path, set()).add(str(document.document_id))
+                total += len(spans) - done
+                tokens = sum(span.token_count for span in spans)
+                if kept_tokens + tokens <= KEPT_TOKENS:  # not chunked twice, within a budget
+                    chunked[str(document.document_id)] = (document.content_hash, spans)
+                    kept_tokens += tokens
+        reading.close()
+        bar = tqdm(
+            desc="ingesting", total=total, unit="span", disable=not progress, dynamic_ncols=True
+        )
+        batched.on_spans = bar.update
+        for path, wanted in todo.items():
+            for document in _documents_of(path, options, clock, None, progress):
+                if document.document_id in wanted:
+                    wanted.discard(document.document_id)
+                    digest, spans = chunked.pop(document.document_id, ("", []))
+                    if digest != document.content_hash:  # not kept, or changed since
+                        with clock("tokenize"):
+                            spans = encoder.chunk(document)
+                    batched.add(document, spans)
+            for gone in sorted(wanted):  # changed since the first pass into something unreadable
+                report.add_skip(Skip(gone, "could not be read again"), announce=progress)
+        batched.flush()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        report.ingested, report.spans, report.tokens = (
+            len(batched.added),
+            batched.spans,
+            batched.tokens,
+        )
     return report
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+def _documents_of(
+    path: Path,
+    options: ReadOptions,
+    clock: StageClock,
+    report: IngestReport | None,
+    announce: bool,
+) -> Iterator[TextDocument]:
+    """The documents of one file that the store can hold; what cannot be read or would be
+    refused goes to `report` (when there is one)."""
+    with clock("read"):
+        documents = list(read_file(path, options))
+    for document in documents:
+        if isinstance(document, TextDocument):
+            reason = refusal(document)
+            if reason is None:
+                yield document
+                continue
+            document = Skip(document.name, f"refused by the store: {reason}")
+        if report is not None:
+            report.add_skip(document, announce=announce)

@@ -10,21 +10,21 @@ so the decoder sees each document's spans in the order they were written.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from icmem.chunking import DecodeErrors, Span, chunk, chunk_file
-from icmem.codec import Codec, codec_named
+from icmem.chunking import DecodeErrors, read_utf8
+from icmem.documents import DEFAULT_NAMESPACE, TextDocument
+from icmem.encoding import DocumentEncoder
 from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
-from icmem.ingest import ChunkedDocument, IngestReport, ReadOptions, StageClock, ingest_paths
+from icmem.ingest import IngestReport, ReadOptions, ingest_paths
 from icmem.memory_text import with_context
-from icmem.store.records import content_id_of
+from icmem.store.errors import InvalidRecordError
+from icmem.writing import DEFAULT_BATCH_SPANS, BatchedWriter, DocumentWriter, refusal, unchanged
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,14 +34,10 @@ if TYPE_CHECKING:
     from icmem.store import (
         AddedDocument,
         DocumentInfo,
-        DocumentRecord,
         MemoryStore,
         SearchHit,
-        SpanRecord,
         StoreStats,
     )
-
-DEFAULT_NAMESPACE = ("default", "default", "default")
 
 
 @dataclass(frozen=True)
@@ -94,8 +90,7 @@ class MemoryPipeline:
         from icmem.icae.conversation import PromptCache
 
         self.icae, self.store, self.embedder = icae, store, embedder
-        self.codec: Codec = codec_named(codec)
-        self.batch_size = batch_size
+        self.encoder = DocumentEncoder(icae, embedder, codec=codec, batch_size=batch_size)
         self.prompt_cache = PromptCache(conversations, window=window)
 
     @classmethod
@@ -146,10 +141,19 @@ class MemoryPipeline:
         source: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> AddedDocument | None:
-        """Compress and store one document (replacing one with the same id); None if empty."""
-        spans = chunk(text, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens)
-        document = ChunkedDocument(spans, document_id, source, metadata or {}, content_id_of(text))
-        return self._store_one(document, namespace)
+        """Compress and store one document (replacing one with the same id); None if empty.
+        A long text is committed in parts and continues after them when called again (see
+        `icmem.writing`)."""
+        document = TextDocument.from_text(text, document_id, source=source, metadata=metadata)
+        writer = DocumentWriter(self.store, namespace)
+        _refuse_unstorable([document])
+        spans = self.encoder.chunk(document)
+        if not spans:
+            return None
+        batched = BatchedWriter(self.encoder, writer)
+        batched.add(document, spans)
+        batched.flush()
+        return batched.added[0]
 
     def ingest_file(
         self,
@@ -160,36 +164,41 @@ class MemoryPipeline:
         metadata: Mapping[str, Any] | None = None,
         errors: DecodeErrors = "strict",
     ) -> AddedDocument | None:
-        """Like `ingest` for a UTF-8 file, read in a stream; the id defaults to the path."""
-        path = Path(path)
-        spans = list(
-            chunk_file(
-                path, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens, errors=errors
-            )
+        """Like `ingest` for a UTF-8 file; the id defaults to the path."""
+        text = "".join(read_utf8(Path(path), errors))
+        return self.ingest(
+            text,
+            namespace=namespace,
+            document_id=document_id or str(path),
+            source=str(path),
+            metadata=metadata,
         )
-        digest = content_id_of("".join(span.text for span in spans))
-        document = ChunkedDocument(
-            spans, document_id or str(path), str(path), metadata or {}, digest
-        )
-        return self._store_one(document, namespace)
 
     def ingest_files(
         self,
         paths: Sequence[str | os.PathLike[str]],
         *,
         namespace: Sequence[str] = DEFAULT_NAMESPACE,
-        errors: DecodeErrors = "strict",
+        options: ReadOptions | None = None,
+        batch_spans: int = DEFAULT_BATCH_SPANS,
         progress: bool = True,
     ) -> IngestReport:
         """Ingest files and folders (txt, md, html, pdf, jsonl), each file under its path as id;
-        resumable. `icmem.ingest.ingest_paths` has every option.
+        resumable (`icmem.ingest.ingest_paths`; `options`: which files and how to read them).
 
-        A file already stored with the same content is skipped, so a batch that was interrupted
-        continues where it stopped and a re-run only compresses what changed. A file that
-        cannot be read is reported in `IngestReport.unreadable`, and the rest are ingested.
+        A file already stored with the same content is skipped, and a large one continues after
+        the parts already committed, so a batch that was interrupted continues where it stopped
+        and a re-run only compresses what changed. A file that cannot be read is reported in
+        `IngestReport.unreadable`, one of a format not read in `IngestReport.unsupported`, and
+        the rest are ingested.
         """
         return ingest_paths(
-            self, paths, namespace=namespace, options=ReadOptions(errors=errors), progress=progress
+            paths,
+            self.encoder,
+            DocumentWriter(self.store, namespace),
+            options=options or ReadOptions(),
+            batch_spans=batch_spans,
+            progress=progress,
         )
 
     def recall(
@@ -348,58 +357,6 @@ class MemoryPipeline:
         """The decoder's token ids of plain text (to count tokens the way the model does)."""
         return self.icae.tokenize(text)
 
-    def store_chunked(
-        self,
-        documents: Sequence[ChunkedDocument],
-        *,
-        namespace: Sequence[str] = DEFAULT_NAMESPACE,
-        timings: dict[str, float] | None = None,
-    ) -> list[AddedDocument]:
-        """Compress, embed and store chunked documents, replacing those with the same ids.
-
-        The spans of all documents are compressed together, so many small documents still fill
-        the ICAE's batches, and they are written in one transaction. Documents without spans
-        are not stored. `timings`, when given, accumulates the seconds spent in "compress",
-        "embed" and "write".
-        """
-        rows = self.encode_chunked(documents, timings=timings)
-        if not rows:
-            return []
-        with StageClock(timings)("write"):
-            return self.store.upsert(rows, namespace=namespace)
-
-    def encode_chunked(
-        self, documents: Sequence[ChunkedDocument], *, timings: dict[str, float] | None = None
-    ) -> list[DocumentRecord]:
-        """The records `store_chunked` writes, without writing them (documents without spans
-        are left out): what the Ray workers of `icmem.distributed` send to their one writer."""
-        from icmem.store import DocumentRecord
-
-        documents = [d for d in documents if d.spans]
-        if not documents:
-            return []
-        spans = [span for d in documents for span in d.spans]
-        records = self._span_records(spans, StageClock(timings))
-        rows, start = [], 0
-        for d in documents:
-            rows.append(
-                DocumentRecord(
-                    spans=records[start : start + len(d.spans)],
-                    source=d.source,
-                    metadata=dict(d.metadata),
-                    content_hash=d.content_hash,
-                    id=d.document_id,
-                )
-            )
-            start += len(d.spans)
-        return rows
-
-    def _store_one(
-        self, document: ChunkedDocument, namespace: Sequence[str]
-    ) -> AddedDocument | None:
-        added = self.store_chunked([document], namespace=namespace)
-        return added[0] if added else None
-
     # ------------------------------------------------------------------ documents as records
     # Operations the LangGraph store, the vector store and the chat history build on: whole
     # documents addressed by id (several texts each, possibly none), read back with their
@@ -412,42 +369,27 @@ class MemoryPipeline:
         """Store documents in exactly one namespace, replacing any with the same ids.
 
         Each text of a document is chunked on its own (a field never bleeds into the next one's
-        span) and all spans of the batch are compressed together. A document whose texts are
-        unchanged since it was stored keeps its spans and slots: only its metadata is replaced,
-        so re-writing a value's non-indexed fields never re-encodes anything. A document with
-        no text is stored without spans: it can be read back and listed, never recalled.
+        span) and the spans of many documents are compressed together. A document whose texts
+        are unchanged since it was stored keeps its spans and slots: only its metadata is
+        replaced, so re-writing a value's non-indexed fields never re-encodes anything. A
+        document with no text is stored without spans: it can be read back and listed, never
+        recalled.
         """
-        from icmem.store import AddedDocument, DocumentRecord
+        from icmem.store import AddedDocument
 
-        stored = {
-            info.id: info
-            for info in self.store.get_documents(
-                [d.document_id for d in documents], namespace=namespace
-            )
-        }
-        unchanged = {
-            d.document_id: dict(d.metadata)
-            for d in documents
-            if d.document_id in stored and stored[d.document_id].content_hash == d.content_hash
-        }
-        self.store.update_metadata(unchanged, namespace=namespace)
-        changed = [d for d in documents if d.document_id not in unchanged]
-        span_lists = [self._chunk_texts(d.texts) for d in changed]
-        records = self._span_records([span for spans in span_lists for span in spans])
-        rows = []
-        for document, spans in zip(changed, span_lists, strict=True):
-            mine, records = records[: len(spans)], records[len(spans) :]
-            rows.append(
-                DocumentRecord(
-                    spans=mine,
-                    metadata=dict(document.metadata),
-                    content_hash=document.content_hash,
-                    id=document.document_id,
-                )
-            )
-        added = {a.id: a for a in self.store.upsert(rows, namespace=namespace)} if rows else {}
+        writer = DocumentWriter(self.store, namespace)
+        _refuse_unstorable(documents)
+        stored = writer.stored_hashes([str(d.document_id) for d in documents])
+        kept = {d.document_id: dict(d.metadata) for d in documents if unchanged(d, stored)}
+        self.store.update_metadata(kept, namespace=writer.namespace)
+        batched = BatchedWriter(self.encoder, writer)
+        for document in documents:
+            if document.document_id not in kept:
+                batched.add(document, self.encoder.chunk(document))
+        batched.flush()
+        added = {a.id: a for a in batched.added}
         return [
-            added.get(d.document_id) or AddedDocument(id=d.document_id, span_ids=())
+            added.get(str(d.document_id)) or AddedDocument(id=str(d.document_id), span_ids=())
             for d in documents
         ]
 
@@ -520,57 +462,13 @@ class MemoryPipeline:
         vector = self.embed([query])[0] if isinstance(query, str) else query
         return self.store.search(vector, k, namespace=namespace, filter=filter)
 
-    def _chunk_texts(self, texts: Sequence[str]) -> list[Span]:
-        """The spans of several texts, each chunked alone, numbered on across them."""
-        spans: list[Span] = []
-        for text in texts:
-            for span in chunk(text, self.icae.tokenizer, span_tokens=self.icae.config.span_tokens):
-                spans.append(dataclasses.replace(span, index=len(spans)))
-        return spans
 
-    def _span_records(
-        self, spans: Sequence[Span], clock: StageClock | None = None
-    ) -> list[SpanRecord]:
-        """Compress and embed spans (all in one batch) into store records; `clock` times the
-        two stages."""
-        from icmem.store import SpanRecord
-
-        if not spans:
-            return []
-        clock = clock or StageClock(None)
-        with clock("compress"):
-            slots = self.icae.compress(
-                [list(s.token_ids) for s in spans], batch_size=self.batch_size
-            )
-        with clock("embed"):
-            vectors = self.embed([s.text for s in spans])
-        return [
-            SpanRecord(
-                position=span.index,
-                char_start=span.char_start,
-                char_end=span.char_end,
-                text=span.text,
-                token_count=span.token_count,
-                slots=memory.to_bytes(self.codec),
-                embedding=vector,
-                content_id=span.content_id,
-            )
-            for span, memory, vector in zip(spans, slots, vectors, strict=True)
-        ]
-
-
-@dataclass(frozen=True)
-class TextDocument:
-    """A document to write as a whole: its texts (each chunked on its own; none is allowed), the
-    metadata kept with it, and the hash that says whether its texts changed."""
-
-    document_id: str
-    texts: tuple[str, ...]
-    metadata: Mapping[str, Any]
-
-    @property
-    def content_hash(self) -> str:
-        return content_id_of(json.dumps(list(self.texts), ensure_ascii=False))
+def _refuse_unstorable(documents: Sequence[TextDocument]) -> None:
+    """Raise the store's error for the first document it would refuse, before any work."""
+    for document in documents:
+        reason = refusal(document)
+        if reason is not None:
+            raise InvalidRecordError(reason)
 
 
 def memory_order(hits: Sequence[SearchHit]) -> list[SearchHit]:

@@ -301,6 +301,47 @@ class MemoryStore:
             self._index.keep_current([ns_id])
         return len(found)
 
+    def assemble_document(
+        self,
+        document: DocumentRecord,
+        *,
+        parts_namespace: Sequence[str],
+        namespace: Sequence[str],
+    ) -> AddedDocument:
+        """Make every span stored in ``parts_namespace`` (under documents of any ids) a span of
+        ``document`` (given without spans) in exactly ``namespace``, replacing a document with
+        its id there, and drop ``parts_namespace``: all in one transaction.
+
+        This is how a document too large for one transaction is written: its parts are
+        committed one by one in a namespace no reader of ``namespace`` looks at (an interrupted
+        writer keeps them), and readers of ``namespace`` see the stored version, or none, until
+        this call, then the whole new one. The parts' span positions must differ."""
+        ns = validate_namespace(namespace)
+        parts_ns = validate_namespace(parts_namespace)
+        if document.spans or document.id is None or ns[: len(parts_ns)] == parts_ns:
+            raise InvalidRecordError(
+                "assemble_document takes a document with an id and no spans (its spans are the "
+                "parts'), and a parts namespace that is not the document's namespace or above it"
+            )
+        (prepared,), _ = self._prepare([document])
+        with self._write() as session:
+            parts = self._select_namespaces(session, parts_ns, exact=True)
+            if not parts:
+                raise InvalidRecordError(
+                    f"no parts of document {document.id!r} are stored in {parts_ns!r}; write "
+                    "them first (or write the document whole with upsert)"
+                )
+            ns_id = self._ensure_namespace(session, ns)
+            self._bump_generation(session, ns_id)
+            doc_id, _ = self._put_document(session, ns_id, prepared, replace=True)
+            span_ids = queries.adopt_parts(
+                session, parts[0].id, doc_id, ns_id, token_key(parts[0].id, "")
+            )
+        self._index.forget(parts[0].id)
+        self._index.apply_delta(ns_id)  # no delta at hand: caught up from the rows
+        self._index.keep_current([ns_id])
+        return AddedDocument(id=prepared.key, span_ids=tuple(span_ids))
+
     # ------------------------------------------------------------------ reads
 
     def search(

@@ -20,10 +20,19 @@ from sqlalchemy.orm import Session
 from .filters import QUERY_WEIGHT, FilterNode, matching_ids
 from .id_lists import chunks, distinct, rows_matching
 from .namespaces import encode_path, path_key
-from .schema import DocumentRow, NamespacePrefixRow, NamespaceRow, SlotRow, SpanRow
+from .schema import (
+    DocumentRow,
+    EmbeddingRow,
+    NamespacePrefixRow,
+    NamespaceRow,
+    SettingRow,
+    SlotRow,
+    SpanRow,
+)
 from .stored_metadata import RAW_METADATA
 
 __all__ = [
+    "adopt_parts",
     "delete_documents",
     "document_ids",
     "document_rows",
@@ -183,6 +192,32 @@ def set_metadata(session: Session, metadata: Mapping[int, Mapping[str, Any]]) ->
             update(DocumentRow),
             [{"id": doc_id, "metadata_": value} for doc_id, value in metadata.items()],
         )
+
+
+def adopt_parts(
+    session: Session, parts_ns_id: int, doc_id: int, ns_id: int, tokens: str
+) -> list[int]:
+    """Give every span of namespace ``parts_ns_id`` (with its slots and embedding) to document
+    ``doc_id`` of namespace ``ns_id``, then drop the parts namespace, its part documents and its
+    index tokens (settings keys starting with ``tokens``). Returns the spans' ids by position."""
+    span_ids = list(
+        session.scalars(
+            select(SpanRow.id).where(SpanRow.namespace_id == parts_ns_id).order_by(SpanRow.position)
+        )
+    )
+    session.execute(
+        update(SpanRow)
+        .where(SpanRow.namespace_id == parts_ns_id)
+        .values(document_id=doc_id, namespace_id=ns_id)
+    )
+    session.execute(
+        update(EmbeddingRow)
+        .where(EmbeddingRow.namespace_id == parts_ns_id)
+        .values(namespace_id=ns_id)
+    )
+    session.execute(delete(NamespaceRow).where(NamespaceRow.id == parts_ns_id))
+    session.execute(delete(SettingRow).where(SettingRow.key.startswith(tokens)))
+    return span_ids
 
 
 # ------------------------------------------------------------------ spans

@@ -11,19 +11,16 @@ import pytest
 import ray
 import torch
 from icmem.store import MemoryStore
+from icmem.store.errors import InvalidRecordError
+from icmem.store.namespaces import validate_namespace
 from icmem.store.schema import DocumentRow, EmbeddingRow, NamespaceRow, SlotRow, SpanRow
 from sqlalchemy import select
 from tiny_models import TinyIngestModels, tiny_embedder
 
 from icmem.cli import main
 from icmem.codec import decode_slots
-from icmem.distributed import (
-    DefaultModels,
-    DistributedIngestError,
-    TextDocument,
-    _read_stage,
-    ingest_with_ray,
-)
+from icmem.distributed import DefaultModels, DistributedIngestError, _read_stage, ingest_with_ray
+from icmem.documents import TextDocument
 from icmem.ingest import STAGES, ReadOptions, read_file
 from icmem.pipeline import MemoryPipeline
 
@@ -64,7 +61,7 @@ def corpus(tmp_path):
         "".join(json.dumps({"text": " ".join(WORDS[i:] * 3), "n": i}) + "\n" for i in (1, 2))
     )
     paths.append(records)
-    note = TextDocument(id="note", text="Remember the boat on Monday. " * 12, metadata={"k": 1})
+    note = TextDocument.from_text("Remember the boat on Monday. " * 12, "note", metadata={"k": 1})
     return paths, note
 
 
@@ -150,8 +147,9 @@ def single_process(
     try:
         with MemoryPipeline(icae, store, embedder) as pipeline:
             report = pipeline.ingest_files(paths, namespace=NAMESPACE, progress=False)
+            (text,) = note.texts
             pipeline.ingest(
-                note.text, document_id=note.id, metadata=note.metadata, namespace=NAMESPACE
+                text, document_id=note.document_id, metadata=note.metadata, namespace=NAMESPACE
             )
             assert report.as_dict() == {"ingested": 6, "skipped": 0, "empty": 1}
             return stored_rows(pipeline.store)
@@ -261,9 +259,15 @@ def test_cli_ray_ingest_into_postgres_equals_single_process(
 def test_bad_sources_are_refused_before_any_work(tmp_path, tokenizer):
     with pytest.raises(DistributedIngestError, match="cannot ingest int"):
         ingest_with_ray([3], tmp_path / "store", models=TinyIngestModels(tokenizer))
-    twice = TextDocument(id="a", text="x")
+    twice = TextDocument.from_text("x", "a")
     with pytest.raises(DistributedIngestError, match="given twice"):
         ingest_with_ray([twice, twice], tmp_path / "store", models=TinyIngestModels(tokenizer))
+    with pytest.raises(InvalidRecordError) as refused:  # the store's rule and message
+        ingest_with_ray([twice], tmp_path / "store", namespace="docs")
+    with pytest.raises(InvalidRecordError) as reference:
+        validate_namespace("docs")
+    assert str(refused.value) == str(reference.value)
+    assert not (tmp_path / "store").exists()  # refused before the store was opened
     with pytest.raises(DistributedIngestError, match="num_workers"):
         ingest_with_ray(
             [twice], tmp_path / "store", models=TinyIngestModels(tokenizer), num_workers=0
@@ -281,7 +285,7 @@ def test_a_file_that_vanishes_before_a_worker_reads_it_is_reported(tmp_path):
     """Discovery runs on the driver and reading on the workers: a file deleted in between is
     a skip with the reason one process gives, not a failed run (no Ray needed to check)."""
     gone = tmp_path / "gone.txt"
-    row = {"path": str(gone), "id": str(gone), "text": "", "source": str(gone), "metadata": "{}"}
+    row = {"path": str(gone), "id": str(gone), "document": ""}
     (skip,) = read_file(gone)
     (read,) = _read_stage({}, ReadOptions())(row)
     assert (read["status"], read["id"], read["reason"]) == ("unreadable", skip.path, skip.reason)

@@ -301,3 +301,28 @@ def test_memory_order_groups_documents_by_best_hit_then_reading_order():
         ("alpha", 2, "c"),
         ("zeta", 1, "d"),
     ]
+
+
+def test_a_long_text_written_in_parts_reads_back_as_one_document(pipeline, icae):
+    """More spans than one commit holds: the parts are assembled into one document whose spans,
+    slots and order are those of the text, under a generated id like any other document."""
+    from icmem.chunking import chunk
+    from icmem.writing import DEFAULT_BATCH_SPANS, PARTS_ROOT
+
+    text = " ".join(f"Entry {i}: {DOCS['names']}" for i in range(60))
+    spans = chunk(text, icae.tokenizer, span_tokens=icae.config.span_tokens)
+    assert len(spans) > 2 * DEFAULT_BATCH_SPANS
+    added = pipeline.ingest(text, namespace=NS)
+    assert len(added.id) == 32 and len(added.span_ids) == len(spans)
+    (document,) = pipeline.store.list_documents(NS)
+    assert (document.id, document.span_count) == (added.id, len(spans))
+    assert document.content_hash == hashlib.sha256(text.encode()).hexdigest()
+    assert pipeline.store.list_namespaces((PARTS_ROOT,)) == []
+    stored = pipeline.store.get_slots(list(added.span_ids), namespace=NS)
+    assert [s.position for s in stored] == list(range(len(spans)))
+    for i in (0, DEFAULT_BATCH_SPANS, len(spans) - 1):  # the first span of each part, the last
+        (expected,) = icae.compress([list(spans[i].token_ids)])
+        decoded = MemorySlots.from_bytes(stored[i].blob, icae.fingerprint)
+        torch.testing.assert_close(decoded.tensor, expected.tensor)
+    hits = pipeline.store.get_spans(list(added.span_ids), namespace=NS)
+    assert "".join(h.text for h in sorted(hits, key=lambda h: h.position)) == text

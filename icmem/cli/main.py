@@ -198,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(
             "icmem: interrupted; what finished is kept (ingest again: stored documents are "
-            "skipped; training: continue with --resume)",
+            "skipped and a large one continues after its finished parts; training: continue "
+            "with --resume)",
             file=sys.stderr,
         )
         return 130

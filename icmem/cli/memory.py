@@ -15,8 +15,9 @@ from icmem.chat import DEFAULT_RECENT_TURNS
 from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.cli.options import add_pipeline_options, open_pipeline, stats_dict
 from icmem.errors import IcmemError
-from icmem.ingest import DEFAULT_BATCH_SPANS, DEFAULT_GLOB, DEFAULT_TEXT_FIELD, FORMATS
+from icmem.ingest import DEFAULT_GLOB, DEFAULT_TEXT_FIELD, FORMATS
 from icmem.models import DEFAULT_MODEL
+from icmem.writing import DEFAULT_BATCH_SPANS
 
 if TYPE_CHECKING:
     from icmem.distributed import ModelLoader
@@ -91,9 +92,10 @@ def ingest_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-spans",
-        type=int,
+        type=positive_int,
         default=DEFAULT_BATCH_SPANS,
-        help="spans (from any number of files) compressed together (one process)",
+        help="spans (from any number of files) compressed and committed together; a larger "
+        "document is committed in parts of this size (one process)",
     )
     parser.add_argument(
         "--ray",
@@ -135,8 +137,9 @@ def positive_int(value: str) -> int:
 
 
 def ingest(args: argparse.Namespace) -> int:
-    """Exit status 0 when every file was ingested (or already stored), 1 when some were skipped:
-    the summary's `unreadable` lists each with its reason."""
+    """Exit status 0 when every file was ingested (or already stored, or is of a format not read:
+    the summary's `unsupported` lists those), 1 when some could not be read: the summary's
+    `unreadable` lists each with its reason."""
     from icmem.ingest import ReadOptions
 
     options = ReadOptions(
@@ -155,6 +158,7 @@ def ingest(args: argparse.Namespace) -> int:
         "files": report.files,
         **report.as_dict(),
         "unreadable": [skip.as_dict() for skip in report.unreadable],
+        "unsupported": [skip.as_dict() for skip in report.unsupported],
         **stats_dict(stats),
     }
     print(json.dumps(summary, ensure_ascii=False))
@@ -162,15 +166,9 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def _ingest_here(args: argparse.Namespace, options: ReadOptions) -> tuple[IngestReport, StoreStats]:
-    from icmem.ingest import ingest_paths
-
     with open_pipeline(args) as pipeline:
-        report = ingest_paths(
-            pipeline,
-            args.paths,
-            namespace=args.namespace,
-            options=options,
-            batch_spans=args.batch_spans,
+        report = pipeline.ingest_files(
+            args.paths, namespace=args.namespace, options=options, batch_spans=args.batch_spans
         )
         return report, pipeline.stats(args.namespace)
 
