@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from icmem.integrations.langchain import tool_calls
+from icmem.integrations.langchain.content import readable_text
 from icmem.store import SearchHit
+from icmem.store.namespaces import validate_namespace
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.exceptions import OutputParserException
@@ -34,6 +36,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
+from icmem.memory_forms import MemoryForm
 from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline, Reply
 
 # Settings a single call may override: invoke(..., max_tokens=4, namespace=(...), k=2, ...)
@@ -59,7 +62,8 @@ class ChatICAE(BaseChatModel):
     namespace: tuple[str, ...] = DEFAULT_NAMESPACE
     k: int = Field(default=4, gt=0)
     filter: dict[str, Any] | None = None
-    memory: Literal["slots", "text"] = "slots"  # "text": the recalled spans' raw text instead
+    # "text": the recalled spans' raw text instead; "none": the plain model, no recall
+    memory: MemoryForm = "slots"
     model_name: str = Field(default="icae", alias="model")
     max_tokens: int = Field(default=256, gt=0)
     temperature: float | None = None
@@ -67,6 +71,13 @@ class ChatICAE(BaseChatModel):
     streaming: bool = False  # when True, invoke() streams through callbacks as tokens arrive
     timeout: float | None = None  # accepted for API parity; generation is local
     max_retries: int = 0  # accepted for API parity; generation is local
+
+    def __init__(self, **data: Any) -> None:
+        # The store's one namespace rule and its message, not a pydantic type error (and never
+        # a string silently split into one-letter labels).
+        if "namespace" in data:
+            data["namespace"] = validate_namespace(data["namespace"])
+        super().__init__(**data)
 
     @property
     def _llm_type(self) -> str:
@@ -200,7 +211,7 @@ class ChatICAE(BaseChatModel):
         reply = self.pipeline.reply(
             conversation,
             query=query,
-            namespace=tuple(settings["namespace"]),
+            namespace=validate_namespace(settings["namespace"]),
             k=settings["k"],
             filter=settings["filter"],
             max_new_tokens=settings["max_tokens"],
@@ -266,23 +277,24 @@ def _emit(text: str, run_manager: CallbackManagerForLLMRun | None) -> Iterator[s
 def _last_human_text(messages: list[BaseMessage]) -> str:
     for message in reversed(messages):
         if isinstance(message, HumanMessage):
-            return message.text
+            return readable_text(message)
     raise ValueError("ChatICAE needs at least one human message to answer")
 
 
 def _turn(message: BaseMessage) -> dict[str, str]:
-    """A LangChain message as a chat-template turn."""
+    """A LangChain message as a chat-template turn (content the model cannot read refused)."""
+    text = readable_text(message)
     if isinstance(message, SystemMessage):
-        return {"role": "system", "content": message.text}
+        return {"role": "system", "content": text}
     if isinstance(message, HumanMessage):
-        return {"role": "user", "content": message.text}
+        return {"role": "user", "content": text}
     if isinstance(message, AIMessage):
         calls = tool_calls.render_calls(message.tool_calls) if message.tool_calls else ""
-        return {"role": "assistant", "content": message.text + calls}
+        return {"role": "assistant", "content": text + calls}
     if isinstance(message, ToolMessage):
         # Chat templates of small models have no tool role; the result reads as a user turn.
-        return {"role": "user", "content": tool_calls.render_result(message.text)}
-    return {"role": "user", "content": message.text}
+        return {"role": "user", "content": tool_calls.render_result(text)}
+    return {"role": "user", "content": text}
 
 
 def _with_system(conversation: list[dict[str, str]], section: str) -> list[dict[str, str]]:

@@ -78,7 +78,9 @@ class ICAEVectorStore(VectorStore):
             )
         if embedding is not None:
             pipeline_options["embedder"] = LangChainEmbedder(embedding)
-        vectorstore = cls(ICAEMemory.open(store, **pipeline_options), namespace=namespace)
+        vectorstore = cls(
+            ICAEMemory.open(store, create=True, **pipeline_options), namespace=namespace
+        )
         vectorstore.add_texts(texts, metadatas, ids=ids)
         return vectorstore
 
