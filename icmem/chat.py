@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from icmem.errors import ConversationError
-from icmem.store.namespaces import validate_namespace
 
 if TYPE_CHECKING:
     from icmem.memory_forms import MemoryForm
@@ -40,6 +39,8 @@ Source = Literal["documents", "conversation", "none"]
 
 def conversation_namespace(documents: Sequence[str]) -> tuple[str, ...]:
     """Where a chat over `documents` keeps its turns by default: beside them, never below."""
+    from icmem.store.namespaces import validate_namespace
+
     return (CONVERSATION_ROOT, *validate_namespace(documents))
 
 
@@ -60,6 +61,8 @@ class ChatSession:
         system: str | None = None,
         remember_replies: bool = False,
     ) -> None:
+        from icmem.store.namespaces import validate_namespace  # the store's rule, loaded on use
+
         self.pipeline = pipeline
         self.documents = validate_namespace(documents)
         self.conversation = (

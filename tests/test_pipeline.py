@@ -10,8 +10,8 @@ from icmem.store import MemoryStore
 from icmem.store.errors import NotAStoreError
 
 from icmem.codec import SlotCodecError
-from icmem.errors import ConversationError
 from icmem.embedding import TextEmbedder
+from icmem.errors import ConversationError
 from icmem.icae import ICAE
 from icmem.icae.slots import MemorySlots
 from icmem.pipeline import NO_MEMORY_NOTICE, MemoryPipeline

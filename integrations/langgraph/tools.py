@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from langchain.tools import ToolRuntime, tool
 from langchain_core.tools import BaseTool
@@ -30,7 +31,7 @@ def make_memory_tools(
     """The `remember`, `recall` and `forget` tools over `memory` (default: the agent's store)."""
 
     @tool
-    def remember(content: str, runtime: ToolRuntime) -> str:
+    def remember(content: str, runtime: ToolRuntime[Any, Any]) -> str:
         """Save a fact worth remembering in later conversations. Returns its memory id."""
         key = f"memory-{uuid.uuid4().hex}"
         store = resolve_store(memory, runtime)
@@ -38,7 +39,7 @@ def make_memory_tools(
         return key
 
     @tool
-    def recall(query: str, runtime: ToolRuntime) -> str:
+    def recall(query: str, runtime: ToolRuntime[Any, Any]) -> str:
         """Search long-term memory. Returns the best matches, one per line, as `id: text`."""
         store = resolve_store(memory, runtime)
         items = store.search(resolve_namespace(namespace, runtime), query=query, limit=k)
@@ -47,7 +48,7 @@ def make_memory_tools(
         return "\n".join(f"{item.key}: {item_text(item.value)}" for item in items)
 
     @tool
-    def forget(memory_id: str, runtime: ToolRuntime) -> str:
+    def forget(memory_id: str, runtime: ToolRuntime[Any, Any]) -> str:
         """Delete one memory by the id `remember` or `recall` gave (memory-... or turn-...)."""
         store = resolve_store(memory, runtime)
         scope = resolve_namespace(namespace, runtime)
