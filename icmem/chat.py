@@ -106,7 +106,8 @@ class ChatSession:
             max_new_tokens=self.max_new_tokens,
             memory=self.memory,
         )
-        self.last_hits, self.last_source = reply.hits, source
+        # The search's hits (best first, with their scores): reading spans by id has no score.
+        self.last_hits, self.last_source = hits, source
         pieces = []
         for piece in reply.pieces:
             pieces.append(piece)

@@ -141,6 +141,24 @@ def test_chat_refuses_a_conversation_namespace_that_overlaps_the_documents(
         assert [d.id for d in opened.list_documents(("kb",))] == [str(doc)]  # nothing stored
 
 
+def test_chat_refuses_a_message_too_long_to_read_and_goes_on(
+    tiny_cli, tmp_path, capsys, monkeypatch
+):
+    doc = tmp_path / "a.txt"
+    doc.write_text("The lighthouse keeper kept the log.", "utf-8")
+    store = str(tmp_path / "store")
+    assert main(["ingest", str(doc), "--store", store]) == 0
+    capsys.readouterr()
+    long_line = "Paris is the capital of France. " * 100
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_line}\nWho kept the log?\n"))
+    assert main(["chat", "--store", store, "--max-new-tokens", "2"]) == 0
+    assert "tokens, more than the 256 this model reads at once" in capsys.readouterr().err
+    with tiny_cli(store) as opened:
+        (turn,) = opened.list_documents(("chat", "default", "default", "default"))
+    # The chat went on to the next message, and only the message it read is remembered.
+    assert (turn.metadata["role"], turn.metadata["question"]) == ("user", True)
+
+
 class BagOfWords:
     """A deterministic embedder whose similarities mean something (shared words), so that which
     namespace a question recalls from is a known answer, not the luck of random weights."""
@@ -185,9 +203,13 @@ def test_chat_restarted_twice_recalls_documents_and_conversation_for_their_quest
         found: list[tuple[str, list[str]]] = []
         for line in out.splitlines():
             if line.startswith("recalled from the "):
+                scores: list[float] = []
                 found.append((line.split()[3], []))
             elif line.startswith("  [") and found:
-                found[-1][1].append(line.split("] ")[1].rsplit(" span ", 1)[0])
+                score, where = line.strip()[1:].split("] ")
+                scores.append(float(score))
+                found[-1][1].append(where.rsplit(" span ", 1)[0])
+                assert scores == sorted(scores, reverse=True) and scores[-1] >= 0  # not nan
         return found
 
     lighthouse, orchard = str(docs / "lighthouse.txt"), str(docs / "orchard.txt")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 from icmem.chat import DEFAULT_RECENT_TURNS
 from icmem.chunking import DEFAULT_SPAN_TOKENS
 from icmem.cli.options import add_pipeline_options, namespace, open_pipeline, stats_dict
-from icmem.errors import IcmemError
+from icmem.errors import ConversationError, IcmemError
 from icmem.ingest import DEFAULT_BATCH_SPANS, DEFAULT_GLOB, DEFAULT_TEXT_FIELD, FORMATS
 from icmem.memory_forms import MEMORY_FORMS
 from icmem.models import DEFAULT_MODEL
@@ -307,9 +307,13 @@ def chat(args: argparse.Namespace) -> int:
             elif text.startswith("/"):
                 print(f"unknown command {text}; {CHAT_HELP}", file=sys.stderr)
             else:
-                for piece in session.say(text):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                try:
+                    for piece in session.say(text):
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                except ConversationError as exc:  # this message only; the chat goes on
+                    print(f"icmem: {exc}", file=sys.stderr)
+                    continue
                 sys.stdout.write("\n")
             sys.stdout.flush()
     return 0

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from icmem.integrations.langchain.content import readable_text
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
@@ -49,7 +50,7 @@ class ICAEChatMessageHistory(BaseChatMessageHistory):
         documents = [
             TextDocument(
                 document_id=f"{_PREFIX}{start + i:020d}-{uuid.uuid4().hex}",
-                texts=(f"{message.type}: {message.text}",),
+                texts=(f"{message.type}: {readable_text(message)}",),
                 metadata={"at": start + i, "message": message_to_dict(message)},
             )
             for i, message in enumerate(messages)

@@ -81,6 +81,16 @@ def test_content_the_model_cannot_read_is_refused_by_name(memory, block, named):
         chat.invoke(earlier)  # anywhere in the conversation, not only the last message
 
 
+def test_a_chat_history_refuses_content_it_would_drop(memory):
+    from icmem.integrations.langchain import ICAEChatMessageHistory
+
+    history = ICAEChatMessageHistory(memory.pipeline, ("history", "t1"))
+    photo = {"type": "image", "url": "https://example.com/cat.png"}
+    with pytest.raises(ConversationError, match="holds image content"):
+        history.add_messages([HumanMessage("hi"), HumanMessage(content=["Look:", photo])])
+    assert history.messages == []  # nothing of the batch was stored
+
+
 def test_text_blocks_and_an_ai_turns_own_call_blocks_are_read(memory):
     chat = ChatICAE(pipeline=memory.pipeline, max_tokens=1)
     question = HumanMessage(content=[{"type": "text", "text": "Where"}, " is Paris?"])
