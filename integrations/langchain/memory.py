@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from icmem.integrations.langchain.content import readable_text
+from icmem.store.namespaces import validate_namespace
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
@@ -37,7 +38,7 @@ class ICAEChatMessageHistory(BaseChatMessageHistory):
 
     def __init__(self, pipeline: MemoryPipeline, namespace: Sequence[str]) -> None:
         self.pipeline = pipeline
-        self.namespace = tuple(namespace)
+        self.namespace = validate_namespace(namespace)
         self._check_namespace()
 
     @property

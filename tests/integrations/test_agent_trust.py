@@ -57,6 +57,22 @@ def test_a_string_namespace_gets_the_stores_error_not_pydantics(memory):
     chat = ChatICAE(pipeline=memory.pipeline, max_tokens=1)
     with pytest.raises(InvalidRecordError, match="non-empty string labels"):
         chat.invoke("hi", namespace="a/b")
+    # The retriever, vector store and chat history by the same rule (a string was split into
+    # one-letter labels by two of them).
+    from icmem.integrations.langchain import (
+        ICAEChatMessageHistory,
+        ICAERetriever,
+        ICAEVectorStore,
+    )
+
+    for make in (
+        lambda: ICAERetriever(pipeline=memory.pipeline, namespace="a/b"),
+        lambda: ICAEVectorStore(memory, namespace="a/b"),
+        lambda: ICAEChatMessageHistory(memory.pipeline, "a/b"),
+    ):
+        with pytest.raises(InvalidRecordError) as refused:
+            make()
+        assert str(refused.value) == str(direct.value)
 
 
 # ---------------------------------------------------------------- ChatICAE: unreadable content
