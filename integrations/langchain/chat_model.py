@@ -3,8 +3,10 @@
 Each call recalls the spans nearest to the last human message and answers the whole
 conversation (system prompt and every turn, laid out with the model's chat template) after
 their memory slots, through `MemoryPipeline.reply`, the pipeline's one recall-then-decode path.
-When recall finds nothing, the base model answers alone and `response_metadata["memory"]` says
-so.
+When recall finds nothing, the base model answers alone and the answer says so: its text starts
+with `icmem.pipeline.NO_MEMORY_NOTICE` and `response_metadata["memory"]` is "none"
+(`memory="none"` asks for the plain model, without recall or notice). Content the model cannot
+read (images, audio, files) is refused by name, never dropped.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class ChatICAE(BaseChatModel):
 
     def _resolve_model_profile(self) -> ModelProfile:
         """What LangChain can rely on: text in and out, tools (forced calls always parse) and
-        structured output; no input limit (LM-Infinite reads conversations of any length)."""
+        structured output. Conversations of any length (LM-Infinite, and recall for older turns);
+        one user message may be at most the pipeline's `max_input_tokens`."""
         return ModelProfile(
             name=self.model_name,
             open_weights=True,
