@@ -108,11 +108,13 @@ class ChatSession:
         )
         # The search's hits (best first, with their scores): reading spans by id has no score.
         self.last_hits, self.last_source = hits, source
+        if reply.notice:
+            yield reply.notice
         pieces = []
         for piece in reply.pieces:
             pieces.append(piece)
             yield piece
-        answer = "".join(pieces).removeprefix(reply.notice).strip()
+        answer = "".join(pieces).strip()
         self._remember("user", text, question=text.rstrip().endswith("?"))
         if self.remember_replies and answer:
             self._remember("assistant", answer)

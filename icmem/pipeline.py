@@ -69,7 +69,13 @@ class Reply:
     prompt_tokens: int
     memory_slots: int
     memory: str  # "slots", "text", or "none" (recall found nothing, or none was asked for)
-    notice: str = ""  # what the reply says first when recall found nothing (NO_MEMORY_NOTICE)
+    notice: str = ""  # what the answer says first when recall found nothing (NO_MEMORY_NOTICE)
+
+    def text_pieces(self) -> Iterator[str]:
+        """The answer as a reader gets it: the notice, if any, then what the model writes."""
+        if self.notice:
+            yield self.notice
+        yield from self.pieces
 
 
 Conversation = str | Sequence[Mapping[str, str]]
@@ -270,9 +276,10 @@ class MemoryPipeline:
         answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). With
         `span_ids` (spans a retriever already found) the answer reads those spans instead of
         recalling (`query`, `k` and `filter` are then unused). `memory="none"` is the plain
-        base model: no recall. When recall finds nothing, the reply starts with
-        `NO_MEMORY_NOTICE` (not under `json_schema`, whose answer must parse), so the reader
-        knows the answer did not come from memory. A user message longer than
+        base model: no recall. When recall finds nothing, `notice` is `NO_MEMORY_NOTICE`, which
+        `text_pieces`, `ask` and `stream_answer` put before the answer (not under
+        `json_schema`, whose answer must parse), so the reader knows it did not come from
+        memory; `pieces` stay what the model writes. A user message longer than
         `max_input_tokens` is refused before any work. The one recall-then-decode path: `ask`,
         `stream_answer` and the LangChain chat model all answer through it.
         """
@@ -315,18 +322,15 @@ class MemoryPipeline:
             self.icae, slots, conversation, max_new_tokens, Sampling(**sampling), constraint
         )
         pieces = self.icae.decode_stream(tokens)
-        notice = NO_MEMORY_NOTICE if memory != "none" and not recalled.hits else ""
-        if notice and json_schema is None:
-            pieces = _after(notice, pieces)
-        else:
-            notice = ""
+        # Not under a schema: the answer must parse.
+        quiet = memory == "none" or bool(recalled.hits) or json_schema is not None
         return Reply(
             hits=recalled.hits,
             pieces=pieces,
             prompt_tokens=len(self.prompt_cache.prompt_ids(self.icae, conversation)),
             memory_slots=sum(m.num_slots for m in slots),
             memory=memory if recalled.hits else "none",
-            notice=notice,
+            notice="" if quiet else NO_MEMORY_NOTICE,
         )
 
     def check_input_length(self, message: str) -> None:
@@ -364,7 +368,7 @@ class MemoryPipeline:
             memory=memory,
             **sampling,
         )
-        return Answer(text="".join(reply.pieces), hits=reply.hits)
+        return Answer(text="".join(reply.text_pieces()), hits=reply.hits)
 
     def stream_answer(
         self,
@@ -386,7 +390,7 @@ class MemoryPipeline:
             max_new_tokens=max_new_tokens,
             memory=memory,
             **sampling,
-        ).pieces
+        ).text_pieces()
 
     def token_ids(self, text: str) -> list[int]:
         """The decoder's token ids of plain text (to count tokens the way the model does)."""
@@ -637,11 +641,6 @@ def check_store_exists(store: str | os.PathLike[str]) -> None:
             f"no memory store at {text}: check the path, or create the store "
             f"(`icmem ingest FILES --store {text}`, or MemoryPipeline.open(..., create=True))"
         )
-
-
-def _after(first: str, pieces: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from pieces
 
 
 def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str | None:

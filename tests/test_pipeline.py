@@ -210,7 +210,13 @@ def test_an_answer_with_nothing_recalled_says_so_in_its_text(pipeline, icae):
     assert answer.text == NO_MEMORY_NOTICE + base
     reply = pipeline.reply("Where is Paris?", namespace=("empty",), max_new_tokens=4)
     assert (reply.memory, reply.notice) == ("none", NO_MEMORY_NOTICE)
-    assert "".join(reply.pieces) == NO_MEMORY_NOTICE + base
+    assert "".join(reply.text_pieces()) == NO_MEMORY_NOTICE + base
+    streamed = pipeline.stream_answer("Where is Paris?", namespace=("empty",), max_new_tokens=4)
+    assert "".join(streamed) == NO_MEMORY_NOTICE + base
+    # Under a JSON schema the answer must parse: no notice.
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    shaped = pipeline.reply("Where?", namespace=("empty",), max_new_tokens=4, json_schema=schema)
+    assert shaped.notice == "" and not "".join(shaped.pieces).startswith("(")
     # Asked for the plain model: no recall, and so nothing to warn about.
     ingest_all(pipeline)
     plain = pipeline.reply("Where is Paris?", namespace=NS, max_new_tokens=4, memory="none")

@@ -224,7 +224,7 @@ class ChatICAE(BaseChatModel):
             **sampling,
         )
         stops = [] if schema else stop or settings["stop"] or []
-        return reply, _until_stop(reply.pieces, stops, run_manager)
+        return reply, _answer_text(reply, stops, run_manager)
 
     def _metadata(self, hits: list[SearchHit], reply: Reply) -> dict[str, Any]:
         sources = [
@@ -238,14 +238,25 @@ class ChatICAE(BaseChatModel):
         }
 
     def _usage(self, reply: Reply, text: str) -> UsageMetadata:
-        """Input counts every position the decoder read: the prompt and the memory slots."""
-        output = len(self.pipeline.token_ids(text)) if text else 0
+        """Input counts every position the decoder read: the prompt and the memory slots; output
+        what it wrote (not the no-memory notice before it)."""
+        written = text.removeprefix(reply.notice)  # (a stop string never cuts the notice)
+        output = len(self.pipeline.token_ids(written)) if written else 0
         read = reply.prompt_tokens + reply.memory_slots
         # The token details are optional: langchain_core marks them typing.NotRequired, which
         # mypy checking for Python 3.10 (our floor; pyproject [tool.mypy]) cannot resolve.
         return UsageMetadata(  # type: ignore[typeddict-item]
             input_tokens=read, output_tokens=output, total_tokens=read + output
         )
+
+
+def _answer_text(
+    reply: Reply, stops: list[str], run_manager: CallbackManagerForLLMRun | None
+) -> Iterator[str]:
+    """The answer: the no-memory notice (which no stop string may cut: the model did not write
+    it), then the decoded text up to a stop string."""
+    yield from _emit(reply.notice, run_manager)
+    yield from _until_stop(reply.pieces, stops, run_manager)
 
 
 def _until_stop(

@@ -227,7 +227,10 @@ def test_forget_refuses_ids_that_name_no_memory_and_deletes_nothing(memory, bad_
 
 def _python(code: str) -> subprocess.CompletedProcess:
     path = [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    # A fresh user's process: without the settings `icmem` commands run in this one have made.
+    made = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(made)}
+    env["PYTHONPATH"] = os.pathsep.join(path)
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )

@@ -146,6 +146,12 @@ def test_recall_that_finds_nothing_says_so_in_the_answer():
     assert message.content == NO_MEMORY_NOTICE + base
     streamed = "".join(c.text for c in chat.stream("Where is Paris?"))
     assert streamed == NO_MEMORY_NOTICE + base
+    # Stop strings cut what the model wrote, never the notice; usage counts what it wrote.
+    assert ";" in NO_MEMORY_NOTICE
+    stopped = chat.invoke("Where is Paris?", stop=[";"])
+    assert stopped.content.startswith(NO_MEMORY_NOTICE)
+    written = len(pipeline.icae.tokenize(base))
+    assert message.usage_metadata["output_tokens"] == written
     # A plain model was asked for: no recall, no notice.
     plain = ChatICAE(pipeline=pipeline, namespace=NS, memory="none", max_tokens=5)
     answer = plain.invoke("Where is Paris?")
