@@ -267,6 +267,12 @@ class MemoryPipeline:
     ) -> Reply:
         """Recall for `query` and stream the answer to `conversation` from that memory.
 
+        No silent answers: `memory="none"` is the plain base model (no recall); otherwise, when
+        recall finds nothing, `notice` is `NO_MEMORY_NOTICE`, which `text_pieces`, `ask` and
+        `stream_answer` put before the answer (not under `json_schema`, whose answer must
+        parse), so the reader knows it did not come from memory; `pieces` stay what the model
+        writes. A user message longer than `max_input_tokens` is refused before any work.
+
         `conversation` is a question or a whole conversation (`role`/`content` dicts, system
         prompt and every turn). `query` defaults to the question, or to the conversation's last
         user message. `memory="slots"` decodes after the recalled spans' memory slots;
@@ -275,13 +281,9 @@ class MemoryPipeline:
         finds nothing, the base model answers alone (`hits` is empty). With `json_schema` the
         answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). With
         `span_ids` (spans a retriever already found) the answer reads those spans instead of
-        recalling (`query`, `k` and `filter` are then unused). `memory="none"` is the plain
-        base model: no recall. When recall finds nothing, `notice` is `NO_MEMORY_NOTICE`, which
-        `text_pieces`, `ask` and `stream_answer` put before the answer (not under
-        `json_schema`, whose answer must parse), so the reader knows it did not come from
-        memory; `pieces` stay what the model writes. A user message longer than
-        `max_input_tokens` is refused before any work. The one recall-then-decode path: `ask`,
-        `stream_answer` and the LangChain chat model all answer through it.
+        recalling (`query`, `k` and `filter` are then unused). The one
+        recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
+        through it.
         """
         if memory not in MEMORY_FORMS:
             raise ConversationError(f"memory={memory!r}; use 'slots', 'text' or 'none'")
@@ -301,6 +303,8 @@ class MemoryPipeline:
         else:
             recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
         slots = recalled.memory
+        # No notice under a schema: the answer must parse.
+        quiet = memory == "none" or bool(recalled.hits) or json_schema is not None
         if memory == "text" and recalled.hits:
             conversation = with_context(conversation, [hit.text for hit in recalled.hits])
             slots = []
@@ -322,8 +326,6 @@ class MemoryPipeline:
             self.icae, slots, conversation, max_new_tokens, Sampling(**sampling), constraint
         )
         pieces = self.icae.decode_stream(tokens)
-        # Not under a schema: the answer must parse.
-        quiet = memory == "none" or bool(recalled.hits) or json_schema is not None
         return Reply(
             hits=recalled.hits,
             pieces=pieces,
