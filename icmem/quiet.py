@@ -3,12 +3,15 @@ models (weight-loading bars, deprecations of their own internals) is for their d
 for the person calling icmem.
 
 Asking: enable INFO logging for ``icmem`` (``logging.basicConfig(level=logging.INFO)``, or
-``icmem -v``), and loading shows the libraries' bars and warnings again.
+``icmem -v``), and loading shows the libraries' bars and advisories, and transformers' logged
+deprecations, again. The `LIBRARY_DEPRECATIONS` raised as Python warnings stay hidden (a warnings
+filter is process-wide and set once); ``python -W default`` or pytest shows them.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +21,15 @@ from contextlib import contextmanager
 LIBRARY_DEPRECATIONS = (
     r"`is_gradient_checkpointing` is deprecated",
     r"`past_key_values` is deprecated",
+    r"`past_key_values`/`cache_params` are deprecated",
 )
+# Loggers transformers writes such deprecations to (``logger.warning_once``), not as warnings.
+LIBRARY_DEPRECATION_LOGGERS = ("transformers.utils.generic",)
+
+
+class _HideLibraryDeprecations(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return verbose() or not any(re.search(m, record.getMessage()) for m in LIBRARY_DEPRECATIONS)
 
 
 def verbose() -> bool:
@@ -27,9 +38,14 @@ def verbose() -> bool:
 
 
 def ignore_library_deprecations() -> None:
-    """Hide `LIBRARY_DEPRECATIONS` (once per process; a matching filter is not added twice)."""
+    """Hide `LIBRARY_DEPRECATIONS`, as warnings and as log records (once per process; a filter
+    is not added twice)."""
     for message in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name in LIBRARY_DEPRECATION_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideLibraryDeprecations) for f in logger.filters):
+            logger.addFilter(_HideLibraryDeprecations())
 
 
 @contextmanager

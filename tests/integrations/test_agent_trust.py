@@ -267,6 +267,7 @@ icae.tokenizer.save_pretrained({str(tmp_path)!r})
 hf_logging.enable_progress_bar()
 import icmem
 icmem.load_model({str(tmp_path)!r})
+icae.generate([], "Hello", max_new_tokens=2)  # transformers deprecates its own cache argument
 print("loaded")
 """)
 
