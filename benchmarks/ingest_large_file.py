@@ -140,7 +140,7 @@ def default_model(root: Path, size: int, batch_spans: int) -> dict:
 
     real_tqdm, tqdm.tqdm = tqdm.tqdm, Recording
     try:
-        with MemoryPipeline.open(root / "default-store") as pipeline:
+        with MemoryPipeline.open(root / "default-store", create=True) as pipeline:
             with Commits(stop_after=1) as commits, contextlib.suppress(KeyboardInterrupt):
                 pipeline.ingest_files([path], namespace=NS, batch_spans=batch_spans, progress=True)
             kept = pipeline.store.stats().spans

@@ -107,7 +107,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         size = write_corpus(root / "corpus", args.default_files, args.chars)
         started = time.perf_counter()
-        with MemoryPipeline.open(root / "store") as pipeline:
+        with MemoryPipeline.open(root / "store", create=True) as pipeline:
             load_seconds = time.perf_counter() - started
             run = measure(
                 "default (shipped ICAE, SmolLM2-135M + MiniLM)", pipeline, root / "corpus", size

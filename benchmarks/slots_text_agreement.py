@@ -51,7 +51,10 @@ def main() -> None:
 
     started = time.perf_counter()
     rows = []
-    with tempfile.TemporaryDirectory() as directory, MemoryPipeline.open(directory) as memory:
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        MemoryPipeline.open(directory, create=True) as memory,
+    ):
         words = play_text().split()
         text = " ".join(words[: args.spans * 350])  # about 512 tokens per 350 words
         memory.ingest(text, document_id="hamlet")

@@ -131,7 +131,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    pipeline = MemoryPipeline.open(tempfile.mkdtemp(prefix="icmem-tool-rate-"))
+    pipeline = MemoryPipeline.open(tempfile.mkdtemp(prefix="icmem-tool-rate-"), create=True)
     pipeline.ingest(MEMORY_TEXT, namespace=("bench", "slots"), document_id="desk")
     memories = {"none": ("bench", "empty"), "slots": ("bench", "slots")}
     result: dict = {

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from icmem.errors import ModelLoadError
+from icmem.quiet import quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +40,9 @@ class TextEmbedder:
 
         directory = _resolve(str(name_or_path))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-            model = AutoModel.from_pretrained(directory)
+            with quiet_loading():
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+                model = AutoModel.from_pretrained(directory)
         except OSError as exc:
             raise ModelLoadError(
                 f"could not load an embedding model from {directory}: {exc}"

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from icmem.errors import ModelLoadError
+from icmem.quiet import ignore_library_deprecations, quiet_loading
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+ignore_library_deprecations()
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -151,8 +153,9 @@ def _load_directory(
 
     kwargs = {"revision": revision} if revision else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **kwargs)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **kwargs)
     except OSError as exc:
         if Path(directory).exists():
             raise ModelLoadError(f"could not load the model in {directory}: {exc}") from exc

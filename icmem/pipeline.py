@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from icmem.chunking import DecodeErrors, read_utf8
 from icmem.documents import DEFAULT_NAMESPACE, TextDocument
@@ -22,6 +22,7 @@ from icmem.encoding import DocumentEncoder
 from icmem.errors import ConversationError
 from icmem.icae.slots import MemorySlots
 from icmem.ingest import IngestReport, ReadOptions, ingest_paths
+from icmem.memory_forms import MEMORY_FORMS, MemoryForm
 from icmem.memory_text import with_context
 from icmem.store.errors import InvalidRecordError
 from icmem.writing import DEFAULT_BATCH_SPANS, BatchedWriter, DocumentWriter, refusal, unchanged
@@ -63,11 +64,20 @@ class Reply:
     pieces: Iterator[str]
     prompt_tokens: int
     memory_slots: int
-    memory: str  # "slots", "text", or "none" when recall found nothing
+    memory: str  # "slots", "text", or "none" (recall found nothing, or none was asked for)
+    notice: str = ""  # what the answer says first when recall found nothing (NO_MEMORY_NOTICE)
+
+    def text_pieces(self) -> Iterator[str]:
+        """The answer as a reader gets it: the notice, if any, then what the model writes."""
+        if self.notice:
+            yield self.notice
+        yield from self.pieces
 
 
 Conversation = str | Sequence[Mapping[str, str]]
-MemoryForm = Literal["slots", "text"]
+# The first words of an answer that had memory to read but found nothing in it: a user reading
+# the reply, not only one reading its metadata, must know it was not answered from memory.
+NO_MEMORY_NOTICE = "(Nothing in memory matched this; the model answers on its own.)\n"
 
 
 class MemoryPipeline:
@@ -83,15 +93,19 @@ class MemoryPipeline:
         batch_size: int = 8,
         conversations: int = 8,
         window: int | None = None,
+        max_input_tokens: int | None = None,
     ) -> None:
         """`codec` encodes stored slots (one of `icmem.codec.CODECS`); `conversations` decoder
         states are kept for reuse by the next turn (0: none); `window` is LM-Infinite's local
-        window (default: the model's pretraining length)."""
+        window (default: the model's pretraining length); `max_input_tokens` is the longest
+        user message `reply` accepts (default: the window), because the decoder would see only
+        the last window of a longer one and answer from a fragment."""
         from icmem.icae.conversation import PromptCache
 
         self.icae, self.store, self.embedder = icae, store, embedder
         self.encoder = DocumentEncoder(icae, embedder, codec=codec, batch_size=batch_size)
         self.prompt_cache = PromptCache(conversations, window=window)
+        self.max_input_tokens = max_input_tokens or window or icae.max_positions
 
     @classmethod
     def open(
@@ -101,9 +115,14 @@ class MemoryPipeline:
         icae: ICAE | str | os.PathLike[str] | None = None,
         embedder: TextEmbedder | str | None = None,
         index_dir: str | os.PathLike[str] | None = None,
+        create: bool = False,
         **options: Any,
     ) -> MemoryPipeline:
-        """Open (or create) a store and load the models that read and write it.
+        """Open a store and load the models that read and write it.
+
+        A store directory that holds no store is refused unless `create=True`, so a mistyped
+        path fails instead of answering from a new, empty memory. (A database URL names a
+        database that exists already; its tables are created on first use.)
 
         `icae` is an `ICAE`, a checkpoint directory, or None for the shipped default;
         `embedder` a `TextEmbedder`, a model name or directory, or any object with `embed(texts)`
@@ -114,6 +133,8 @@ class MemoryPipeline:
         from icmem.icae.model import ICAE
         from icmem.store import MemoryStore
 
+        if not create:
+            check_store_exists(store)
         if not isinstance(icae, ICAE):
             icae = ICAE.from_pretrained(icae)
         if embedder is None or isinstance(embedder, str | os.PathLike):
@@ -255,6 +276,12 @@ class MemoryPipeline:
     ) -> Reply:
         """Recall for `query` and stream the answer to `conversation` from that memory.
 
+        No silent answers: `memory="none"` is the plain base model (no recall); otherwise, when
+        recall finds nothing, `notice` is `NO_MEMORY_NOTICE`, which `text_pieces`, `ask` and
+        `stream_answer` put before the answer (not under `json_schema`, whose answer must
+        parse), so the reader knows it did not come from memory; `pieces` stay what the model
+        writes. A user message longer than `max_input_tokens` is refused before any work.
+
         `conversation` is a question or a whole conversation (`role`/`content` dicts, system
         prompt and every turn). `query` defaults to the question, or to the conversation's last
         user message. `memory="slots"` decodes after the recalled spans' memory slots;
@@ -267,18 +294,26 @@ class MemoryPipeline:
         recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
         through it.
         """
-        if memory not in ("slots", "text"):
-            raise ConversationError(f"memory={memory!r}; use 'slots' or 'text'")
-        if span_ids is not None:
+        if memory not in MEMORY_FORMS:
+            raise ConversationError(f"memory={memory!r}; use 'slots', 'text' or 'none'")
+        last_user = conversation if isinstance(conversation, str) else _last_user_text(conversation)
+        if query is None:
+            if last_user is None:
+                raise ConversationError(
+                    "the conversation has no user message to recall memory for; add one or pass "
+                    "query="
+                )
+            query = last_user
+        self.check_input_length(last_user or "")
+        if memory == "none":
+            recalled = Recall(hits=[], memory=[])
+        elif span_ids is not None:
             recalled = self.memory_of_spans(span_ids, namespace=namespace)
         else:
-            if query is None:
-                if isinstance(conversation, str):
-                    query = conversation
-                else:
-                    query = _last_user_text(conversation)
             recalled = self.recall(query, namespace=namespace, k=k, filter=filter)
         slots = recalled.memory
+        # No notice under a schema: the answer must parse.
+        quiet = memory == "none" or bool(recalled.hits) or json_schema is not None
         if memory == "text" and recalled.hits:
             conversation = with_context(conversation, [hit.text for hit in recalled.hits])
             slots = []
@@ -306,7 +341,22 @@ class MemoryPipeline:
             prompt_tokens=len(self.prompt_cache.prompt_ids(self.icae, conversation)),
             memory_slots=sum(m.num_slots for m in slots),
             memory=memory if recalled.hits else "none",
+            notice="" if quiet else NO_MEMORY_NOTICE,
         )
+
+    def check_input_length(self, message: str) -> None:
+        """Refuse a user message longer than `max_input_tokens`: the decoder would read only
+        its last window and answer from a fragment, slowly and without a word."""
+        if self.max_input_tokens is None:
+            return
+        tokens = len(self.icae.tokenize(message))
+        if tokens > self.max_input_tokens:
+            raise ConversationError(
+                f"the user message is {tokens} tokens, more than the {self.max_input_tokens} "
+                "this model reads at once: it would see only the end of it. Put long text into "
+                "memory (MemoryPipeline.ingest, or `icmem ingest FILE`) and ask about it in a "
+                "short message"
+            )
 
     def ask(
         self,
@@ -329,7 +379,7 @@ class MemoryPipeline:
             memory=memory,
             **sampling,
         )
-        return Answer(text="".join(reply.pieces), hits=reply.hits)
+        return Answer(text="".join(reply.text_pieces()), hits=reply.hits)
 
     def stream_answer(
         self,
@@ -351,7 +401,7 @@ class MemoryPipeline:
             max_new_tokens=max_new_tokens,
             memory=memory,
             **sampling,
-        ).pieces
+        ).text_pieces()
 
     def token_ids(self, text: str) -> list[int]:
         """The decoder's token ids of plain text (to count tokens the way the model does)."""
@@ -480,10 +530,21 @@ def memory_order(hits: Sequence[SearchHit]) -> list[SearchHit]:
     return sorted(hits, key=lambda h: (rank[(tuple(h.namespace), h.document_id)], h.position))
 
 
-def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str:
+def check_store_exists(store: str | os.PathLike[str]) -> None:
+    """Refuse a store directory that holds no store (see `MemoryPipeline.open`'s `create`)."""
+    from icmem.store.database import DATABASE_FILE
+    from icmem.store.errors import NotAStoreError
+
+    text = os.fspath(store)
+    if "://" not in text and not (Path(text) / DATABASE_FILE).is_file():
+        raise NotAStoreError(
+            f"no memory store at {text}: check the path, or create the store "
+            f"(`icmem ingest FILES --store {text}`, or MemoryPipeline.open(..., create=True))"
+        )
+
+
+def _last_user_text(conversation: Sequence[Mapping[str, str]]) -> str | None:
     for message in reversed(conversation):
         if message.get("role") == "user":
             return message.get("content", "")
-    raise ConversationError(
-        "the conversation has no user message to recall memory for; add one or pass query="
-    )
+    return None

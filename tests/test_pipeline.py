@@ -7,12 +7,14 @@ import hashlib
 import pytest
 import torch
 from icmem.store import MemoryStore
+from icmem.store.errors import NotAStoreError
 
 from icmem.codec import SlotCodecError
 from icmem.embedding import TextEmbedder
+from icmem.errors import ConversationError
 from icmem.icae import ICAE
 from icmem.icae.slots import MemorySlots
-from icmem.pipeline import MemoryPipeline
+from icmem.pipeline import NO_MEMORY_NOTICE, MemoryPipeline
 
 DOCS = {
     "fox": "The quick brown fox jumps over the lazy dog. " * 6,
@@ -199,12 +201,64 @@ def test_a_damaged_span_drops_out_of_recall_with_its_hit(pipeline, monkeypatch):
     assert [m.span_id for m in recalled.memory] == [str(h.span_id) for h in recalled.hits]
 
 
-def test_ask_with_nothing_recalled_is_the_base_models_own_answer(pipeline, icae):
+def test_an_answer_with_nothing_recalled_says_so_in_its_text(pipeline, icae):
+    base = icae.generate([], "Where is Paris?", max_new_tokens=4)
     answer = pipeline.ask(
         "Where is Paris?", namespace=("empty", "empty", "empty"), max_new_tokens=4
     )
     assert answer.hits == []
-    assert answer.text == icae.generate([], "Where is Paris?", max_new_tokens=4)
+    assert answer.text == NO_MEMORY_NOTICE + base
+    reply = pipeline.reply("Where is Paris?", namespace=("empty",), max_new_tokens=4)
+    assert (reply.memory, reply.notice) == ("none", NO_MEMORY_NOTICE)
+    assert "".join(reply.text_pieces()) == NO_MEMORY_NOTICE + base
+    streamed = pipeline.stream_answer("Where is Paris?", namespace=("empty",), max_new_tokens=4)
+    assert "".join(streamed) == NO_MEMORY_NOTICE + base
+    # Under a JSON schema the answer must parse: no notice.
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    shaped = pipeline.reply("Where?", namespace=("empty",), max_new_tokens=4, json_schema=schema)
+    assert shaped.notice == "" and not "".join(shaped.pieces).startswith("(")
+    # Asked for the plain model: no recall, and so nothing to warn about.
+    ingest_all(pipeline)
+    plain = pipeline.reply("Where is Paris?", namespace=NS, max_new_tokens=4, memory="none")
+    assert (plain.hits, plain.memory, plain.notice) == ([], "none", "")
+    assert "".join(plain.pieces) == base
+    # Found memory: no notice.
+    found = pipeline.reply("Where is Paris?", namespace=NS, k=1, max_new_tokens=4)
+    assert found.hits and found.notice == ""
+
+
+def test_opening_a_missing_store_refuses_unless_asked_to_create(tmp_path, icae, embedder):
+    typo = tmp_path / "stroe"
+    with pytest.raises(NotAStoreError, match=rf"no memory store at {typo}.*create=True"):
+        MemoryPipeline.open(typo, icae=icae, embedder=embedder)
+    assert not typo.exists()  # nothing was created
+    with MemoryPipeline.open(typo, icae=icae, embedder=embedder, create=True) as created:
+        created.ingest(DOCS["fox"], namespace=NS, document_id="fox")
+    with MemoryPipeline.open(typo, icae=icae, embedder=embedder) as reopened:
+        assert [d.id for d in reopened.list_documents(NS)] == ["fox"]
+
+
+def test_a_user_message_longer_than_the_model_reads_is_refused_before_any_work(
+    pipeline, icae, monkeypatch
+):
+    limit = icae.max_positions
+    assert pipeline.max_input_tokens == limit
+    long_message = "Paris is the capital of France. " * 40
+    assert len(icae.tokenize(long_message)) > limit
+
+    def no_recall(*args, **kwargs):
+        raise AssertionError("recall ran for a message that is refused")
+
+    monkeypatch.setattr(pipeline, "recall", no_recall)
+    with pytest.raises(ConversationError, match=rf"tokens, more than the {limit}.*icmem ingest"):
+        pipeline.ask(long_message, namespace=NS)
+    turns = [{"role": "user", "content": long_message}]
+    with pytest.raises(ConversationError, match="more than the"):
+        pipeline.reply(turns, namespace=NS)
+    # Older turns may be long (recall brings them back); the last message is what must fit.
+    monkeypatch.undo()
+    turns += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "Paris?"}]
+    assert "".join(pipeline.reply(turns, namespace=NS, max_new_tokens=2).pieces)
 
 
 def test_a_conversation_recalls_for_its_last_user_message(pipeline, icae):
@@ -242,7 +296,7 @@ def test_memory_as_text_gives_the_base_model_the_recalled_spans(pipeline, icae):
     texted = pipeline.reply(asked, namespace=NS, k=2, max_new_tokens=4, memory="text")
     expected = [{"role": "system", "content": "Be brief.\n\n" + context}, asked[1]]
     assert texted.prompt_tokens == len(icae.format_chat(expected))
-    with pytest.raises(ValueError, match="'slots' or 'text'"):
+    with pytest.raises(ValueError, match="'slots', 'text' or 'none'"):
         pipeline.reply(question, namespace=NS, memory="raw")
 
 
@@ -260,7 +314,7 @@ def test_ask_and_stream_answer_pass_the_memory_form_on(pipeline, icae):
     recalled = pipeline.recall(question, namespace=NS, k=2)
     assert asked == streamed == expected
     assert from_slots == icae.generate(recalled.memory, question, max_new_tokens=4)
-    with pytest.raises(ValueError, match="'slots' or 'text'"):
+    with pytest.raises(ValueError, match="'slots', 'text' or 'none'"):
         pipeline.ask(question, namespace=NS, memory="raw")
 
 

@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, TextIO
 
 from icmem.chat import DEFAULT_RECENT_TURNS
 from icmem.chunking import DEFAULT_SPAN_TOKENS
-from icmem.cli.options import add_pipeline_options, open_pipeline, stats_dict
-from icmem.errors import IcmemError
+from icmem.cli.options import add_pipeline_options, namespace, open_pipeline, stats_dict
+from icmem.errors import ConversationError, IcmemError
 from icmem.ingest import DEFAULT_GLOB, DEFAULT_TEXT_FIELD, FORMATS
+from icmem.memory_forms import MEMORY_FORMS
 from icmem.models import DEFAULT_MODEL
 from icmem.writing import DEFAULT_BATCH_SPANS
 
 if TYPE_CHECKING:
+    from icmem.chat import ChatSession
     from icmem.distributed import ModelLoader
     from icmem.ingest import IngestReport, ReadOptions
     from icmem.store import SearchHit, StoreStats
@@ -166,7 +168,7 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def _ingest_here(args: argparse.Namespace, options: ReadOptions) -> tuple[IngestReport, StoreStats]:
-    with open_pipeline(args) as pipeline:
+    with open_pipeline(args, create=True) as pipeline:
         report = pipeline.ingest_files(
             args.paths, namespace=args.namespace, options=options, batch_spans=args.batch_spans
         )
@@ -222,14 +224,22 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def chat_options(parser: argparse.ArgumentParser) -> None:
-    add_pipeline_options(parser)
+    add_pipeline_options(parser, namespace_help="the documents to answer from (as ingested)")
+    parser.add_argument(
+        "--chat-namespace",
+        type=namespace,
+        default=None,
+        help="where the conversation is remembered (default: chat/ followed by --namespace), "
+        "apart from the documents",
+    )
     parser.add_argument("-k", type=int, default=DEFAULT_K, help="spans to recall per turn")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument(
         "--memory",
-        choices=("slots", "text"),
+        choices=MEMORY_FORMS,
         default="slots",
-        help="decode from the recalled spans' slots, or from their text (the baseline)",
+        help="decode from the recalled spans' slots, or from their text (the baseline), or "
+        "answer from the model alone (none)",
     )
     parser.add_argument(
         "--recent-turns",
@@ -237,30 +247,46 @@ def chat_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_RECENT_TURNS,
         help="messages the model reads verbatim; older ones come back through recall",
     )
+    parser.add_argument(
+        "--remember-replies",
+        action="store_true",
+        help="remember the model's replies too, not only what you say (empty ones never)",
+    )
     parser.add_argument("--system", default=None, help="a system prompt")
 
 
-CHAT_HELP = "/sources: where the last answer came from; /forget: delete this thread's turns; /exit"
+CHAT_HELP = (
+    "/sources: what the last answer recalled; /forget: delete this conversation's remembered "
+    "turns (documents stay); /exit"
+)
 
 
 def chat(args: argparse.Namespace) -> int:
     """Read one message a line from stdin and answer each on stdout (prompts only on a
-    terminal, so it works in a pipe); every turn is remembered in --namespace."""
+    terminal, so it works in a pipe). Answers come from --namespace's documents or from the
+    remembered conversation (--chat-namespace), whichever matches the message better."""
     from icmem.chat import ChatSession
+    from icmem.store.namespaces import format_namespace
 
     interactive = sys.stdin.isatty()
     with open_pipeline(args) as pipeline:
         session = ChatSession(
             pipeline,
             args.namespace,
+            conversation=args.chat_namespace,
             k=args.k,
             max_new_tokens=args.max_new_tokens,
             memory=args.memory,
             recent_turns=args.recent_turns,
             system=args.system,
+            remember_replies=args.remember_replies,
         )
         if interactive:
-            print(f"chatting with {args.store}; {CHAT_HELP}", file=sys.stderr)
+            print(
+                f"chatting with {args.store}: documents {format_namespace(session.documents)}, "
+                f"conversation {format_namespace(session.conversation)}; {CHAT_HELP}",
+                file=sys.stderr,
+            )
         while True:
             if interactive:
                 print("> ", end="", file=sys.stderr, flush=True)
@@ -273,20 +299,33 @@ def chat(args: argparse.Namespace) -> int:
             if text == "/exit":
                 break
             if text == "/sources":
-                if not session.last_hits:
-                    print("(no sources: the last answer came from the model alone)")
-                _print_sources(session.last_hits, sys.stdout)
+                _print_chat_sources(session)
             elif text == "/forget":
                 print(f"forgot {session.forget()} remembered turns")
             elif text.startswith("/"):
                 print(f"unknown command {text}; {CHAT_HELP}", file=sys.stderr)
             else:
-                for piece in session.say(text):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                try:
+                    for piece in session.say(text):
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                except ConversationError as exc:  # this message only; the chat goes on
+                    print(f"icmem: {exc}", file=sys.stderr)
+                    continue
                 sys.stdout.write("\n")
             sys.stdout.flush()
     return 0
+
+
+def _print_chat_sources(session: ChatSession) -> None:
+    from icmem.store.namespaces import format_namespace
+
+    if not session.last_hits:
+        print("(no sources: the last answer came from the model alone)")
+        return
+    where = session.conversation if session.last_source == "conversation" else session.documents
+    print(f"recalled from the {session.last_source} ({format_namespace(where)}):")
+    _print_sources(session.last_hits, sys.stdout)
 
 
 def _print_sources(hits: list[SearchHit], stream: TextIO) -> None:
@@ -315,7 +354,7 @@ def demo(args: argparse.Namespace) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         print("loading the default ICAE, its base model and the retrieval embedder ...")
-        pipeline = MemoryPipeline.open(Path(tmp) / "store", icae=args.checkpoint)
+        pipeline = MemoryPipeline.open(Path(tmp) / "store", icae=args.checkpoint, create=True)
         with pipeline:
             started = time.perf_counter()
             for name, text in documents.items():

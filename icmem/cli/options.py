@@ -23,7 +23,9 @@ def namespace(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+def add_pipeline_options(
+    parser: argparse.ArgumentParser, *, namespace_help: str = "where to read and write"
+) -> None:
     """Where the memory lives and which ICAE reads and writes it."""
     parser.add_argument("--store", required=True, help="store directory or SQLAlchemy URL")
     parser.add_argument("--index-dir", default=None, help="FAISS files (for a database URL)")
@@ -32,16 +34,21 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
         "--namespace",
         type=namespace,
         default=DEFAULT_NAMESPACE_TEXT,
-        help=f"labels joined by / (default: {DEFAULT_NAMESPACE_TEXT}), or a JSON array such as "
+        help=f"{namespace_help}: labels joined by / (default: {DEFAULT_NAMESPACE_TEXT}), or a "
+        "JSON array such as "
         '\'["users", "u/1", "notes"]\' for labels that hold /',
     )
 
 
-def open_pipeline(args: argparse.Namespace, **options: Any) -> MemoryPipeline:
+def open_pipeline(
+    args: argparse.Namespace, *, create: bool = False, **options: Any
+) -> MemoryPipeline:
+    """The pipeline over --store; only `icmem ingest` creates a store (`create=True`), every
+    other command refuses a path that holds none, naming it."""
     from icmem.pipeline import MemoryPipeline
 
     return MemoryPipeline.open(
-        args.store, icae=args.checkpoint, index_dir=args.index_dir, **options
+        args.store, icae=args.checkpoint, index_dir=args.index_dir, create=create, **options
     )
 
 

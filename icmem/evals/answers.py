@@ -155,7 +155,7 @@ def evaluate(
 
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(store_dir) if store_dir is not None else Path(tmp) / "store"
-        with MemoryPipeline.open(where, icae=icae) as pipeline:
+        with MemoryPipeline.open(where, icae=icae, create=True) as pipeline:
             for doc in documents:
                 pipeline.ingest(doc.text, document_id=doc.name, source="invented")
             rows = answer_all(pipeline, cases, ks=ks, modes=modes, max_new_tokens=max_new_tokens)

@@ -3,18 +3,22 @@
 Each call recalls the spans nearest to the last human message and answers the whole
 conversation (system prompt and every turn, laid out with the model's chat template) after
 their memory slots, through `MemoryPipeline.reply`, the pipeline's one recall-then-decode path.
-When recall finds nothing, the base model answers alone and `response_metadata["memory"]` says
-so.
+When recall finds nothing, the base model answers alone and the answer says so: its text starts
+with `icmem.pipeline.NO_MEMORY_NOTICE` and `response_metadata["memory"]` is "none"
+(`memory="none"` asks for the plain model, without recall or notice). Content the model cannot
+read (images, audio, files) is refused by name, never dropped.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from icmem.integrations.langchain import tool_calls
+from icmem.integrations.langchain.content import readable_text
 from icmem.store import SearchHit
+from icmem.store.namespaces import validate_namespace
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.exceptions import OutputParserException
@@ -34,6 +38,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
+from icmem.memory_forms import MemoryForm
 from icmem.pipeline import DEFAULT_NAMESPACE, MemoryPipeline, Reply
 
 # Settings a single call may override: invoke(..., max_tokens=4, namespace=(...), k=2, ...)
@@ -59,7 +64,8 @@ class ChatICAE(BaseChatModel):
     namespace: tuple[str, ...] = DEFAULT_NAMESPACE
     k: int = Field(default=4, gt=0)
     filter: dict[str, Any] | None = None
-    memory: Literal["slots", "text"] = "slots"  # "text": the recalled spans' raw text instead
+    # "text": the recalled spans' raw text instead; "none": the plain model, no recall
+    memory: MemoryForm = "slots"
     model_name: str = Field(default="icae", alias="model")
     max_tokens: int = Field(default=256, gt=0)
     temperature: float | None = None
@@ -67,6 +73,13 @@ class ChatICAE(BaseChatModel):
     streaming: bool = False  # when True, invoke() streams through callbacks as tokens arrive
     timeout: float | None = None  # accepted for API parity; generation is local
     max_retries: int = 0  # accepted for API parity; generation is local
+
+    def __init__(self, **data: Any) -> None:
+        # The store's one namespace rule and its message, not a pydantic type error (and never
+        # a string silently split into one-letter labels).
+        if "namespace" in data:
+            data["namespace"] = validate_namespace(data["namespace"])
+        super().__init__(**data)
 
     @property
     def _llm_type(self) -> str:
@@ -100,7 +113,8 @@ class ChatICAE(BaseChatModel):
 
     def _resolve_model_profile(self) -> ModelProfile:
         """What LangChain can rely on: text in and out, tools (forced calls always parse) and
-        structured output; no input limit (LM-Infinite reads conversations of any length)."""
+        structured output. Conversations of any length (LM-Infinite, and recall for older turns);
+        one user message may be at most the pipeline's `max_input_tokens`."""
         return ModelProfile(
             name=self.model_name,
             open_weights=True,
@@ -200,7 +214,7 @@ class ChatICAE(BaseChatModel):
         reply = self.pipeline.reply(
             conversation,
             query=query,
-            namespace=tuple(settings["namespace"]),
+            namespace=validate_namespace(settings["namespace"]),
             k=settings["k"],
             filter=settings["filter"],
             max_new_tokens=settings["max_tokens"],
@@ -210,7 +224,7 @@ class ChatICAE(BaseChatModel):
             **sampling,
         )
         stops = [] if schema else stop or settings["stop"] or []
-        return reply, _until_stop(reply.pieces, stops, run_manager)
+        return reply, _answer_text(reply, stops, run_manager)
 
     def _metadata(self, hits: list[SearchHit], reply: Reply) -> dict[str, Any]:
         sources = [
@@ -224,14 +238,25 @@ class ChatICAE(BaseChatModel):
         }
 
     def _usage(self, reply: Reply, text: str) -> UsageMetadata:
-        """Input counts every position the decoder read: the prompt and the memory slots."""
-        output = len(self.pipeline.token_ids(text)) if text else 0
+        """Input counts every position the decoder read: the prompt and the memory slots; output
+        what it wrote (not the no-memory notice before it)."""
+        written = text.removeprefix(reply.notice)  # (a stop string never cuts the notice)
+        output = len(self.pipeline.token_ids(written)) if written else 0
         read = reply.prompt_tokens + reply.memory_slots
         # The token details are optional: langchain_core marks them typing.NotRequired, which
         # mypy checking for Python 3.10 (our floor; pyproject [tool.mypy]) cannot resolve.
         return UsageMetadata(  # type: ignore[typeddict-item]
             input_tokens=read, output_tokens=output, total_tokens=read + output
         )
+
+
+def _answer_text(
+    reply: Reply, stops: list[str], run_manager: CallbackManagerForLLMRun | None
+) -> Iterator[str]:
+    """The answer: the no-memory notice (which no stop string may cut: the model did not write
+    it), then the decoded text up to a stop string."""
+    yield from _emit(reply.notice, run_manager)
+    yield from _until_stop(reply.pieces, stops, run_manager)
 
 
 def _until_stop(
@@ -266,23 +291,24 @@ def _emit(text: str, run_manager: CallbackManagerForLLMRun | None) -> Iterator[s
 def _last_human_text(messages: list[BaseMessage]) -> str:
     for message in reversed(messages):
         if isinstance(message, HumanMessage):
-            return message.text
+            return readable_text(message)
     raise ValueError("ChatICAE needs at least one human message to answer")
 
 
 def _turn(message: BaseMessage) -> dict[str, str]:
-    """A LangChain message as a chat-template turn."""
+    """A LangChain message as a chat-template turn (content the model cannot read refused)."""
+    text = readable_text(message)
     if isinstance(message, SystemMessage):
-        return {"role": "system", "content": message.text}
+        return {"role": "system", "content": text}
     if isinstance(message, HumanMessage):
-        return {"role": "user", "content": message.text}
+        return {"role": "user", "content": text}
     if isinstance(message, AIMessage):
         calls = tool_calls.render_calls(message.tool_calls) if message.tool_calls else ""
-        return {"role": "assistant", "content": message.text + calls}
+        return {"role": "assistant", "content": text + calls}
     if isinstance(message, ToolMessage):
         # Chat templates of small models have no tool role; the result reads as a user turn.
-        return {"role": "user", "content": tool_calls.render_result(message.text)}
-    return {"role": "user", "content": message.text}
+        return {"role": "user", "content": tool_calls.render_result(text)}
+    return {"role": "user", "content": text}
 
 
 def _with_system(conversation: list[dict[str, str]], section: str) -> list[dict[str, str]]:

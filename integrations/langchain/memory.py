@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from icmem.integrations.langchain.content import readable_text
+from icmem.store.namespaces import validate_namespace
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
@@ -36,7 +38,7 @@ class ICAEChatMessageHistory(BaseChatMessageHistory):
 
     def __init__(self, pipeline: MemoryPipeline, namespace: Sequence[str]) -> None:
         self.pipeline = pipeline
-        self.namespace = tuple(namespace)
+        self.namespace = validate_namespace(namespace)
         self._check_namespace()
 
     @property
@@ -49,7 +51,7 @@ class ICAEChatMessageHistory(BaseChatMessageHistory):
         documents = [
             TextDocument(
                 document_id=f"{_PREFIX}{start + i:020d}-{uuid.uuid4().hex}",
-                texts=(f"{message.type}: {message.text}",),
+                texts=(f"{message.type}: {readable_text(message)}",),
                 metadata={"at": start + i, "message": message_to_dict(message)},
             )
             for i, message in enumerate(messages)

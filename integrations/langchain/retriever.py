@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from icmem.store.namespaces import validate_namespace
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
@@ -25,6 +26,11 @@ class ICAERetriever(BaseRetriever):
     namespace: tuple[str, ...] = DEFAULT_NAMESPACE
     k: int = Field(default=4, gt=0)
     filter: dict[str, Any] | None = None
+
+    def __init__(self, **data: Any) -> None:
+        if "namespace" in data:  # the store's rule and message, as ChatICAE
+            data["namespace"] = validate_namespace(data["namespace"])
+        super().__init__(**data)
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from icmem.store.namespaces import validate_namespace
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
@@ -47,7 +48,7 @@ class ICAEVectorStore(VectorStore):
                 "with ICAEMemory(pipeline) or ICAEVectorStore.from_texts(..., store=path)"
             )
         self.memory = memory
-        self.namespace = tuple(namespace)
+        self.namespace = validate_namespace(namespace)
         self._embeddings = ICAEEmbeddings(memory.pipeline)
 
     @property
@@ -78,7 +79,9 @@ class ICAEVectorStore(VectorStore):
             )
         if embedding is not None:
             pipeline_options["embedder"] = LangChainEmbedder(embedding)
-        vectorstore = cls(ICAEMemory.open(store, **pipeline_options), namespace=namespace)
+        vectorstore = cls(
+            ICAEMemory.open(store, create=True, **pipeline_options), namespace=namespace
+        )
         vectorstore.add_texts(texts, metadatas, ids=ids)
         return vectorstore
 

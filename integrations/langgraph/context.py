@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypedDict
 
+from icmem.store.namespaces import validate_namespace
 from langgraph.store.base import BaseStore
 
 NamespaceFor = Callable[[Any], Sequence[str]]
@@ -53,10 +54,9 @@ def context_value(runtime: Any, name: str) -> Any:
 
 
 def resolve_namespace(namespace_for: NamespaceFor, runtime: Any) -> tuple[str, ...]:
-    namespace = tuple(namespace_for(runtime))
-    if not namespace or not all(isinstance(label, str) and label for label in namespace):
-        raise ValueError(f"the memory namespace must be non-empty labels, got {namespace!r}")
-    return namespace
+    """The run's namespace, checked by the store's one rule (a string is refused, never split
+    into one-letter labels)."""
+    return validate_namespace(namespace_for(runtime))
 
 
 def resolve_store(memory: BaseStore | None, runtime: Any) -> BaseStore:

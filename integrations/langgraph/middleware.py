@@ -2,9 +2,14 @@
 after the agent has answered.
 
 Recall is per user (the namespace comes from the run's context), so what one user told the agent
-is never recalled for another. A `ChatICAE` model gets the memory as slots: the middleware tells
-it which namespace (and how many spans) to recall, and the model decodes after the recalled
-spans' slots. Any other chat model gets the recalled items' text in its system prompt.
+is never recalled for another. A `ChatICAE` model recalls for itself: the middleware tells it
+which namespace (and how many spans) to recall, and the model reads them in its own `memory=`
+form (slots by default). Any other chat model gets the recalled items' text in its system prompt.
+
+What is remembered of a turn: what the user said and what tools returned (not the memory tools'
+own results, which are memories already). The model's replies only with `remember_replies=True`,
+and never an empty one or one the decoder stopped for repeating itself
+(`response_metadata["finish_reason"] == "repetition"`): a bad answer, recalled, is repeated.
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langgraph.store.base import BaseStore, SearchItem
 
 from .context import (
@@ -27,6 +39,8 @@ from .context import (
 )
 
 MEMORY_HEADER = "What you remember from earlier conversations with this user:"
+# The tools of `make_memory_tools`: their results are memories already, never stored again.
+MEMORY_TOOLS = frozenset({"remember", "recall", "forget"})
 
 
 class ICAEMemoryMiddleware(AgentMiddleware):
@@ -35,7 +49,7 @@ class ICAEMemoryMiddleware(AgentMiddleware):
     `memory` defaults to the agent's store (`create_agent(..., store=memory)`); `namespace`
     maps the run's runtime to the namespace to read and write (default `("memories",
     user_id)` from the context); `k` is how many memories to recall; `write=False` only
-    recalls.
+    recalls; `remember_replies=True` also stores the model's replies (see the module).
     """
 
     def __init__(
@@ -45,11 +59,13 @@ class ICAEMemoryMiddleware(AgentMiddleware):
         namespace: NamespaceFor = user_namespace,
         k: int = 4,
         write: bool = True,
+        remember_replies: bool = False,
     ) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.memory, self.namespace, self.k, self.write = memory, namespace, k, write
+        self.remember_replies = remember_replies
 
     # ------------------------------------------------------------------ recall
 
@@ -84,9 +100,9 @@ class ICAEMemoryMiddleware(AgentMiddleware):
         return await handler(_with_text(request, items))
 
     def _with_slots(self, request: ModelRequest, namespace: tuple[str, ...]) -> ModelRequest:
-        """ChatICAE recalls for the last human message itself; it is told where and how much."""
+        """ChatICAE recalls for the last human message itself; it is told where and how much,
+        and reads the memory in the form it was set to (its `memory=`, or a bound override)."""
         settings = {**request.model_settings, "namespace": namespace, "k": self.k}
-        settings["memory"] = "slots"
         return request.override(model_settings=settings)
 
     # ------------------------------------------------------------------ remember
@@ -106,8 +122,9 @@ class ICAEMemoryMiddleware(AgentMiddleware):
     def _turn(
         self, state: dict[str, Any], runtime: Any
     ) -> tuple[tuple[str, ...], str, dict[str, Any]] | None:
-        """The run's last exchange (the last human message and the answers after it) as an
-        item, keyed by the human message's id so a re-run overwrites rather than duplicates."""
+        """The run's last exchange (the last human message, the tools' results after it and, when
+        asked, the model's replies) as an item, keyed by the human message's id so a re-run
+        overwrites rather than duplicates."""
         if not self.write:
             return None
         messages: Sequence[AnyMessage] = state.get("messages", [])
@@ -118,18 +135,34 @@ class ICAEMemoryMiddleware(AgentMiddleware):
         if start is None:
             return None
         question = messages[start]
-        answers = [
-            m.text
-            for m in messages[start + 1 :]
-            if isinstance(m, AIMessage) and m.text and not m.tool_calls
-        ]
-        lines = [f"user: {question.text}", *(f"assistant: {text}" for text in answers)]
+        lines = [f"user: {question.text}"]
+        for message in messages[start + 1 :]:
+            line = self._remembered_line(message)
+            if line:
+                lines.append(line)
         value: dict[str, Any] = {"text": "\n".join(lines), "kind": "turn"}
         thread = thread_of(runtime)
         if thread is not None:
             value["thread_id"] = thread
         key = f"turn-{question.id or uuid.uuid4().hex}"
         return resolve_namespace(self.namespace, runtime), key, value
+
+    def _remembered_line(self, message: BaseMessage) -> str | None:
+        if isinstance(message, ToolMessage):
+            if message.name in MEMORY_TOOLS or not message.text.strip():
+                return None
+            return f"tool {message.name or 'result'}: {message.text}"
+        if isinstance(message, AIMessage) and self.remember_replies and worth_remembering(message):
+            return f"assistant: {message.text}"
+        return None
+
+
+def worth_remembering(reply: AIMessage) -> bool:
+    """A reply that says something: not empty, not a tool call, and not stopped by the decoder
+    for repeating itself."""
+    if reply.tool_calls or not reply.text.strip():
+        return False
+    return reply.response_metadata.get("finish_reason") != "repetition"
 
 
 def _reads_slots(model: Any) -> bool:

@@ -74,7 +74,7 @@ def test_shipped_checkpoint_answers_from_slots(shipped, tmp_path):
     from icmem.pipeline import MemoryPipeline
 
     text = (files("icmem") / "data" / "lighthouse.txt").read_text(encoding="utf-8")
-    with MemoryPipeline.open(tmp_path / "store", icae=shipped) as pipeline:
+    with MemoryPipeline.open(tmp_path / "store", icae=shipped, create=True) as pipeline:
         pipeline.ingest(text, document_id="lighthouse")
         answer = pipeline.ask("Who kept the light at Skerry Point?", k=1, max_new_tokens=24)
     assert answer.hits and answer.text.strip(), "the answer from slots is empty"

@@ -28,7 +28,7 @@ NS = ("tests", "default-model")
 
 @functools.cache
 def default_pipeline() -> MemoryPipeline:
-    return MemoryPipeline.open(tempfile.mkdtemp(prefix="icmem-default-chat-"))
+    return MemoryPipeline.open(tempfile.mkdtemp(prefix="icmem-default-chat-"), create=True)
 
 
 class TestChatICAEDefaultModel(ChatICAESuite):

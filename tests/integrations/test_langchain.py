@@ -16,7 +16,7 @@ from langchain_tests.integration_tests import RetrieversIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from tiny_models import tiny_embedder, tiny_icae, tiny_tokenizer
 
-from icmem.pipeline import MemoryPipeline
+from icmem.pipeline import NO_MEMORY_NOTICE, MemoryPipeline
 
 NS = ("tenant", "agent", "thread")
 DOCS = {
@@ -136,13 +136,26 @@ def test_per_call_settings_and_usage():
         chat.invoke("hi", max_new_tokens=2)
 
 
-def test_recall_that_finds_nothing_answers_without_memory():
+def test_recall_that_finds_nothing_says_so_in_the_answer():
     pipeline = shared_pipeline()
     chat = ChatICAE(pipeline=pipeline, namespace=("nobody", "here", "yet"), max_tokens=5)
+    base = pipeline.icae.generate([], "Where is Paris?", max_new_tokens=5)
     message = chat.invoke("Where is Paris?")
     assert message.response_metadata["memory"] == "none"
     assert message.response_metadata["sources"] == []
-    assert message.content == pipeline.icae.generate([], "Where is Paris?", max_new_tokens=5)
+    assert message.content == NO_MEMORY_NOTICE + base
+    streamed = "".join(c.text for c in chat.stream("Where is Paris?"))
+    assert streamed == NO_MEMORY_NOTICE + base
+    # Stop strings cut what the model wrote, never the notice; usage counts what it wrote.
+    assert ";" in NO_MEMORY_NOTICE
+    stopped = chat.invoke("Where is Paris?", stop=[";"])
+    assert stopped.content.startswith(NO_MEMORY_NOTICE)
+    written = len(pipeline.icae.tokenize(base))
+    assert message.usage_metadata["output_tokens"] == written
+    # A plain model was asked for: no recall, no notice.
+    plain = ChatICAE(pipeline=pipeline, namespace=NS, memory="none", max_tokens=5)
+    answer = plain.invoke("Where is Paris?")
+    assert (answer.content, answer.response_metadata["memory"]) == (base, "none")
 
 
 def test_configurable_fields_and_token_ids():

@@ -42,7 +42,9 @@ def _session(store: Path, user: str, *messages: str) -> list[str]:
     """Run an agent session in a process of its own (a real restart in between)."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+        ),
         "OMP_NUM_THREADS": "1",
     }
     done = subprocess.run(
@@ -70,9 +72,10 @@ def test_memories_outlive_the_process_and_stay_with_their_user(tmp_path):
         assert "crimson" in bob and "teal" not in bob
         assert carol == "(nothing)"
         turns = memory.search(("memories", "alice"))
+        # What the user said; the model's replies are not stored unless asked for.
         assert [t.value["text"] for t in turns] == [
-            "user: My favourite colour is teal.\nassistant: (nothing)",
-            f"user: What is my favourite colour?\nassistant: {alice}",
+            "user: My favourite colour is teal.",
+            "user: What is my favourite colour?",
         ]
         assert {ns[1] for ns in memory.list_namespaces(prefix=("memories",))} == {
             "alice",
@@ -127,7 +130,8 @@ def test_memory_tools_remember_recall_and_forget_per_user(tmp_path):
     agent = create_agent(_scripted(script), tools=tools, store=memory, context_schema=MemoryContext)
     as_bob = agent.invoke({"messages": [HumanMessage("bike?")]}, context={"user_id": "bob"})
     results = [m.text for m in as_bob["messages"] if m.type == "tool"]
-    assert results == ["no memories found", f"no memory {item.key!r}"]
+    assert results[0] == "no memories found"
+    assert results[1].startswith(f"refused: {item.key!r} is not the id of one of your memories")
     assert memory.get(("memories", "alice"), item.key) is not None  # bob cannot forget it
 
     script[1] = AIMessage("", tool_calls=[_call("forget", memory_id=item.key, n=3)])
