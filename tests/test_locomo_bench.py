@@ -182,8 +182,7 @@ def test_full_context_answers_from_a_copy_of_the_read_conversation(locomo_file, 
     reused = reader.answer(second, 8)
 
     fresh = DecoderSession(icae, [], [])
-    _, rest = reader._split(locomo.question_prompt(second))
-    ids = reader.prefix_ids + icae.tokenize(rest)
+    ids = reader.question_ids(second)
     expected = "".join(icae.decode_stream(fresh.generate(ids, 8, Sampling())))
     assert reused == expected
     assert reader.cache_bytes() > 0
@@ -227,6 +226,8 @@ def test_a_run_reports_every_mode_and_category_and_resumes(locomo_file, tiny_pip
     assert report["memory_bytes"]["slots"] > 0
     assert report["memory_bytes"]["lm_infinite_cache"] > 0
     assert report["ingest"]["memories"] > 0
+    assert report["ingest"]["seconds"] > 0
+    assert result["summary"]["full"]["prefill_seconds_per_conversation"] > 0
     assert {s["system"] for s in result["published"]["scores"]} >= {"Mem0", "full context"}
     assert any("ingested session" in line for line in lines)
 
@@ -259,3 +260,34 @@ def test_the_plot_is_written(locomo_file, tiny_pipeline, tmp_path):
     result = locomo.run_locomo(tiny_pipeline, data, settings, tmp_path / "w", log=lambda _: None)
     locomo.plot(result, tmp_path / "locomo.png")
     assert (tmp_path / "locomo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_ingestion_resumes_at_the_next_session(locomo_file, tiny_pipeline, tmp_path):
+    conversation = locomo.load_locomo(locomo_file, expected_sha256=None).conversations[0]
+    settings = locomo.LocomoSettings(checkpoint="tiny")
+    cache = locomo.ResultCache(tmp_path / "results.jsonl")
+    written = []
+    write = tiny_pipeline.write_documents
+
+    def failing_on_the_second(documents, *, namespace):
+        if len(written) == 1:
+            raise KeyboardInterrupt
+        written.append(documents[0].metadata["session"])
+        return write(documents, namespace=namespace)
+
+    tiny_pipeline.write_documents = failing_on_the_second
+    with pytest.raises(KeyboardInterrupt):
+        locomo.ingest_conversation(tiny_pipeline, conversation, settings, cache, print)
+    assert written == [1]
+
+    resumed = locomo.ResultCache(tmp_path / "results.jsonl")  # as a new process reads it
+    tiny_pipeline.write_documents = lambda documents, *, namespace: (
+        written.append(documents[0].metadata["session"]) or write(documents, namespace=namespace)
+    )
+    report = locomo.ingest_conversation(tiny_pipeline, conversation, settings, resumed, print)
+    assert written == [1, 2, 10]
+    first = resumed.get(settings.key("ingest", "conv-0", 1))
+    assert first is not None and report["seconds"] >= first["seconds"] > 0
+    namespace = locomo.namespace_of("conv-0")
+    stored = tiny_pipeline.list_documents(namespace, exact=True)
+    assert len(stored) == report["memories"]
