@@ -34,6 +34,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import platform
 import random
 import statistics
@@ -790,6 +791,7 @@ def main() -> None:
         modes=tuple(args.modes),
     )
     work_dir = Path(args.work_dir) / settings.key().replace("/", "_").replace("|", "-")
+    load_at_start = os.getloadavg()
     icae = ICAE.from_pretrained(args.checkpoint, dtype="auto")
     with MemoryPipeline.open(work_dir / "store", icae=icae) as pipeline:
         result = run_locomo(
@@ -804,6 +806,9 @@ def main() -> None:
     result["command"] = " ".join(["python", *sys.argv])
     result["machine"] = platform.processor() or platform.machine()
     result["threads"] = args.threads
+    # The machine may be shared: its load says how far the seconds are from an idle machine's.
+    result["load_average_1_5_15"] = {"start": load_at_start, "end": os.getloadavg()}
+    result["niceness"] = os.nice(0)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.save:
