@@ -727,7 +727,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
-    names = [n for n in CATEGORIES.values() if n != "adversarial"] + ["overall"]
+    asked = {name for stats in summary.values() for name in stats["f1_by_category"]}
+    names = [n for n in CATEGORIES.values() if n in asked] + ["overall"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(1, len(summary))
     for n, (mode, stats) in enumerate(summary.items()):
