@@ -794,7 +794,7 @@ def main() -> None:
     work_dir = Path(args.work_dir) / settings.key().replace("/", "_").replace("|", "-")
     load_at_start = os.getloadavg()
     icae = ICAE.from_pretrained(args.checkpoint, dtype="auto")
-    with MemoryPipeline.open(work_dir / "store", icae=icae) as pipeline:
+    with MemoryPipeline.open(work_dir / "store", icae=icae, create=True) as pipeline:
         result = run_locomo(
             pipeline,
             data,
