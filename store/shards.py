@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,21 @@ from sqlalchemy.orm import Session
 from .database import Database
 from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
 from .filters import FilterNode
-from .id_lists import chunks
+from .id_lists import id_array, rows_matching
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
-from .queries import filtered_document_ids
+from .queries import filtered_document_ids, generations
 from .schema import EmbeddingRow, NamespaceRow, SettingRow, SpanRow
 from .validation import MAX_VECTOR_NORM
 
 __all__ = ["Shards", "embedding_is_damaged", "token_key"]
 
 _FILTER_CACHE_SIZE = 64  # filter answers kept (each one id array per namespace searched)
+_MERGE_FROM = 8  # a search over this many namespaces or more merges their flat shards
+_MERGED_VIEWS = 4  # merged views kept (each a copy of its shards' vectors)
+_MERGED_POLICY = IndexPolicy(flat_max=2**62)  # a merged view stays flat: exact, no training
+# A writer spends at most about this share of its time saving indexes: after a save that took
+# t seconds, the next waits at least t / _SAVE_SHARE - t (and ``save_interval_s``).
+_SAVE_SHARE = 0.1
 
 
 class Shards:
@@ -53,11 +59,16 @@ class Shards:
         self.shards: dict[int, NamespaceIndex] = {}
         self.dirty: set[int] = set()
         self.lock = threading.RLock()
-        self.save_interval_s = 60.0
+        self.save_interval_s = 5.0
         self.saved_at = time.monotonic()
+        self.save_took_s = 0.0
+        # Namespaces whose index was trained since it was last saved: the expensive work that a
+        # process killed before its next save would leave every fresh reader to redo.
+        self.costly: set[int] = set()
         self.repairs = 0  # shards rebuilt or caught up from the rows, for tests/stats
         self._filter_cache: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
         self._span_document_maps: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        self._views: OrderedDict[tuple[str, ...], _MergedView] = OrderedDict()
 
     # ------------------------------------------------------------------ reads
 
@@ -68,19 +79,54 @@ class Shards:
         query: np.ndarray,
         k: int,
         allowed: Mapping[int, np.ndarray] | None,
+        prefix: tuple[str, ...] = (),
     ) -> list[tuple[float, int]]:
-        """(score, span id) of the ``k`` best spans over the given namespace rows, best first."""
+        """(score, span id) of the ``k`` best spans over the given namespace rows (those under
+        ``prefix``), best first.
+
+        A prefix over many namespaces is searched as one index, not one search per namespace
+        (a per-call overhead that dominates when namespaces are small): the flat (small) shards
+        among them are merged into a ``_MergedView`` kept for the prefix and caught up shard by
+        shard as they change, join or leave; IVF (large) shards are searched on their own. The
+        view is flat: exact, and never trained, so its first search costs a copy of the
+        vectors, not minutes of k-means."""
         scored: list[tuple[float, int]] = []
         with self.lock:
-            for row in namespaces:
-                ns_allowed = None if allowed is None else allowed[row.id]
+            shards = [(row.id, self.fresh(session, row.id, row.generation)) for row in namespaces]
+            separate = shards
+            if len(shards) >= _MERGE_FROM:
+                flat = [(ns_id, shard) for ns_id, shard in shards if shard.kind == "flat"]
+                separate = [(ns_id, shard) for ns_id, shard in shards if shard.kind != "flat"]
+                if flat:
+                    view = self._merged_view(prefix, flat)
+                    merged_allowed = None
+                    if allowed is not None:
+                        merged_allowed = np.concatenate([allowed[ns_id] for ns_id, _ in flat])
+                    if merged_allowed is None or len(merged_allowed):
+                        scores, ids = view.index.search(query, k, merged_allowed)
+                        scored.extend(zip(scores.tolist(), ids.tolist(), strict=True))
+            for ns_id, shard in separate:
+                ns_allowed = None if allowed is None else allowed[ns_id]
                 if ns_allowed is not None and not len(ns_allowed):
                     continue
-                shard = self.fresh(session, row.id, row.generation)
                 scores, ids = shard.search(query, k, ns_allowed)
                 scored.extend(zip(scores.tolist(), ids.tolist(), strict=True))
         scored.sort(key=lambda pair: (-pair[0], pair[1]))
         return scored[:k]
+
+    def _merged_view(
+        self, prefix: tuple[str, ...], shards: list[tuple[int, NamespaceIndex]]
+    ) -> _MergedView:
+        """The merged index of a prefix's flat shards, built once and then caught up."""
+        key = prefix
+        view = self._views.pop(key, None)
+        if view is None:
+            view = _MergedView(NamespaceIndex(self.dim, _MERGED_POLICY, generation=0))
+        view.catch_up(shards)
+        self._views[key] = view  # most recently used last
+        while len(self._views) > _MERGED_VIEWS:
+            self._views.popitem(last=False)
+        return view
 
     def ids(self, session: Connection, ns_id: int, generation: int) -> np.ndarray:
         with self.lock:
@@ -101,7 +147,10 @@ class Shards:
                 shard = NamespaceIndex(self.dim, self.policy, generation=-1)
             self.shards[ns_id] = shard
         if shard.generation != generation:
+            trained_on = shard.trained_on
             self._catch_up(session, ns_id, shard)
+            if shard.trained_on != trained_on:
+                self.costly.add(ns_id)
             shard.generation = generation
             self.dirty.add(ns_id)
             self.repairs += 1
@@ -130,9 +179,10 @@ class Shards:
                 return cached
         ns_ids = [row.id for row in namespaces]
         documents = filtered_document_ids(session, self.database.id_aggregate, ns_ids, where)
+        maps = self._span_documents(session, namespaces)
         allowed = {}
         for row in namespaces:
-            span_ids, span_documents = self._span_documents(session, row.id, row.generation)
+            span_ids, span_documents = maps[row.id]
             allowed[row.id] = span_ids[id_member(span_documents, documents)]
         with self.lock:
             self._filter_cache[key] = allowed
@@ -141,24 +191,43 @@ class Shards:
         return allowed
 
     def _span_documents(
-        self, session: Connection, ns_id: int, generation: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Span ids of a namespace and their documents' row ids, aligned; kept per generation."""
+        self, session: Connection, namespaces: Sequence[Any]
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Span ids of each namespace and their documents' row ids, aligned; kept per
+        generation, and those not kept read in one statement per ``IN`` list of namespaces."""
+        maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        missing: dict[int, int] = {}
         with self.lock:
-            cached = self._span_document_maps.get(ns_id)
-            if cached is not None and cached[0] == generation:
-                return cached[1], cached[2]
+            for row in namespaces:
+                cached = self._span_document_maps.get(row.id)
+                if cached is not None and cached[0] == row.generation:
+                    maps[row.id] = cached[1], cached[2]
+                else:
+                    missing[row.id] = row.generation
+        if not missing:
+            return maps
         aggregate = self.database.id_aggregate
-        span_ids, documents = session.execute(
-            select(
-                aggregate(SpanRow.id, order_by=SpanRow.id),
-                aggregate(SpanRow.document_id, order_by=SpanRow.id),
-            ).where(SpanRow.namespace_id == ns_id)
-        ).one()
-        span_ids, documents = _id_array(span_ids), _id_array(documents)
+        empty = np.empty(0, np.int64)
+        read = dict.fromkeys(missing, (empty, empty))
+        for row in rows_matching(
+            session,
+            lambda piece: (
+                select(
+                    SpanRow.namespace_id,
+                    aggregate(SpanRow.id, order_by=SpanRow.id),
+                    aggregate(SpanRow.document_id, order_by=SpanRow.id),
+                )
+                .where(SpanRow.namespace_id.in_(piece))
+                .group_by(SpanRow.namespace_id)
+            ),
+            list(missing),
+        ):
+            read[row[0]] = id_array(row[1]), id_array(row[2])
         with self.lock:
-            self._span_document_maps[ns_id] = (generation, span_ids, documents)
-        return span_ids, documents
+            for ns_id, (span_ids, documents) in read.items():
+                self._span_document_maps[ns_id] = (missing[ns_id], span_ids, documents)
+        maps.update(read)
+        return maps
 
     # ------------------------------------------------------------------ after writes
 
@@ -185,6 +254,7 @@ class Shards:
                 shard.generation = -1
                 return
             shard.remove(np.asarray(remove, np.int64))
+            trained_on = shard.trained_on
             if add_ids is not None and len(add_ids):
                 assert add_vectors is not None, "add_ids come with their add_vectors"
                 # Under READ COMMITTED a concurrent catch-up can read this write's rows yet label
@@ -192,6 +262,8 @@ class Shards:
                 fresh = ~np.isin(add_ids, shard.ids())
                 if fresh.any():
                     shard.add(add_ids[fresh], add_vectors[fresh])
+            if shard.trained_on != trained_on:
+                self.costly.add(ns_id)
             shard.generation = old_generation + 1
             self.dirty.add(ns_id)
 
@@ -200,25 +272,39 @@ class Shards:
         with self.lock:
             self.shards.pop(ns_id, None)
             self.dirty.discard(ns_id)
+            self.costly.discard(ns_id)
             self.files.remove(_shard_name(ns_id))
 
     def keep_current(self, ns_ids: list[int]) -> None:
         """After a write: load (or build) the indexes of the namespaces written to, so that they
-        follow this writer's changes, and save them every ``save_interval_s``. Otherwise a
-        process that only writes leaves the saved index behind, and every reader that opens the
-        store afterwards catches it up (or, with no index saved at all, builds it) on its own."""
+        follow this writer's changes, and save them as it goes (``save_if_due``). Otherwise a
+        process that only writes, or is killed before ``close``, leaves the saved index behind,
+        and every reader that opens the store afterwards catches it up (or, with no index saved
+        at all, builds and trains it) on its own."""
         with self.lock:
             stale = [n for n in ns_ids if n not in self.shards or self.shards[n].generation < 0]
         if stale:
             with self.database.read() as session, self.lock:
-                rows = session.execute(
-                    select(NamespaceRow.id, NamespaceRow.generation).where(
-                        NamespaceRow.id.in_(stale)
-                    )
-                ).all()
-                for ns_id, generation in rows:
+                for ns_id, generation in generations(session, stale):
                     self.fresh(session, ns_id, generation)
-        if self.dirty and time.monotonic() - self.saved_at >= self.save_interval_s:
+        self.save_if_due()
+
+    def save_if_due(self) -> None:
+        """Save changed indexes when one was just trained (work a killed process would hand to
+        every reader), or once ``save_interval_s`` has passed and the last save's cost allows
+        (saving takes at most ~10% of a writer's time). A fresh reader then finds an index at
+        most that far behind, and catches up only the difference."""
+        if self.database.read_only or not self.dirty:
+            return
+        waited = time.monotonic() - self.saved_at
+        wait = max(self.save_interval_s, self.save_took_s / _SAVE_SHARE - self.save_took_s)
+        if self.costly & self.dirty or waited >= wait:
+            self.save()
+
+    def save_trained(self) -> None:
+        """After a read: a writable process that had to train an index saves it once, so the
+        readers after it do not train it again (a read-only one cannot, and leaves it)."""
+        if not self.database.read_only and self.costly & self.dirty:
             self.save()
 
     # ------------------------------------------------------------------ saving and rebuilding
@@ -227,6 +313,7 @@ class Shards:
         """Write every index changed since the last save."""
         if self.database.read_only:
             raise ReadOnlyStoreError("the store was opened read_only=True; its index is not saved")
+        started = time.monotonic()
         with self.lock:
             saved: list[tuple[int, NamespaceIndex, str]] = []
             for ns_id in sorted(self.dirty):
@@ -236,9 +323,11 @@ class Shards:
                     self.files.save(_shard_name(ns_id), shard, token)
                     saved.append((ns_id, shard, token))
                 self.dirty.discard(ns_id)
+                self.costly.discard(ns_id)
             if saved:
                 self._record_tokens(saved)
             self.saved_at = time.monotonic()
+            self.save_took_s = self.saved_at - started
 
     def _record_tokens(self, saved: list[tuple[int, NamespaceIndex, str]]) -> None:
         """Tie freshly saved index files to this database: it holds one row per saved token,
@@ -268,6 +357,7 @@ class Shards:
                 self.files.remove(_shard_name(ns_id))
             self.shards.clear()
             self.dirty.clear()
+            self.costly.clear()
             total = 0
             rows = session.execute(
                 select(NamespaceRow.id, NamespaceRow.generation).order_by(NamespaceRow.id)
@@ -300,22 +390,72 @@ class Shards:
         ids: list[int] = []
         vectors: list[bytes] = []
         damaged: list[int] = []
-        for chunk in chunks(missing.tolist()):
-            for span_id, vector in session.execute(
-                select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
-                    EmbeddingRow.span_id.in_(chunk)
-                )
-            ):
-                if embedding_is_damaged(vector, self.dim):
-                    damaged.append(span_id)
-                    continue
-                ids.append(span_id)
-                vectors.append(vector)
+        for span_id, vector in _embeddings(session, ns_id, missing):
+            if embedding_is_damaged(vector, self.dim):
+                damaged.append(span_id)
+                continue
+            ids.append(span_id)
+            vectors.append(vector)
         if damaged:
             warn_damaged("embeddings", damaged, "left out of searches", stacklevel=6)
         if ids:
             matrix = np.frombuffer(b"".join(vectors), dtype="<f4").reshape(len(ids), self.dim)
             shard.add(np.asarray(ids, np.int64), matrix)
+
+
+class _MergedView:
+    """One flat index over several namespaces' flat shards. It remembers which shard object and
+    generation each namespace's part came from, and replaces only the parts that changed."""
+
+    def __init__(self, index: NamespaceIndex) -> None:
+        self.index = index
+        self.parts: dict[int, tuple[int, int, np.ndarray]] = {}  # ns -> (shard id, gen, ids)
+
+    def catch_up(self, shards: list[tuple[int, NamespaceIndex]]) -> None:
+        """Hold exactly these shards' contents: parts of namespaces no longer among them (moved
+        to IVF, or deleted) leave, parts whose shard changed are replaced, new ones join."""
+        current = {ns_id for ns_id, _ in shards}
+        gone = [ns_id for ns_id in self.parts if ns_id not in current]
+        stale = [
+            (ns_id, shard)
+            for ns_id, shard in shards
+            if self.parts.get(ns_id, (None, None, None))[:2] != (id(shard), shard.generation)
+        ]
+        if not stale and not gone:
+            return
+        old = [self.parts.pop(ns_id)[2] for ns_id in gone]
+        old += [self.parts.pop(ns_id)[2] for ns_id, _ in stale if ns_id in self.parts]
+        if old:
+            self.index.remove(np.concatenate(old))
+        new_ids, new_vectors = [np.empty(0, np.int64)], [np.empty((0, self.index.dim), np.float32)]
+        for ns_id, shard in stale:
+            ids, vectors = shard.contents()
+            self.parts[ns_id] = (id(shard), shard.generation, ids)
+            new_ids.append(ids)
+            new_vectors.append(vectors)
+        ids = np.concatenate(new_ids)
+        if len(ids):
+            self.index.add(ids, np.concatenate(new_vectors))
+
+
+def _embeddings(
+    session: Session | Connection, ns_id: int, span_ids: np.ndarray
+) -> Iterator[tuple[int, bytes]]:
+    """The stored embeddings of the given span ids (sorted) of one namespace. The ids an index
+    lacks are mostly the newest, one run of ids, so they are read by id range (one index range
+    scan) rather than as ``IN`` lists; ids in the range the index already holds are skipped."""
+    if not len(span_ids):
+        return
+    wanted = set(span_ids.tolist())
+    rows = session.execute(
+        select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
+            EmbeddingRow.namespace_id == ns_id,
+            EmbeddingRow.span_id.between(int(span_ids[0]), int(span_ids[-1])),
+        )
+    )
+    for span_id, vector in rows:
+        if span_id in wanted:
+            yield span_id, vector
 
 
 def embedding_is_damaged(vector: bytes | None, dim: int) -> bool:
@@ -340,11 +480,3 @@ def _filter_key(filter_: Mapping[str, Any]) -> str:
     # Keys are checked strings and values JSON scalars by now; sorting keys keeps the meaning
     # (the keys of a mapping are ANDed) and distinguishes 1, 1.0 and true as the filter does.
     return json.dumps(filter_, sort_keys=True, separators=(",", ":"))
-
-
-def _id_array(value: Any) -> np.ndarray:
-    if value is None:
-        return np.empty(0, np.int64)
-    if isinstance(value, str):
-        value = json.loads(value)
-    return np.asarray(value, dtype=np.int64)
