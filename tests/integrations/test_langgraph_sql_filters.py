@@ -145,5 +145,10 @@ def test_ttl_sweep_finds_expired_items_in_sql_and_legacy_ones_too(tmp_path) -> N
         assert memory.sweep_ttl() == 2
         left = [d.id for d in pipeline.list_documents(("u",))]
         assert left == ["later", "forever", "legacy-later", "plain"]
+        # The unexpired legacy item got its number: later sweeps find it by its time alone.
+        (document,) = pipeline.get_documents(["legacy-later"], namespace=("u",))
+        record = document.metadata["langgraph_item"]
+        assert record["expires_ts"] == datetime.fromisoformat(future).timestamp()
+        assert record["expires_at"] == future
     finally:
         memory.close()
