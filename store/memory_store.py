@@ -1,10 +1,10 @@
 """MemoryStore: documents, spans, memory slots and embeddings in SQL, found again through FAISS.
 
-The store is three rooms. ``store.database`` holds the rows (engine, directory checks, schema,
-migration, error translation); ``store.shards`` holds each namespace's FAISS shard and keeps it
-in step with the rows; ``MemoryStore`` here is only the transactional API over both. The SQL that
-reads and changes documents and spans is moving out of this class into ``store.queries`` (every
-statement over a caller's ids goes through ``store.id_lists``, every metadata read through
+The store is three rooms. ``store.database`` holds the connection (engine, directory checks,
+schema, migration, error translation) and ``store.queries`` every SQL statement, grouped by
+domain; ``store.shards`` holds each namespace's FAISS shard and keeps it in step with the rows;
+``MemoryStore`` here is only the transactional API over both, and holds no SQL (every statement
+over a caller's ids goes through ``store.id_lists``, every metadata read through
 ``store.stored_metadata``).
 
 The rows are the truth and every write is one transaction: a document and all of its spans,

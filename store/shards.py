@@ -6,8 +6,8 @@ each shard records the generation it reflects. A shard that is behind is caught 
 by comparing id sets (span ids are never reused), or rebuilt when its files are missing, corrupt
 or were saved against another database (each save records a token the database must hold). The
 room also keeps the per-generation views a filtered search needs: the span -> document map of a
-namespace and recent filter answers. It reads rows through ``store.database`` and writes only
-its own token rows; documents are the ``MemoryStore``'s business.
+namespace and recent filter answers. Its SQL is ``store.queries.index_rows``: it reads
+embeddings and writes only its own token rows; documents are the ``MemoryStore``'s business.
 """
 
 from __future__ import annotations
@@ -17,22 +17,19 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from .database import Database
 from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
 from .filters import FilterNode
-from .id_lists import id_array, rows_matching
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
-from .queries import filtered_document_ids, generations
-from .schema import EmbeddingRow, NamespaceRow, SettingRow, SpanRow
+from .queries import filtered_document_ids, generations, index_rows
 from .validation import MAX_VECTOR_NORM
 
 __all__ = ["Shards", "embedding_is_damaged", "token_key"]
@@ -206,23 +203,9 @@ class Shards:
                     missing[row.id] = row.generation
         if not missing:
             return maps
-        aggregate = self.database.id_aggregate
         empty = np.empty(0, np.int64)
         read = dict.fromkeys(missing, (empty, empty))
-        for row in rows_matching(
-            session,
-            lambda piece: (
-                select(
-                    SpanRow.namespace_id,
-                    aggregate(SpanRow.id, order_by=SpanRow.id),
-                    aggregate(SpanRow.document_id, order_by=SpanRow.id),
-                )
-                .where(SpanRow.namespace_id.in_(piece))
-                .group_by(SpanRow.namespace_id)
-            ),
-            list(missing),
-        ):
-            read[row[0]] = id_array(row[1]), id_array(row[2])
+        read.update(index_rows.span_documents(session, self.database.id_aggregate, list(missing)))
         with self.lock:
             for ns_id, (span_ids, documents) in read.items():
                 self._span_document_maps[ns_id] = (missing[ns_id], span_ids, documents)
@@ -337,14 +320,9 @@ class Shards:
         leaves files whose token the database lacks, which also reads as "rebuild"."""
         with self.database.write() as session:
             for ns_id, shard, token in saved:
-                if shard.token is not None:
-                    session.execute(
-                        delete(SettingRow).where(SettingRow.key == token_key(ns_id, shard.token))
-                    )
-                session.execute(
-                    SettingRow.__table__.insert().values(
-                        key=token_key(ns_id, token), value=str(shard.generation)
-                    )
+                old = None if shard.token is None else token_key(ns_id, shard.token)
+                index_rows.replace_setting(
+                    session, old, token_key(ns_id, token), str(shard.generation)
                 )
         for _ns_id, shard, token in saved:
             shard.token = token
@@ -359,10 +337,7 @@ class Shards:
             self.dirty.clear()
             self.costly.clear()
             total = 0
-            rows = session.execute(
-                select(NamespaceRow.id, NamespaceRow.generation).order_by(NamespaceRow.id)
-            )
-            for ns_id, generation in rows:
+            for ns_id, generation in index_rows.all_generations(session):
                 self.files.remove(_shard_name(ns_id))
                 total += self.fresh(session, ns_id, generation).ntotal
         if not self.database.read_only:
@@ -374,23 +349,19 @@ class Shards:
     def _belongs_here(self, session: Session | Connection, ns_id: int, token: str | None) -> bool:
         if token is None:
             return False
-        key = token_key(ns_id, token)
-        return session.scalar(select(SettingRow.key).where(SettingRow.key == key)) is not None
+        return index_rows.has_setting(session, token_key(ns_id, token))
 
     def _catch_up(self, session: Session | Connection, ns_id: int, shard: NamespaceIndex) -> None:
         """Make the index hold exactly the namespace's embedding rows. Span ids are never reused
         and embeddings never change in place, so comparing id sets finds every difference."""
-        stored = np.fromiter(
-            session.scalars(select(EmbeddingRow.span_id).where(EmbeddingRow.namespace_id == ns_id)),
-            dtype=np.int64,
-        )
+        stored = index_rows.embedded_span_ids(session, ns_id)
         indexed = shard.ids()
         shard.remove(np.setdiff1d(indexed, stored, assume_unique=True))
         missing = np.setdiff1d(stored, indexed, assume_unique=True)
         ids: list[int] = []
         vectors: list[bytes] = []
         damaged: list[int] = []
-        for span_id, vector in _embeddings(session, ns_id, missing):
+        for span_id, vector in index_rows.embeddings_of(session, ns_id, missing):
             if embedding_is_damaged(vector, self.dim):
                 damaged.append(span_id)
                 continue
@@ -436,26 +407,6 @@ class _MergedView:
         ids = np.concatenate(new_ids)
         if len(ids):
             self.index.add(ids, np.concatenate(new_vectors))
-
-
-def _embeddings(
-    session: Session | Connection, ns_id: int, span_ids: np.ndarray
-) -> Iterator[tuple[int, bytes]]:
-    """The stored embeddings of the given span ids (sorted) of one namespace. The ids an index
-    lacks are mostly the newest, one run of ids, so they are read by id range (one index range
-    scan) rather than as ``IN`` lists; ids in the range the index already holds are skipped."""
-    if not len(span_ids):
-        return
-    wanted = set(span_ids.tolist())
-    rows = session.execute(
-        select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
-            EmbeddingRow.namespace_id == ns_id,
-            EmbeddingRow.span_id.between(int(span_ids[0]), int(span_ids[-1])),
-        )
-    )
-    for span_id, vector in rows:
-        if span_id in wanted:
-            yield span_id, vector
 
 
 def embedding_is_damaged(vector: bytes | None, dim: int) -> bool:
