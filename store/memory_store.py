@@ -278,19 +278,21 @@ class MemoryStore:
         *,
         namespace: Sequence[str],
         filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
     ) -> list[SearchHit]:
         """The ``k`` spans with the highest inner product with ``vector``, best first.
 
         ``namespace`` is a prefix: the spans of that namespace and of every namespace below it
         (``("acme",)`` covers ``("acme", "bot", "t1")``) and never any other are considered,
-        also when a metadata ``filter`` is given (see ``store.filters``).
+        also when a metadata ``filter`` is given (see ``store.filters``; ``filter_root`` as for
+        ``list_documents``).
         """
         query = self._check_vectors(_one_vector(vector, "query vector"), "query vector")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise InvalidRecordError(f"k must be a positive int, got {k!r}")
         k = int(k)
         ns = validate_namespace(namespace, allow_prefix=True)
-        where = compile_filter(filter, self.dialect)
+        where = compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
             namespaces = self._select_namespaces(session, ns)
             if not namespaces:
@@ -298,7 +300,9 @@ class MemoryStore:
             ns_ids = [row.id for row in namespaces]
             allowed = None
             if filter:
-                allowed = self._index.allowed_spans(session, namespaces, filter, where)
+                allowed = self._index.allowed_spans(
+                    session, namespaces, filter, where, tuple(filter_root)
+                )
                 if not any(len(ids) for ids in allowed.values()):
                     return []
             top = self._index.search(session, namespaces, query, k, allowed, ns)

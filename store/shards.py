@@ -159,8 +159,10 @@ class Shards:
         namespaces: list[Any],
         filter_: Mapping[str, Any],
         where: FilterNode,
+        root: Sequence[str] = (),
     ) -> dict[int, np.ndarray]:
-        """The span ids, per namespace, whose document matches a metadata filter.
+        """The span ids, per namespace, whose document matches a metadata filter (with keys
+        relative to ``root``, compiled to ``where``).
 
         The filter runs once per document (not per span) and comes back as one aggregated value
         rather than a row per id; a per-namespace span -> document map turns documents into
@@ -168,7 +170,10 @@ class Shards:
         a filter asked again before the namespace changes costs nothing: this is what keeps a
         filtered search within a small factor of an unfiltered one.
         """
-        key = (tuple((row.id, row.generation) for row in namespaces), _filter_key(filter_))
+        key = (
+            tuple((row.id, row.generation) for row in namespaces),
+            _filter_key(filter_, root),
+        )
         with self.lock:
             cached = self._filter_cache.get(key)
             if cached is not None:
@@ -427,7 +432,7 @@ def _shard_name(ns_id: int) -> str:
     return f"namespace-{ns_id}"
 
 
-def _filter_key(filter_: Mapping[str, Any]) -> str:
+def _filter_key(filter_: Mapping[str, Any], root: Sequence[str]) -> str:
     # Keys are checked strings and values JSON scalars by now; sorting keys keeps the meaning
     # (the keys of a mapping are ANDed) and distinguishes 1, 1.0 and true as the filter does.
-    return json.dumps(filter_, sort_keys=True, separators=(",", ":"))
+    return json.dumps([list(root), filter_], sort_keys=True, separators=(",", ":"))

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
         ICAERetriever,
         ICAEVectorStore,
     )
-    from icmem.store import DocumentInfo
+    from icmem.store import DocumentInfo, SearchHit
 
 # The metadata key that marks a document as a store item, and holds its value and clock.
 ITEM_KEY = "langgraph_item"
@@ -345,7 +345,9 @@ class ICAEMemory(BaseStore):
             return [stored.search_item() for stored in page]
         wanted = op.offset + op.limit
         total = self._span_count(op.namespace_prefix)
-        scores = self._best_scores(op.namespace_prefix, vector, candidates, wanted, total)
+        scores = self._best_scores(
+            op.namespace_prefix, vector, candidates, wanted, total, store_prefilter(op.filter)
+        )
         ranked = sorted(
             (c for c in candidates if (c.namespace, c.key) in scores),
             key=lambda c: -scores[(c.namespace, c.key)],
@@ -361,11 +363,14 @@ class ICAEMemory(BaseStore):
         candidates: list[_Stored],
         wanted: int,
         total: int,
+        prefilter: dict[str, Any] | None = None,
     ) -> dict[tuple[tuple[str, ...], str], float]:
         """Each candidate's best span score, for at least the `wanted` best candidates.
 
         Spans are fetched best first, more on each pass, until `wanted` candidates have a score
-        or all `total` spans under the prefix have been seen."""
+        or all `total` spans under the prefix have been seen. With `prefilter` (the filter's
+        SQL superset) the index only considers the spans of items that may match, so a
+        selective filter costs a search over those spans, not over the whole prefix."""
         want = {(c.namespace, c.key) for c in candidates if c.span_count}
         if not want:
             return {}
@@ -373,13 +378,29 @@ class ICAEMemory(BaseStore):
         while True:
             scores: dict[tuple[tuple[str, ...], str], float] = {}
             for root in self._roots(prefix):
-                for hit in self.pipeline.search(vector, namespace=root, k=k):
+                for hit in self._search_spans(vector, root, k, prefilter):
                     key = (hit.namespace, hit.document_id)
                     if key in want and scores.get(key, float("-inf")) < hit.score:
                         scores[key] = hit.score
             if len(scores) >= min(wanted, len(want)) or k >= total:
                 return scores
             k = min(total, k * 4)
+
+    def _search_spans(
+        self,
+        vector: np.ndarray,
+        root: tuple[str, ...],
+        k: int,
+        prefilter: dict[str, Any] | None,
+    ) -> list[SearchHit]:
+        if prefilter is not None:
+            try:
+                return self.pipeline.store.search(
+                    vector, k, namespace=root, filter=prefilter, filter_root=VALUE_ROOT
+                )
+            except InvalidFilterError:
+                pass  # a key or value the store's filter language refuses: search unfiltered
+        return self.pipeline.search(vector, namespace=root, k=k)
 
     def _list_namespaces(self, op: ListNamespacesOp, now: datetime) -> list[tuple[str, ...]]:
         conditions = op.match_conditions or ()

@@ -3,9 +3,10 @@
 ``namespaces`` finds and creates namespaces and moves their generation (the sequence number
 that keeps the rows and the index in step), ``documents`` and ``spans`` read and write what
 their names say, ``settings`` pins store-wide values, ``health`` counts rows and reads them
-for ``check()``, and ``index_rows`` is what the index room (``store.shards``) reads and writes. The functions run inside the caller's transaction (a read connection or a
-write session from ``store.database``) and return plain rows, dicts and arrays. Lists of a
-caller's ids are always cut by ``store.id_lists``.
+for ``check()``, and ``index_rows`` is what the index room (``store.shards``) reads and
+writes. The functions run inside the caller's transaction (a read connection or a write
+session from ``store.database``) and return plain rows, dicts and arrays. Lists of a caller's
+ids are always cut by ``store.id_lists``.
 """
 
 from __future__ import annotations
