@@ -86,7 +86,7 @@ class Shards:
         among them are merged into a ``_MergedView`` kept for the prefix and caught up shard by
         shard as they change, join or leave; IVF (large) shards are searched on their own. The
         view is flat: exact, and never trained, so its first search costs a copy of the
-        vectors, not minutes of k-means."""
+        vectors, not the seconds of k-means an IVF index of that size would train for."""
         scored: list[tuple[float, int]] = []
         with self.lock:
             shards = [(row.id, self.fresh(session, row.id, row.generation)) for row in namespaces]
