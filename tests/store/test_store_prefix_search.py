@@ -91,3 +91,25 @@ def test_equal_scores_across_namespaces_come_back_by_span_id(location) -> None:
             ids.extend(store.add([document], namespace=(*PREFIX, f"user-{n}"))[0].span_ids)
         hits = store.search(same, 5, namespace=PREFIX)
         assert [h.span_id for h in hits] == sorted(ids)[:5]
+
+
+def test_a_large_ivf_namespace_beside_many_small_ones(location) -> None:
+    """Small shards are merged, a large (IVF) one is searched on its own; the best span of
+    either kind wins the merge of the two answers."""
+    from icmem.store import IndexPolicy
+
+    _vectors.clear()
+    _spans_of.clear()
+    with location.open(index_policy=IndexPolicy(flat_max=1_000)) as store:
+        for n in range(NAMESPACES):
+            _write(store, (*PREFIX, f"user-{n}"), "doc", seed=n)
+        # 1,200 spans: past flat_max, so this namespace's index is IVF.
+        big = [make_document(f"big-{d}", 10, seed=5_000 + d) for d in range(120)]
+        added = store.add(big, namespace=(*PREFIX, "big"))
+        for document, record in zip(added, big, strict=True):
+            for span_id, span in zip(document.span_ids, record.spans, strict=True):
+                _vectors[span_id] = np.asarray(span.embedding, np.float32)
+        small = _spans_of[((*PREFIX, "user-4"), "doc")][2]
+        large = added[33].span_ids[4]
+        for wanted in (small, large):
+            assert _found(store, _vectors[wanted], 1) == [wanted]
