@@ -1,7 +1,10 @@
 """Memory-store benchmark: add throughput, search latency (unfiltered, and filtered to half of
 the spans), slot fetches, bytes on disk, search latency among many namespaces (one thread,
-a tenant prefix, a deep path), and the LangGraph store beside LangGraph's InMemoryStore
-(filtered search, list_namespaces, TTL sweep; `--langgraph-items`).
+a tenant prefix, a deep path), a prefix search over 1,000 namespaces of 100 spans beside one
+index of the same size, the first search of a fresh reader after a writer that closed and after
+one killed with SIGKILL, and the LangGraph store beside LangGraph's InMemoryStore (filtered
+search, list_namespaces, TTL sweep; `--langgraph-items`). The JSON carries the command that
+produced it and the load average.
 
 Synthetic but embedding-shaped data: unit vectors of dim 384 drawn around 1,000 centres, each span
 carrying a 128x576 bf16 slot blob (the ICAE's size for SmolLM2). The baseline, measured in the same
@@ -12,13 +15,18 @@ benchmarks/results/store_bench.json.
 
     .venv/bin/python benchmarks/store_bench.py                       # 10k and 100k spans
     .venv/bin/python benchmarks/store_bench.py --sizes 10000,100000,1000000
+    .venv/bin/python benchmarks/store_bench.py --sizes '' --codec-spans 0 --namespaces 0 \
+        --out benchmarks/results/store_bench_v3.json        # the store v3 sections only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -293,7 +301,6 @@ def bench_first_search_after_write(directory: Path, dim: int, n: int) -> dict:
     """One process only writes `n` spans (no slots) and exits; a fresh read-only process then
     opens the store and searches once: does it find a current index or rebuild one?"""
     import subprocess
-    import sys
 
     here = str(Path(__file__).resolve().parent)
     started = time.perf_counter()
@@ -308,6 +315,126 @@ def bench_first_search_after_write(directory: Path, dim: int, n: int) -> dict:
         text=True,
     )
     return {"spans": n, "writer_s": round(write_s, 1), **json.loads(reader.stdout)}
+
+
+_KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[4])
+from store_bench import clustered_vectors, documents
+from icmem.store import MemoryStore
+n, dim = int(sys.argv[2]), int(sys.argv[3])
+vectors = clustered_vectors(n, dim, seed=0)
+store = MemoryStore.open(sys.argv[1], dim=dim)
+for start in range(0, n, 1024):
+    store.add(documents(vectors, start, min(1024, n - start), None), namespace=("bench", "w", "t"))
+    print(min(start + 1024, n), flush=True)
+time.sleep(3600)  # killed here with SIGKILL: no close(), no save on exit
+"""
+
+
+def bench_first_search_after_killed_writer(directory: Path, dim: int, n: int) -> dict:
+    """One process writes `n` spans (no slots) and is killed with SIGKILL right after its last
+    commit, without close(); a fresh read-only process then opens the store and searches once.
+    What the reader finds is what the writer saved as it went (`index_saved_spans`); it
+    catches up the rest from the rows."""
+    import signal
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent)
+    n -= n % SPANS_PER_DOCUMENT
+    started = time.perf_counter()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(directory), str(n), str(dim), here],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None
+    try:
+        for line in writer.stdout:
+            if int(line) >= n:
+                break
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    write_s = time.perf_counter() - started
+    manifests = [json.loads(p.read_text()) for p in (directory / "index").glob("*.json")]
+    reader = subprocess.run(
+        [sys.executable, "-c", _READER, str(directory), str(dim)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return {
+        "spans": n,
+        "writer_s": round(write_s, 1),
+        "index_saved_spans": sum(m["ntotal"] for m in manifests),
+        **json.loads(reader.stdout),
+    }
+
+
+def bench_prefix_search(directory: Path, dim: int, count: int, spans: int, queries: int) -> dict:
+    """Search over a prefix of `count` namespaces of `spans` spans each (unfiltered, and
+    filtered to half of the documents), beside a search of one of those namespaces and of one
+    namespace holding as many spans as all of them (the cost of one index of that size)."""
+    total = count * spans
+    vectors = clustered_vectors(total, dim, seed=5)
+    asked = clustered_vectors(queries, dim, seed=6)
+
+    def records(first: int) -> list[DocumentRecord]:
+        return [
+            DocumentRecord(
+                id=f"doc-{first + d}",
+                metadata={"half": (first + d) % 2 == 0},
+                spans=[
+                    SpanRecord(s, 0, 1, "span", 1, None, vectors[first + d * 10 + s])
+                    for s in range(10)
+                ],
+            )
+            for d in range(0, spans // 10)
+        ]
+
+    def timed(store: MemoryStore, prefix: tuple[str, ...], filter_=None) -> dict[str, float]:
+        store.search(asked[0], 10, namespace=prefix, filter=filter_)  # load and merge first
+        seconds = []
+        for q in asked:
+            started = time.perf_counter()
+            store.search(q, 10, namespace=prefix, filter=filter_)
+            seconds.append(time.perf_counter() - started)
+        return percentiles(seconds)
+
+    with MemoryStore.open(directory / "many", dim=dim) as store:
+        started = time.perf_counter()
+        for i in range(count):
+            store.add(records(i * spans), namespace=("tenants", f"t{i}"))
+        add_s = time.perf_counter() - started
+        result = {
+            "namespaces": count,
+            "spans_per_namespace": spans,
+            "add_s": round(add_s, 1),
+            "prefix_search": timed(store, ("tenants",)),
+            "prefix_search_filtered_half": timed(store, ("tenants",), {"half": True}),
+            "one_namespace_search": timed(store, ("tenants", "t7")),
+        }
+    with MemoryStore.open(directory / "one", dim=dim) as store:
+        for first in range(0, total, 10_000):
+            batch = [
+                DocumentRecord(
+                    id=f"doc-{first + d}",
+                    spans=[
+                        SpanRecord(s, 0, 1, "span", 1, None, vectors[first + d * 10 + s])
+                        for s in range(10)
+                    ],
+                )
+                for d in range(min(10_000, total - first) // 10)
+            ]
+            store.add(batch, namespace=("one",))
+        result["one_index_of_the_same_size"] = timed(store, ("one",))
+        result["one_index_kind"] = store._index.shards[next(iter(store._index.shards))].kind
+    for name in ("prefix_search", "prefix_search_filtered_half"):
+        result[f"{name}_p50_ratio_to_one_index"] = round(
+            result[name]["p50_ms"] / result["one_index_of_the_same_size"]["p50_ms"], 2
+        )
+    return result
 
 
 def bench_langgraph(directory: Path, items: int, queries: int) -> dict:
@@ -399,6 +526,19 @@ def main() -> None:
         default="10000,100000",
         help="item counts of the LangGraph store comparison ('': skip)",
     )
+    parser.add_argument(
+        "--killed-writer-spans",
+        type=int,
+        default=50_000,
+        help="spans a writer commits before SIGKILL; then a fresh reader searches (0: skip)",
+    )
+    parser.add_argument(
+        "--prefix-namespaces",
+        type=int,
+        default=1_000,
+        help="namespaces under one prefix for the prefix search (0: skip)",
+    )
+    parser.add_argument("--prefix-spans", type=int, default=100, help="spans per namespace")
     parser.add_argument("--workdir", default=None, help="where stores are written (a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/store_bench.json")
     args = parser.parse_args()
@@ -407,6 +547,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="icmem-store-bench-", dir=args.workdir))
     result = {
         "benchmark": "store",
+        # Every number below was measured by this command, on a machine this loaded.
+        "command": shlex.join(["python", *sys.argv]),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "dim": args.dim,
         "slot_shape": list(shape),
         "k": args.k,
@@ -414,7 +557,7 @@ def main() -> None:
     }
     try:
         pool = slot_pool("bf16", shape)
-        for n in (int(s) for s in args.sizes.split(",")):
+        for n in (int(s) for s in args.sizes.split(",") if s):
             n -= n % SPANS_PER_DOCUMENT
             vectors = clustered_vectors(n, args.dim, seed=0)
             queries = clustered_vectors(args.queries, args.dim, seed=1)
@@ -437,10 +580,16 @@ def main() -> None:
                 ),
                 "add_rate_ratio": round(ours["add_spans_per_s"] / baseline["add_spans_per_s"], 3),
             }
-        result["bytes_per_codec"] = bytes_per_codec(work, args.dim, shape, args.codec_spans)
-        result["many_namespaces"] = bench_namespaces(
-            work / "namespaces", args.dim, args.namespaces, args.queries
-        )
+        if args.codec_spans:
+            result["bytes_per_codec"] = bytes_per_codec(work, args.dim, shape, args.codec_spans)
+        if args.namespaces:
+            result["many_namespaces"] = bench_namespaces(
+                work / "namespaces", args.dim, args.namespaces, args.queries
+            )
+        if args.prefix_namespaces:
+            result["prefix_search_many_namespaces"] = bench_prefix_search(
+                work / "prefix", args.dim, args.prefix_namespaces, args.prefix_spans, args.queries
+            )
         if args.langgraph_items:
             result["langgraph_store"] = {
                 count: bench_langgraph(work / f"langgraph-{count}", int(count), 50)
@@ -450,8 +599,13 @@ def main() -> None:
             result["first_search_after_write"] = bench_first_search_after_write(
                 work / "written", args.dim, args.first_search_spans
             )
+        if args.killed_writer_spans:
+            result["first_search_after_killed_writer"] = bench_first_search_after_killed_writer(
+                work / "killed", args.dim, args.killed_writer_spans
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

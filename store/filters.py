@@ -52,7 +52,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import Grouping
 
 from .errors import InvalidFilterError, InvalidRecordError
-from .schema import DocumentRow
+from .metadata_values import path_hash, value_hash
+from .schema import DocumentRow, MetadataValueRow
 from .validation import INT64_MAX, INT64_MIN, check_text
 
 __all__ = ["FilterNode", "compile_filter", "matching_ids"]
@@ -64,6 +65,7 @@ _COMPARE = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte":
 QUERY_WEIGHT = 256
 _OPERATORS = {"$eq", "$ne", "$in", "$nin", "$exists", *_RANGE}
 MAX_FILTER_DEPTH = 32  # nested $and/$or levels; deeper filters exhaust SQL parsers' stacks
+_LOOKUP_VALUES = 64  # an $in of more values is tested on the JSON alone, without an index lookup
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,12 @@ def _compile(filter_: Mapping[str, Any], json: _SqliteJson, depth: int) -> Filte
 
 
 def _compile_key(key: str, condition: Any, json: _SqliteJson) -> tuple[ColumnElement[bool], int]:
+    """The exact condition on one key, behind an index lookup of the documents that may meet
+    it (``store.metadata_values``) where the condition has one: equality, a short ``$in``, a
+    range. ``$ne``, ``$nin`` and ``$exists`` (which match documents lacking the key) have none."""
     if not isinstance(condition, Mapping):
-        return json.equals(key, _scalar(key, condition)), 1
+        value = _scalar(key, condition)
+        return and_(json.indexed_equal(key, [value]), json.equals(key, value)), 1
     if not condition:
         raise InvalidFilterError(f"filter for {key!r} is an empty operator mapping")
     clauses = []
@@ -218,7 +224,21 @@ def _compile_key(key: str, condition: Any, json: _SqliteJson) -> tuple[ColumnEle
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidFilterError(f"{op} for {key!r} compares numbers only, got {value!r}")
             clauses.append(func.coalesce(json.compare(key, op, _number(key, value)), false()))
-    return and_(*clauses), len(clauses)
+    return and_(*_lookup(key, condition, json), *clauses), len(clauses)
+
+
+def _lookup(key: str, condition: Mapping[str, Any], json: _SqliteJson) -> list[Any]:
+    """The index lookup narrowing a checked operator mapping on one key, if it has one."""
+    if "$eq" in condition:
+        return [json.indexed_equal(key, [condition["$eq"]])]
+    if "$in" in condition and len(condition["$in"]) <= _LOOKUP_VALUES:
+        return [json.indexed_equal(key, list(condition["$in"]))]
+    bounds = {op: float(v) for op, v in condition.items() if op in _RANGE}
+    if not bounds:
+        return []
+    low = max((v for op, v in bounds.items() if op in ("$gt", "$gte")), default=None)
+    high = min((v for op, v in bounds.items() if op in ("$lt", "$lte")), default=None)
+    return [json.indexed_range(key, low, high)]
 
 
 def _as_mapping(sub: Any) -> Mapping[str, Any]:
@@ -297,6 +317,30 @@ class _SqliteJson:
 
     def missing(self, key: str) -> ColumnElement[bool]:
         return self._type(key).is_(None)
+
+    def indexed_equal(self, key: str, values: list[Any]) -> ColumnElement[bool]:
+        """Documents with one of ``values`` at ``key`` by the metadata value rows (a superset:
+        the exact condition still runs on what this finds)."""
+        hashes = sorted({value_hash(v) for v in values})
+        value = MetadataValueRow.value
+        match = value == hashes[0] if len(hashes) == 1 else value.in_(hashes)
+        return self._documents_where(key, match)
+
+    def indexed_range(self, key: str, low: float | None, high: float | None) -> ColumnElement[bool]:
+        """Documents with a number at ``key`` between the (widened, double) bounds."""
+        number = MetadataValueRow.number
+        conditions: list[ColumnElement[bool]] = [number.is_not(None)]
+        if low is not None:
+            conditions.append(number >= low)
+        if high is not None:
+            conditions.append(number <= high)
+        return self._documents_where(key, *conditions)
+
+    def _documents_where(self, key: str, *conditions: Any) -> ColumnElement[bool]:
+        found = select(MetadataValueRow.document_id).where(
+            MetadataValueRow.path == path_hash((*self.root, key)), *conditions
+        )
+        return DocumentRow.id.in_(found)
 
     def equals(self, key: str, value: str | int | float | bool) -> ColumnElement[bool]:
         if isinstance(value, bool):

@@ -10,14 +10,16 @@ snapshot, so the pieces add up to what a single statement would have answered).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 from sqlalchemy import Executable
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-__all__ = ["IN_CHUNK", "chunks", "distinct", "rows_matching"]
+__all__ = ["IN_CHUNK", "chunks", "distinct", "id_array", "rows_matching"]
 
 IN_CHUNK = 900  # ids per IN (...) list: below every SQLite build's parameter limit
 _T = TypeVar("_T")
@@ -42,3 +44,13 @@ def rows_matching(
     """The rows of ``statement(piece)`` for each piece of the distinct ``ids``, in order."""
     for piece in chunks(distinct(ids)):
         yield from session.execute(statement(piece))
+
+
+def id_array(value: Any) -> np.ndarray:
+    """Ids aggregated into one value (``Database.id_aggregate``: a Postgres array, a SQLite JSON
+    text; NULL over no rows) as an int64 array."""
+    if value is None:
+        return np.empty(0, np.int64)
+    if isinstance(value, str):
+        value = json.loads(value)
+    return np.asarray(value, dtype=np.int64)

@@ -101,6 +101,12 @@ class NamespaceIndex:
         """Every id in the index (sorted), read from the index itself rather than a side table."""
         return np.sort(self._contents(with_vectors=False)[0])
 
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) the index holds, as arrays in the index's own order (copies)."""
+        ids, vectors = self._contents(with_vectors=True)
+        assert vectors is not None  # asked for with_vectors
+        return ids, vectors
+
     def search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

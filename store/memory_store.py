@@ -1,10 +1,10 @@
 """MemoryStore: documents, spans, memory slots and embeddings in SQL, found again through FAISS.
 
-The store is three rooms. ``store.database`` holds the rows (engine, directory checks, schema,
-migration, error translation); ``store.shards`` holds each namespace's FAISS shard and keeps it
-in step with the rows; ``MemoryStore`` here is only the transactional API over both. The SQL that
-reads and changes documents and spans is moving out of this class into ``store.queries`` (every
-statement over a caller's ids goes through ``store.id_lists``, every metadata read through
+The store is three rooms. ``store.database`` holds the connection (engine, directory checks,
+schema, migration, error translation) and ``store.queries`` every SQL statement, grouped by
+domain; ``store.shards`` holds each namespace's FAISS shard and keeps it in step with the rows;
+``MemoryStore`` here is only the transactional API over both, and holds no SQL (every statement
+over a caller's ids goes through ``store.id_lists``, every metadata read through
 ``store.stored_metadata``).
 
 The rows are the truth and every write is one transaction: a document and all of its spans,
@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, bindparam, delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgres_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -52,10 +50,8 @@ from .errors import (
     warn_damaged,
 )
 from .filters import compile_filter
-from .id_lists import chunks
 from .index import IndexPolicy
-from .namespaces import decode_path, encode_path, path_key, prefix_keys, validate_namespace
-from .queries import path_starts_with
+from .namespaces import decode_path, validate_namespace
 from .records import (
     AddedDocument,
     DocumentInfo,
@@ -66,37 +62,12 @@ from .records import (
     StoreCheck,
     StoreStats,
 )
-from .schema import (
-    DocumentRow,
-    EmbeddingRow,
-    NamespacePrefixRow,
-    NamespaceRow,
-    SettingRow,
-    SlotRow,
-    SpanRow,
-)
 from .shards import Shards, embedding_is_damaged, token_key
 from .slots import verify_slot_blob
-from .stored_metadata import damaged_metadata, parse_metadata, warn_damaged_metadata
+from .stored_metadata import parse_metadata, warn_damaged_metadata
 from .validation import INT64_MAX, MAX_KEY_CHARS, MAX_VECTOR_NORM, check_metadata, check_text
 
 __all__ = ["DuplicateDocumentError", "MemoryStore", "UnknownSpanError"]
-
-# Statements on the search path are built once: composing a select() costs more than running it.
-_NAMESPACE_COLUMNS = select(NamespaceRow.id, NamespaceRow.path, NamespaceRow.generation)
-_ALL_NAMESPACES = _NAMESPACE_COLUMNS.order_by(NamespaceRow.id)
-
-
-# Found through the indexed prefix table, and checked against the path itself.
-_NAMESPACES_UNDER_PREFIX = (
-    _NAMESPACE_COLUMNS.join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
-    .where(
-        NamespacePrefixRow.prefix_key == bindparam("prefix_key"),
-        path_starts_with(bindparam("length"), bindparam("prefix")),
-    )
-    .order_by(NamespaceRow.id)
-)
-_NAMESPACE_EXACTLY = _NAMESPACE_COLUMNS.where(NamespaceRow.path_key == bindparam("path_key"))
 
 
 @dataclass(frozen=True)
@@ -105,7 +76,7 @@ class _PreparedDocument:
     key: str
     metadata: dict[str, Any]  # a plain-JSON copy, checked the same way for every backend
     vectors: np.ndarray  # (n_spans, dim) float32
-    slot_headers: tuple[Any, ...]
+    slot_rows: tuple[dict[str, Any] | None, ...]  # the slot row of each span (or None)
 
 
 class MemoryStore:
@@ -113,8 +84,9 @@ class MemoryStore:
 
     Open with ``MemoryStore.open(...)``; use as a context manager (or call ``close()``) so the
     index is saved. A store that was not closed is still correct: its index is caught up on open.
-    A writer keeps the indexes of the namespaces it writes to current and saves them at most
-    ``index_save_interval_s`` seconds apart while it writes, so readers find them ready.
+    A writer keeps the indexes of the namespaces it writes to current and saves them as it
+    writes (at once after training one, else every ``index_save_interval_s`` seconds or more),
+    so that readers find them ready even after a writer that was killed.
     """
 
     def __init__(
@@ -244,12 +216,8 @@ class MemoryStore:
             deleted_documents = 0
             for row in self._select_namespaces(session, ns, exact=keys is not None):
                 if keys is None:
-                    deleted_documents += session.execute(
-                        select(func.count()).where(DocumentRow.namespace_id == row.id)
-                    ).scalar_one()
-                    session.execute(delete(NamespaceRow).where(NamespaceRow.id == row.id))
-                    session.execute(
-                        delete(SettingRow).where(SettingRow.key.startswith(token_key(row.id, "")))
+                    deleted_documents += queries.delete_namespace(
+                        session, row.id, token_key(row.id, "")
                     )
                     removed[row.id] = ([], row.generation)
                     continue
@@ -257,7 +225,7 @@ class MemoryStore:
                 if doc_ids:
                     span_ids = queries.span_ids_of_documents(session, doc_ids)
                     queries.delete_documents(session, doc_ids)
-                    removed[row.id] = (span_ids, self._bump_generation(session, row.id) - 1)
+                    removed[row.id] = (span_ids, queries.bump_generation(session, row.id) - 1)
                     deleted_documents += len(doc_ids)
         for ns_id, (span_ids, old_generation) in removed.items():
             if keys is None:
@@ -295,7 +263,7 @@ class MemoryStore:
             # The old metadata is never read, so a damaged row is repaired, not an error.
             queries.set_metadata(session, {doc_id: checked[key] for key, doc_id in found.items()})
             # Filter answers are cached per generation: a metadata change must move it on.
-            old_generation = self._bump_generation(session, ns_id) - 1 if found else None
+            old_generation = queries.bump_generation(session, ns_id) - 1 if found else None
         if old_generation is not None:
             self._index.apply_delta(ns_id, old_generation=old_generation)
             self._index.keep_current([ns_id])
@@ -331,9 +299,10 @@ class MemoryStore:
                     f"no parts of document {document.id!r} are stored in {parts_ns!r}; write "
                     "them first (or write the document whole with upsert)"
                 )
-            ns_id = self._ensure_namespace(session, ns)
-            self._bump_generation(session, ns_id)
+            ns_id = queries.ensure_namespace(session, self.dialect, ns)
+            queries.bump_generation(session, ns_id)
             doc_id, _ = self._put_document(session, ns_id, prepared, replace=True)
+            queries.index_metadata(session, {doc_id: prepared.metadata})
             span_ids = queries.adopt_parts(
                 session, parts[0].id, doc_id, ns_id, token_key(parts[0].id, "")
             )
@@ -351,19 +320,21 @@ class MemoryStore:
         *,
         namespace: Sequence[str],
         filter: Mapping[str, Any] | None = None,
+        filter_root: Sequence[str] = (),
     ) -> list[SearchHit]:
         """The ``k`` spans with the highest inner product with ``vector``, best first.
 
         ``namespace`` is a prefix: the spans of that namespace and of every namespace below it
         (``("acme",)`` covers ``("acme", "bot", "t1")``) and never any other are considered,
-        also when a metadata ``filter`` is given (see ``store.filters``).
+        also when a metadata ``filter`` is given (see ``store.filters``; ``filter_root`` as for
+        ``list_documents``).
         """
         query = self._check_vectors(_one_vector(vector, "query vector"), "query vector")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise InvalidRecordError(f"k must be a positive int, got {k!r}")
         k = int(k)
         ns = validate_namespace(namespace, allow_prefix=True)
-        where = compile_filter(filter, self.dialect)
+        where = compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
             namespaces = self._select_namespaces(session, ns)
             if not namespaces:
@@ -371,11 +342,14 @@ class MemoryStore:
             ns_ids = [row.id for row in namespaces]
             allowed = None
             if filter:
-                allowed = self._index.allowed_spans(session, namespaces, filter, where)
+                allowed = self._index.allowed_spans(
+                    session, namespaces, filter, where, tuple(filter_root)
+                )
                 if not any(len(ids) for ids in allowed.values()):
                     return []
-            top = self._index.search(session, namespaces, query, k, allowed)
+            top = self._index.search(session, namespaces, query, k, allowed, ns)
             rows = queries.hit_rows(session, [span_id for _, span_id in top], ns_ids)
+        self._index.save_trained()
         # A span deleted by another process since the index was refreshed is left out.
         return _hits(top, rows, {row.id: decode_path(row.path) for row in namespaces})
 
@@ -516,24 +490,7 @@ class MemoryStore:
         ns = () if namespace is None else validate_namespace(namespace, allow_prefix=True)
         with self._read() as session:
             ns_ids = [row.id for row in self._select_namespaces(session, ns)]
-            documents = spans = slot_bytes = embedding_bytes = 0
-            for chunk in chunks(ns_ids):
-                documents += session.execute(
-                    select(func.count()).where(DocumentRow.namespace_id.in_(chunk))
-                ).scalar_one()
-                spans += session.execute(
-                    select(func.count()).where(SpanRow.namespace_id.in_(chunk))
-                ).scalar_one()
-                slot_bytes += session.execute(
-                    select(func.coalesce(func.sum(func.length(SlotRow.blob)), 0))
-                    .join(SpanRow, SlotRow.span_id == SpanRow.id)
-                    .where(SpanRow.namespace_id.in_(chunk))
-                ).scalar_one()
-                embedding_bytes += session.execute(
-                    select(func.coalesce(func.sum(func.length(EmbeddingRow.vector)), 0)).where(
-                        EmbeddingRow.namespace_id.in_(chunk)
-                    )
-                ).scalar_one()
+            documents, spans, slot_bytes, embedding_bytes = queries.counts(session, ns_ids)
             database_bytes = self._database.nbytes(session)
         return StoreStats(
             namespaces=len(ns_ids),
@@ -551,38 +508,27 @@ class MemoryStore:
         JSON and, for a whole SQLite store, pages its ``quick_check`` finds broken. Changes
         nothing; reads every slot blob, so it takes a while on a large store."""
         ns = () if namespace is None else validate_namespace(namespace, allow_prefix=True)
-        damaged_slots: list[int] = []
-        damaged_embeddings: list[int] = []
-        invalid_metadata: list[tuple[Namespace, str]] = []
         problems: list[str] = []
         with self._read() as session:
-            if not ns and self.dialect == "sqlite":
-                found = [row[0] for row in session.exec_driver_sql("PRAGMA quick_check")]
-                problems = [] if found == ["ok"] else [str(p) for p in found]
+            if not ns:
+                problems = self._database.integrity_problems(session)
             namespaces = self._select_namespaces(session, ns)
             names = {row.id: decode_path(row.path) for row in namespaces}
-            streaming = session.execution_options(yield_per=64)
-            for chunk in chunks(list(names)):
-                slots = streaming.execute(
-                    select(SlotRow.span_id, SlotRow.blob, SlotRow.codec, SlotRow.rows, SlotRow.cols)
-                    .join(SpanRow, SlotRow.span_id == SpanRow.id)
-                    .where(SpanRow.namespace_id.in_(chunk))
-                )
-                damaged_slots.extend(row.span_id for row in slots if _slot_is_damaged(row))
-                vectors = streaming.execute(
-                    select(EmbeddingRow.span_id, EmbeddingRow.vector).where(
-                        EmbeddingRow.namespace_id.in_(chunk)
-                    )
-                )
-                damaged_embeddings.extend(
-                    span_id for span_id, vector in vectors if embedding_is_damaged(vector, self.dim)
-                )
-                invalid = session.execute(
-                    select(DocumentRow.namespace_id, DocumentRow.key).where(
-                        DocumentRow.namespace_id.in_(chunk), damaged_metadata(self.dialect)
-                    )
-                )
-                invalid_metadata.extend((names[ns_id], key) for ns_id, key in invalid)
+            ns_ids = list(names)
+            damaged_slots = [
+                row.span_id
+                for row in queries.slot_check_rows(session, ns_ids)
+                if _slot_is_damaged(row)
+            ]
+            damaged_embeddings = [
+                span_id
+                for span_id, vector in queries.embedding_rows(session, ns_ids)
+                if embedding_is_damaged(vector, self.dim)
+            ]
+            invalid_metadata = [
+                (names[ns_id], key)
+                for ns_id, key in queries.damaged_metadata_keys(session, self.dialect, ns_ids)
+            ]
         return StoreCheck(
             damaged_slots=tuple(sorted(damaged_slots)),
             damaged_embeddings=tuple(sorted(damaged_embeddings)),
@@ -620,8 +566,7 @@ class MemoryStore:
             rows = self._select_namespaces(session, ns, exact=True)
             if not rows:
                 return np.empty(0, np.int64)
-            ids = session.scalars(select(SpanRow.id).where(SpanRow.namespace_id == rows[0].id))
-            return np.sort(np.fromiter(ids, dtype=np.int64))
+            return queries.span_ids_of_namespace(session, rows[0].id)
 
     # ------------------------------------------------------------------ async
 
@@ -680,18 +625,23 @@ class MemoryStore:
         with self._write() as session:
             if fingerprint is not None and self.model_fingerprint is None:
                 self._pin_fingerprint(session, fingerprint)
-            ns_id = self._ensure_namespace(session, ns)
-            old_generation = self._bump_generation(session, ns_id) - 1
+            ns_id = queries.ensure_namespace(session, self.dialect, ns)
+            old_generation = queries.bump_generation(session, ns_id) - 1
             removed: list[int] = []
             added_ids: list[int] = []
             added_vectors: list[np.ndarray] = []
+            metadata: dict[int, dict[str, Any]] = {}
             for doc in prepared:
                 doc_id, replaced = self._put_document(session, ns_id, doc, replace=replace)
+                metadata[doc_id] = doc.metadata
                 removed.extend(replaced)
-                span_ids = self._insert_spans(session, ns_id, doc_id, doc)
+                span_ids = queries.insert_spans(
+                    session, ns_id, doc_id, doc.record.spans, doc.slot_rows, doc.vectors
+                )
                 results.append(AddedDocument(id=doc.key, span_ids=tuple(span_ids)))
                 added_ids.extend(span_ids)
                 added_vectors.append(doc.vectors)
+            queries.index_metadata(session, metadata, new=not replace)
         if fingerprint is not None and self.model_fingerprint is None:
             self.model_fingerprint = fingerprint
         self._index.apply_delta(
@@ -727,14 +677,25 @@ class MemoryStore:
                 np.stack(rows) if rows else np.empty((0, self.dim), np.float32),
                 f"embedding of document {key!r}",
             )
-            headers = []
+            slot_rows: list[dict[str, Any] | None] = []
             for span in doc.spans:
                 header = self._check_slots(span.slots, key, span.position)
-                if header is not None:
-                    fingerprints.add(header.fingerprint)
-                headers.append(header)
+                if header is None or span.slots is None:
+                    slot_rows.append(None)
+                    continue
+                fingerprints.add(header.fingerprint)
+                slot_rows.append(
+                    {
+                        "codec": header.codec,
+                        "dtype": "float32",
+                        "rows": header.shape[0],
+                        "cols": header.shape[1],
+                        "model_fingerprint": header.fingerprint,
+                        "blob": bytes(span.slots),
+                    }
+                )
             metadata = check_metadata(doc.metadata, f"metadata of document {key!r}")
-            prepared.append(_PreparedDocument(doc, key, metadata, vectors, tuple(headers)))
+            prepared.append(_PreparedDocument(doc, key, metadata, vectors, tuple(slot_rows)))
         if len(fingerprints) > 1:
             raise ForeignSlotsError(
                 f"one call mixes slots from several base models {sorted(fingerprints)}; a store "
@@ -793,49 +754,12 @@ class MemoryStore:
         return header
 
     def _pin_fingerprint(self, session: Session, fingerprint: str) -> None:
-        # Concurrent first writers may race to pin; the first insert wins, the rest compare.
-        insert = postgres_insert if self.dialect == "postgresql" else sqlite_insert
-        session.execute(
-            insert(SettingRow)
-            .values(key="model_fingerprint", value=fingerprint)
-            .on_conflict_do_nothing()
-        )
-        stored = session.scalar(
-            select(SettingRow.value).where(SettingRow.key == "model_fingerprint")
-        )
+        stored = queries.pin_setting(session, self.dialect, "model_fingerprint", fingerprint)
         if stored != fingerprint:
             raise ForeignSlotsError(
                 f"this store serves base model {stored!r} (pinned by another process); the "
                 f"slots given come from {fingerprint!r}"
             )
-
-    def _ensure_namespace(self, session: Session, ns: tuple[str, ...]) -> int:
-        path = encode_path(ns)
-        key = path_key(path)
-        insert = postgres_insert if self.dialect == "postgresql" else sqlite_insert
-        created = session.scalar(
-            insert(NamespaceRow)
-            .values(path=path, depth=len(ns), path_key=key, generation=0)
-            .on_conflict_do_nothing()
-            .returning(NamespaceRow.id)
-        )
-        if created is not None:  # a new namespace: list it under each of its prefixes
-            session.execute(
-                NamespacePrefixRow.__table__.insert(),
-                [{"prefix_key": k, "namespace_id": created} for k in prefix_keys(ns)],
-            )
-            return created
-        return session.execute(
-            select(NamespaceRow.id).where(NamespaceRow.path_key == key)
-        ).scalar_one()
-
-    def _bump_generation(self, session: Session, ns_id: int) -> int:
-        return session.execute(
-            update(NamespaceRow)
-            .where(NamespaceRow.id == ns_id)
-            .values(generation=NamespaceRow.generation + 1)
-            .returning(NamespaceRow.generation)
-        ).scalar_one()
 
     def _put_document(
         self, session: Session, ns_id: int, doc: _PreparedDocument, *, replace: bool
@@ -845,97 +769,25 @@ class MemoryStore:
         # is how it is repaired.
         existing = queries.document_ids(session, ns_id, [doc.key]).get(doc.key)
         if existing is None:
-            row = DocumentRow(
-                namespace_id=ns_id,
-                key=doc.key,
-                source=record.source,
-                metadata_=doc.metadata,
-                content_hash=record.content_hash,
+            doc_id = queries.insert_document(
+                session, ns_id, doc.key, record.source, doc.metadata, record.content_hash
             )
-            session.add(row)
-            session.flush()
-            return row.id, []
+            return doc_id, []
         if not replace:
             raise DuplicateDocumentError(
                 f"document {doc.key!r} already exists in this namespace; use upsert() to replace "
                 "it or delete it first"
             )
         old_spans = queries.span_ids_of_documents(session, [existing])
-        session.execute(delete(SpanRow).where(SpanRow.document_id == existing))
-        session.execute(
-            update(DocumentRow)
-            .where(DocumentRow.id == existing)
-            .values(
-                source=record.source,
-                metadata_=doc.metadata,
-                content_hash=record.content_hash,
-            )
+        queries.replace_document(
+            session, existing, record.source, doc.metadata, record.content_hash
         )
         return existing, old_spans
-
-    def _insert_spans(
-        self, session: Session, ns_id: int, doc_id: int, doc: _PreparedDocument
-    ) -> list[int]:
-        spans = doc.record.spans
-        if not spans:
-            return []
-        span_ids = list(
-            session.scalars(
-                SpanRow.__table__.insert().returning(SpanRow.id, sort_by_parameter_order=True),
-                [
-                    {
-                        "document_id": doc_id,
-                        "namespace_id": ns_id,
-                        "position": s.position,
-                        "char_start": s.char_start,
-                        "char_end": s.char_end,
-                        "text": s.text,
-                        "token_count": s.token_count,
-                        "content_id": s.content_id,
-                    }
-                    for s in spans
-                ],
-            )
-        )
-        slot_rows = [
-            {
-                "span_id": span_id,
-                "codec": header.codec,
-                "dtype": "float32",
-                "rows": header.shape[0],
-                "cols": header.shape[1],
-                "model_fingerprint": header.fingerprint,
-                "blob": bytes(span.slots),
-            }
-            for span_id, span, header in zip(span_ids, spans, doc.slot_headers, strict=True)
-            if header is not None and span.slots is not None
-        ]
-        if slot_rows:
-            session.execute(SlotRow.__table__.insert(), slot_rows)
-        session.execute(
-            EmbeddingRow.__table__.insert(),
-            [
-                {
-                    "span_id": span_id,
-                    "namespace_id": ns_id,
-                    "vector": vector.astype("<f4").tobytes(),
-                }
-                for span_id, vector in zip(span_ids, doc.vectors, strict=True)
-            ],
-        )
-        return span_ids
 
     def _select_namespaces(
         self, session: Session | Connection, ns: tuple[str, ...], *, exact: bool = False
     ) -> list[Any]:
-        """The namespaces under a prefix (``()``: all of them), or only ``ns`` itself."""
-        if not ns:
-            return list(session.execute(_ALL_NAMESPACES))
-        path = encode_path(ns)
-        if exact:
-            return list(session.execute(_NAMESPACE_EXACTLY, {"path_key": path_key(path)}))
-        parameters = {"prefix_key": path_key(path), "length": len(path), "prefix": path}
-        return list(session.execute(_NAMESPACES_UNDER_PREFIX, parameters))
+        return queries.select_namespaces(session, ns, exact=exact)
 
     def _read(self) -> AbstractContextManager[Connection]:
         return self._database.read()

@@ -12,6 +12,7 @@ cascade into its children, and each step checks the keys itself before it return
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .errors import SchemaVersionError
+from .metadata_values import value_rows
 from .namespaces import addressable_label, encode_path, path_key, prefix_keys
 
 __all__ = ["MIGRATIONS"]
@@ -152,4 +154,49 @@ def _postgres_namespaces_as_paths(connection: Connection, values: list[dict]) ->
     )
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _namespaces_as_paths}
+def _metadata_values(connection: Connection) -> None:
+    """2 -> 3: index every document's metadata scalars (``store.metadata_values``) so that
+    filters look documents up instead of parsing all of them. Damaged metadata gets no rows:
+    reads leave it out anyway, and the write that repairs it adds them."""
+    bigint = "INTEGER" if connection.dialect.name == "sqlite" else "BIGINT"
+    connection.exec_driver_sql(
+        "CREATE TABLE icmem_metadata_values ("
+        f"document_id {bigint} NOT NULL, "
+        "path BIGINT NOT NULL, "
+        "value BIGINT NOT NULL, "
+        "number FLOAT, "
+        "PRIMARY KEY (document_id, path), "
+        "FOREIGN KEY(document_id) REFERENCES icmem_documents (id) ON DELETE CASCADE)"
+    )
+    connection.exec_driver_sql(
+        "CREATE INDEX ix_icmem_metadata_values_value "
+        "ON icmem_metadata_values (path, value, document_id)"
+    )
+    connection.exec_driver_sql(
+        "CREATE INDEX ix_icmem_metadata_values_number "
+        "ON icmem_metadata_values (path, number, document_id)"
+    )
+    raw = "CAST(metadata AS TEXT)" if connection.dialect.name == "postgresql" else "metadata"
+    page = text(f"SELECT id, {raw} FROM icmem_documents WHERE id > :after ORDER BY id LIMIT 1000")
+    insert = text(
+        "INSERT INTO icmem_metadata_values (document_id, path, value, number) "
+        "VALUES (:document_id, :path, :value, :number)"
+    )
+    after = 0
+    while documents := connection.execute(page, {"after": after}).all():
+        rows: list[dict[str, object]] = []
+        for document_id, metadata in documents:
+            try:
+                parsed = json.loads(metadata)
+            except (TypeError, ValueError):
+                continue  # damaged: left out of reads until a write repairs it
+            rows.extend(value_rows(document_id, parsed))
+        if rows:
+            connection.execute(insert, rows)
+        after = documents[-1][0]
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _namespaces_as_paths,
+    2: _metadata_values,
+}

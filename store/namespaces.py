@@ -16,6 +16,7 @@ table; the ``substr`` test stays as the definition the lookup is checked against
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence, Set
@@ -44,8 +45,10 @@ def encode_path(labels: Sequence[str]) -> str:
     return "".join(json.dumps(label, ensure_ascii=False) + _TERMINATOR for label in labels)
 
 
+@functools.lru_cache(maxsize=65_536)
 def decode_path(path: str) -> tuple[str, ...]:
-    """The labels of a stored path (the inverse of ``encode_path``)."""
+    """The labels of a stored path (the inverse of ``encode_path``); kept for the paths seen
+    most recently, since every read decodes each namespace it covers."""
     return tuple(json.loads(code) for code in path.split(_TERMINATOR)[:-1])
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -35,6 +36,7 @@ __all__ = [
     "Base",
     "DocumentRow",
     "EmbeddingRow",
+    "MetadataValueRow",
     "NamespacePrefixRow",
     "NamespaceRow",
     "SchemaVersionRow",
@@ -43,7 +45,7 @@ __all__ = [
     "SpanRow",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # MIGRATIONS[n] (store.migrations) upgrades a store from schema n to n + 1 inside the opening
 # transaction. A store older than the oldest key there cannot be migrated and is refused.
@@ -130,6 +132,24 @@ class DocumentRow(Base):
     metadata_: Mapped[dict] = mapped_column("metadata", _Json, default=dict)
     content_hash: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class MetadataValueRow(Base):
+    """One scalar of a document's metadata, hashed, for filters to look documents up by
+    (``store.metadata_values``): a superset test ahead of the exact JSON condition."""
+
+    __tablename__ = "icmem_metadata_values"
+    __table_args__ = (
+        Index("ix_icmem_metadata_values_value", "path", "value", "document_id"),
+        Index("ix_icmem_metadata_values_number", "path", "number", "document_id"),
+    )
+
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("icmem_documents.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # hash of the key path
+    value: Mapped[int] = mapped_column(BigInteger)  # hash of the value (JSON equality)
+    number: Mapped[float | None] = mapped_column(Float, nullable=True)  # numbers only
 
 
 class SpanRow(Base):

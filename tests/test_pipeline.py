@@ -366,8 +366,11 @@ def test_a_long_text_written_in_parts_reads_back_as_one_document(pipeline, icae)
     text = " ".join(f"Entry {i}: {DOCS['names']}" for i in range(60))
     spans = chunk(text, icae.tokenizer, span_tokens=icae.config.span_tokens)
     assert len(spans) > 2 * DEFAULT_BATCH_SPANS
-    added = pipeline.ingest(text, namespace=NS)
+    added = pipeline.ingest(text, namespace=NS, metadata={"topic": "entries"})
     assert len(added.id) == 32 and len(added.span_ids) == len(spans)
+    query = pipeline.embed([spans[-1].text])[0]
+    filtered = pipeline.store.search(query, 500, namespace=NS, filter={"topic": "entries"})
+    assert len(filtered) == len(spans)  # the assembled document's metadata is searchable
     (document,) = pipeline.store.list_documents(NS)
     assert (document.id, document.span_count) == (added.id, len(spans))
     assert document.content_hash == hashlib.sha256(text.encode()).hexdigest()

@@ -56,11 +56,12 @@ if TYPE_CHECKING:
         ICAERetriever,
         ICAEVectorStore,
     )
-    from icmem.store import DocumentInfo
+    from icmem.store import DocumentInfo, SearchHit
 
 # The metadata key that marks a document as a store item, and holds its value and clock.
 ITEM_KEY = "langgraph_item"
 _SEARCH_POOL = 16  # spans fetched per wanted item on the first search pass (several per item)
+REFRESH_SHARE = 0.01  # a read refreshes an expiry only when it moves by this share of the TTL
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class ICAEMemory(BaseStore):
             _check_minutes(ttl["default_ttl"], "TTLConfig default_ttl")
         self.ttl_config = ttl
         self._sweeper: tuple[threading.Event, concurrent.futures.Future[None]] | None = None
+        self._legacy_swept = False  # see sweep_ttl
 
     @classmethod
     def open(
@@ -147,7 +149,8 @@ class ICAEMemory(BaseStore):
         ttl: TTLConfig | None = None,
         **pipeline_options: Any,
     ) -> ICAEMemory:
-        """Open (or create) a store directory or URL with `MemoryPipeline.open`'s models."""
+        """Open a store directory or URL with `MemoryPipeline.open`'s models and options
+        (``create=True`` makes a new store; without it a mistyped path is an error)."""
         return cls(MemoryPipeline.open(store, **pipeline_options), index=index, ttl=ttl)
 
     def close(self) -> None:
@@ -240,20 +243,30 @@ class ICAEMemory(BaseStore):
     # ------------------------------------------------------------------ TTL
 
     def sweep_ttl(self) -> int:
-        """Delete every expired item now; returns how many were deleted."""
+        """Delete every expired item now; returns how many were deleted.
+
+        The due items are found in SQL by their expiry time, an index range lookup. Items
+        written before expiry times were kept as numbers as well carry only the ISO time: the
+        first sweep of each store object reads every item to find them, deletes the expired
+        ones and gives the rest their number, so later sweeps look up due items alone (a store
+        of this schema cannot be written by an icmem that would write such items again)."""
         now = _now()
+        due: dict[str, Any] = {"expires_ts": {"$lte": now.timestamp() + 1.0}}
+        if not self._legacy_swept:
+            legacy = {"expires_ts": {"$exists": False}, "expires_at": {"$exists": True}}
+            due = {"$or": [due, legacy]}
         expired: dict[tuple[str, ...], list[str]] = {}
-        # SQL finds the candidates: items whose expiry time has passed, and items written
-        # before expiry times were kept as numbers (checked from their ISO time, in Python).
-        due = {
-            "$or": [
-                {"expires_ts": {"$lte": now.timestamp() + 1.0}},
-                {"expires_ts": {"$exists": False}, "expires_at": {"$exists": True}},
-            ]
-        }
-        for stored in _items(self._documents_under((), due, root=(ITEM_KEY,))):
+        upgraded: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
+        for stored, record in _items_with_records(self._documents_under((), due, root=(ITEM_KEY,))):
             if stored.expired(now):
                 expired.setdefault(stored.namespace, []).append(stored.key)
+            elif "expires_ts" not in record:
+                upgraded.setdefault(stored.namespace, {})[stored.key] = _metadata(
+                    stored, now, refreshed=False
+                )
+        for namespace, updates in upgraded.items():
+            self.pipeline.update_metadata(updates, namespace=namespace)
+        self._legacy_swept = True
         return sum(
             self.pipeline.delete_documents(keys, namespace=namespace)
             for namespace, keys in expired.items()
@@ -333,7 +346,9 @@ class ICAEMemory(BaseStore):
             return [stored.search_item() for stored in page]
         wanted = op.offset + op.limit
         total = self._span_count(op.namespace_prefix)
-        scores = self._best_scores(op.namespace_prefix, vector, candidates, wanted, total)
+        scores = self._best_scores(
+            op.namespace_prefix, vector, candidates, wanted, total, store_prefilter(op.filter)
+        )
         ranked = sorted(
             (c for c in candidates if (c.namespace, c.key) in scores),
             key=lambda c: -scores[(c.namespace, c.key)],
@@ -349,11 +364,14 @@ class ICAEMemory(BaseStore):
         candidates: list[_Stored],
         wanted: int,
         total: int,
+        prefilter: dict[str, Any] | None = None,
     ) -> dict[tuple[tuple[str, ...], str], float]:
         """Each candidate's best span score, for at least the `wanted` best candidates.
 
         Spans are fetched best first, more on each pass, until `wanted` candidates have a score
-        or all `total` spans under the prefix have been seen."""
+        or all `total` spans under the prefix have been seen. With `prefilter` (the filter's
+        SQL superset) the index only considers the spans of items that may match, so a
+        selective filter costs a search over those spans, not over the whole prefix."""
         want = {(c.namespace, c.key) for c in candidates if c.span_count}
         if not want:
             return {}
@@ -361,13 +379,29 @@ class ICAEMemory(BaseStore):
         while True:
             scores: dict[tuple[tuple[str, ...], str], float] = {}
             for root in self._roots(prefix):
-                for hit in self.pipeline.search(vector, namespace=root, k=k):
+                for hit in self._search_spans(vector, root, k, prefilter):
                     key = (hit.namespace, hit.document_id)
                     if key in want and scores.get(key, float("-inf")) < hit.score:
                         scores[key] = hit.score
             if len(scores) >= min(wanted, len(want)) or k >= total:
                 return scores
             k = min(total, k * 4)
+
+    def _search_spans(
+        self,
+        vector: np.ndarray,
+        root: tuple[str, ...],
+        k: int,
+        prefilter: dict[str, Any] | None,
+    ) -> list[SearchHit]:
+        if prefilter is not None:
+            try:
+                return self.pipeline.store.search(
+                    vector, k, namespace=root, filter=prefilter, filter_root=VALUE_ROOT
+                )
+            except InvalidFilterError:
+                pass  # a key or value the store's filter language refuses: search unfiltered
+        return self.pipeline.search(vector, namespace=root, k=k)
 
     def _list_namespaces(self, op: ListNamespacesOp, now: datetime) -> list[tuple[str, ...]]:
         conditions = op.match_conditions or ()
@@ -441,7 +475,12 @@ class ICAEMemory(BaseStore):
     # ------------------------------------------------------------------ writes
 
     def _refresh_ttl(self, ops: Sequence[Op], results: Sequence[Result], now: datetime) -> None:
-        """Push back the expiry of items with a TTL that a get or search read with refresh."""
+        """Push back the expiry of items with a TTL that a get or search read with refresh.
+
+        Only an expiry that would move by at least ``REFRESH_SHARE`` of the item's TTL is
+        written: reading an item again and again (every turn of an agent) is then a write at
+        most once per 1% of its TTL, not on every read, and an item expires at most that much
+        earlier than an exact refresh would have it."""
         touched: dict[tuple[str, ...], set[str]] = {}
         for op, result in zip(ops, results, strict=True):
             if isinstance(op, GetOp | SearchOp) and op.refresh_ttl and result:
@@ -452,7 +491,7 @@ class ICAEMemory(BaseStore):
             updates = {
                 stored.key: _metadata(stored, now, refreshed=True)
                 for stored in self._get_stored(namespace, sorted(keys))
-                if stored.ttl is not None
+                if _refresh_due(stored, now)
             }
             self.pipeline.update_metadata(updates, namespace=namespace)
 
@@ -563,13 +602,29 @@ def _put_metadata(op: PutOp, existing: _Stored | None, now: datetime) -> dict[st
     return _metadata(stored, now, refreshed=True)
 
 
+def _expiry(ttl: float, now: datetime) -> datetime | None:
+    """When an item with ``ttl`` minutes expires if written now; None past the calendar's end."""
+    try:
+        return now + timedelta(minutes=ttl)
+    except OverflowError:  # a TTL past the calendar's end: never expires
+        return None
+
+
+def _refresh_due(stored: _Stored, now: datetime) -> bool:
+    """Whether a read at ``now`` moves the item's expiry by at least ``REFRESH_SHARE`` of its
+    TTL (an item without a TTL has nothing to refresh)."""
+    if stored.ttl is None:
+        return False
+    refreshed = _expiry(stored.ttl, now)
+    if refreshed is None or stored.expires_at is None:
+        return refreshed != stored.expires_at
+    return refreshed - stored.expires_at >= timedelta(minutes=stored.ttl * REFRESH_SHARE)
+
+
 def _metadata(stored: _Stored, now: datetime, *, refreshed: bool) -> dict[str, Any]:
     expires = stored.expires_at
     if refreshed and stored.ttl is not None:
-        try:
-            expires = now + timedelta(minutes=stored.ttl)
-        except OverflowError:  # a TTL past the calendar's end: never expires
-            expires = None
+        expires = _expiry(stored.ttl, now)
     return {
         ITEM_KEY: {
             "value": stored.value,
@@ -585,6 +640,17 @@ def _metadata(stored: _Stored, now: datetime, *, refreshed: bool) -> dict[str, A
 
 def _items(documents: Iterable[DocumentInfo]) -> list[_Stored]:
     return [stored for stored in map(_as_stored, documents) if stored is not None]
+
+
+def _items_with_records(
+    documents: Iterable[DocumentInfo],
+) -> list[tuple[_Stored, Mapping[str, Any]]]:
+    """Items with the raw record they were read from (what fields it was written with)."""
+    return [
+        (stored, document.metadata[ITEM_KEY])
+        for document in documents
+        if (stored := _as_stored(document)) is not None
+    ]
 
 
 def _as_stored(document: DocumentInfo) -> _Stored | None:

@@ -145,5 +145,28 @@ def test_ttl_sweep_finds_expired_items_in_sql_and_legacy_ones_too(tmp_path) -> N
         assert memory.sweep_ttl() == 2
         left = [d.id for d in pipeline.list_documents(("u",))]
         assert left == ["later", "forever", "legacy-later", "plain"]
+        # The unexpired legacy item got its number: later sweeps find it by its time alone.
+        (document,) = pipeline.get_documents(["legacy-later"], namespace=("u",))
+        record = document.metadata["langgraph_item"]
+        assert record["expires_ts"] == datetime.fromisoformat(future).timestamp()
+        assert record["expires_at"] == future
+    finally:
+        memory.close()
+
+
+def test_a_query_with_a_selective_filter_scores_like_the_unfiltered_ranking(tmp_path) -> None:
+    """With a query, the filter's SQL superset narrows the index search to the spans of the
+    items that may match; each item must keep the score (and rank) it has in the ranking of
+    everything."""
+    memory = ICAEMemory(fresh_pipeline(tmp_path / "store"), index={"fields": ["text"]})
+    try:
+        for i in range(30):
+            text = f"note {i} about {('rivers', 'mountains', 'cities')[i % 3]}"
+            memory.put(("u",), f"k{i}", {"text": text, "group": i % 5})
+        everything = memory.search(("u",), query="mountains", limit=30)
+        for group in range(5):
+            found = memory.search(("u",), query="mountains", filter={"group": group}, limit=30)
+            expected = [(i.key, i.score) for i in everything if i.value["group"] == group]
+            assert [(i.key, i.score) for i in found] == expected
     finally:
         memory.close()

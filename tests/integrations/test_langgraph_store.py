@@ -156,7 +156,10 @@ def test_ttl_expiry_refresh_and_sweeping(tmp_path):
     time.sleep(0.05)
     assert memory.get(USER, "short") is None  # expired: omitted before any sweep
     assert expiry("default") == before
-    memory.get(USER, "default")  # a read pushes the expiry back
+    memory.get(USER, "default")  # too soon to move the expiry by 1% of the TTL (0.6 s)
+    assert expiry("default") == before
+    time.sleep(0.6)
+    memory.get(USER, "default")  # now a read pushes the expiry back
     assert expiry("default") > before
     memory.get(USER, "default", refresh_ttl=False)
     assert memory.sweep_ttl() == 1
@@ -219,3 +222,27 @@ def test_a_ttl_that_is_not_minutes_is_refused(memory, ttl):
 def test_a_negative_default_ttl_is_refused(tmp_path):
     with pytest.raises(ValueError, match="default_ttl is -5"):
         ICAEMemory(fresh_pipeline(tmp_path / "store"), ttl={"default_ttl": -5})
+
+
+def test_repeated_reads_of_items_with_a_ttl_write_once(tmp_path):
+    """refresh_on_read writes an expiry only when it moves by 1% of the TTL: an agent that
+    searches the same items every turn does not turn each search into a write transaction."""
+    from sqlalchemy import event
+
+    ttl = {"default_ttl": 60.0, "refresh_on_read": True}
+    memory = ICAEMemory(fresh_pipeline(tmp_path / "store"), ttl=ttl)
+    for i in range(5):
+        memory.put(USER, f"k{i}", {"text": f"fact {i}", "n": i}, index=False)
+    writes: list[str] = []
+
+    def count_writes(_conn, _cursor, statement: str, *_args) -> None:
+        if statement.lstrip().split(" ", 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            writes.append(statement)
+
+    event.listen(memory.pipeline.store.engine, "after_cursor_execute", count_writes)
+    for _ in range(10):
+        assert len(memory.search(USER, limit=10)) == 5
+        assert memory.search(USER, filter={"n": 3})[0].key == "k3"
+        assert memory.get(USER, "k1").value["n"] == 1
+    assert writes == []
+    memory.close()

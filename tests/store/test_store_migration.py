@@ -71,7 +71,7 @@ def test_v1_store_is_migrated_with_its_index(tmp_path: Path) -> None:
     with MemoryStore.open(path, dim=DIM) as store:
         with store.engine.connect() as connection:
             versions = [v for (v,) in connection.execute(select(SchemaVersionRow.version))]
-            assert sorted(versions) == [1, SCHEMA_VERSION]
+            assert sorted(versions) == list(range(1, SCHEMA_VERSION + 1))  # one row a step
             columns = [c["name"] for c in inspect(connection).get_columns("icmem_namespaces")]
             assert columns == ["id", "path", "depth", "path_key", "generation"]
             assert connection.exec_driver_sql("PRAGMA foreign_key_check").all() == []
@@ -191,6 +191,7 @@ def _v1_postgres_store(server: PostgresServer, index_dir: Path) -> str:
             "ALTER TABLE icmem_embeddings DROP CONSTRAINT icmem_embeddings_namespace_id_fkey"
         )
         new.exec_driver_sql("DROP TABLE icmem_namespace_prefixes")  # schema 2 added it
+        new.exec_driver_sql("DROP TABLE icmem_metadata_values")  # schema 3 added it
         new.exec_driver_sql("DROP TABLE icmem_namespaces")
         new.exec_driver_sql(_V1_NAMESPACES_DDL)
         for table, column in (
@@ -238,7 +239,7 @@ def test_v1_postgres_store_is_migrated_with_its_index(postgres_server, tmp_path:
         with MemoryStore.open(url, dim=DIM, index_dir=index_dir) as store:
             with store.engine.connect() as connection:
                 versions = [v for (v,) in connection.execute(select(SchemaVersionRow.version))]
-                assert sorted(versions) == [1, SCHEMA_VERSION]
+                assert sorted(versions) == list(range(1, SCHEMA_VERSION + 1))  # one row a step
                 columns = {c["name"] for c in inspect(connection).get_columns("icmem_namespaces")}
                 assert columns == {"id", "path", "depth", "path_key", "generation"}
                 prefixes = connection.scalar(text("SELECT count(*) FROM icmem_namespace_prefixes"))

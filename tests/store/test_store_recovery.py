@@ -92,8 +92,9 @@ def test_url_store_with_an_emptied_database_keeps_its_index(postgres_server, tmp
     with location.open() as store:
         store.add([make_document("a", 2)], namespace=NS)
     with location.open() as store, store.engine.begin() as connection:
-        for table in ("icmem_embeddings", "icmem_slots", "icmem_spans", "icmem_documents"):
+        for table in ("icmem_embeddings", "icmem_slots", "icmem_spans", "icmem_metadata_values"):
             connection.exec_driver_sql(f"DROP TABLE {table}")
+        connection.exec_driver_sql("DROP TABLE icmem_documents")
         for table in ("icmem_namespace_prefixes", "icmem_namespaces", "icmem_settings"):
             connection.exec_driver_sql(f"DROP TABLE {table}")
         connection.exec_driver_sql("DROP TABLE icmem_schema_version")

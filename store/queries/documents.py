@@ -1,35 +1,33 @@
-"""The SQL that ``MemoryStore`` reads and changes documents and spans with, grouped by domain.
+"""Documents: by key or row id, filtered by metadata, written, their metadata replaced.
 
 Every statement that matches a caller's ids goes through ``store.id_lists`` (so a list of any
 length works on both backends), and every read of document metadata takes the raw column
 (``store.stored_metadata``), so that a damaged row is skipped with a warning instead of failing
-the call. The functions run inside the caller's transaction and return plain rows and dicts.
+the call. Metadata is written with its value rows (``store.metadata_values``) in one transaction.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Integer, cast, delete, func, literal, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from .filters import QUERY_WEIGHT, FilterNode, matching_ids
-from .id_lists import chunks, distinct, rows_matching
-from .namespaces import encode_path, path_key
-from .schema import (
+from ..filters import QUERY_WEIGHT, FilterNode, matching_ids
+from ..id_lists import chunks, distinct, id_array, rows_matching
+from ..metadata_values import value_rows
+from ..schema import (
     DocumentRow,
     EmbeddingRow,
-    NamespacePrefixRow,
+    MetadataValueRow,
     NamespaceRow,
     SettingRow,
-    SlotRow,
     SpanRow,
 )
-from .stored_metadata import RAW_METADATA
+from ..stored_metadata import RAW_METADATA
+from .readers import Reader
 
 __all__ = [
     "adopt_parts",
@@ -38,27 +36,13 @@ __all__ = [
     "document_rows",
     "document_rows_by_id",
     "filtered_document_ids",
-    "hit_rows",
+    "index_metadata",
+    "insert_document",
     "namespaces_holding",
-    "path_starts_with",
+    "replace_document",
     "set_metadata",
-    "slot_rows",
-    "span_ids_of_documents",
 ]
 
-Reader = Session | Connection
-
-
-# A prefix matches by equality on the leading characters of the encoded path, never LIKE: the
-# encoding is prefix-free per label, so ("a",) cannot match ("ab",) (see store.namespaces).
-def path_starts_with(length: Any, prefix: Any) -> Any:
-    # Both positions cast: Postgres has substr(text, integer, integer) only, and a driver may
-    # send a Python int as bigint.
-    start, length = cast(literal(1), Integer), cast(length, Integer)
-    return func.substr(NamespaceRow.path, start, length) == prefix
-
-
-# ------------------------------------------------------------------ documents
 
 _SPAN_COUNT = (
     select(func.count(SpanRow.id)).where(SpanRow.document_id == DocumentRow.id).scalar_subquery()
@@ -123,7 +107,7 @@ def filtered_document_ids(
 
     def run(condition: Any) -> np.ndarray:
         found = [
-            _id_array(
+            id_array(
                 session.scalar(aggregate.where(DocumentRow.namespace_id.in_(piece), condition))
             )
             for piece in chunks(list(ns_ids))
@@ -160,24 +144,6 @@ def namespaces_holding(
     return {row.id for row in found}
 
 
-def _id_array(value: Any) -> np.ndarray:
-    """An aggregated id list (a Postgres array, a SQLite JSON text) as an int64 array."""
-    if value is None:
-        return np.empty(0, np.int64)
-    if isinstance(value, str):
-        value = json.loads(value)
-    return np.asarray(value, dtype=np.int64)
-
-
-def span_ids_of_documents(session: Reader, doc_ids: Iterable[int]) -> list[int]:
-    return [
-        row.id
-        for row in rows_matching(
-            session, lambda piece: select(SpanRow.id).where(SpanRow.document_id.in_(piece)), doc_ids
-        )
-    ]
-
-
 def delete_documents(session: Session, doc_ids: Iterable[int]) -> None:
     """Delete documents (their spans, slots and embeddings cascade)."""
     for piece in chunks(distinct(doc_ids)):
@@ -192,6 +158,7 @@ def set_metadata(session: Session, metadata: Mapping[int, Mapping[str, Any]]) ->
             update(DocumentRow),
             [{"id": doc_id, "metadata_": value} for doc_id, value in metadata.items()],
         )
+        index_metadata(session, metadata)
 
 
 def adopt_parts(
@@ -220,64 +187,44 @@ def adopt_parts(
     return span_ids
 
 
-# ------------------------------------------------------------------ spans
-
-_HIT_COLUMNS = select(
-    SpanRow.id,
-    SpanRow.namespace_id,
-    SpanRow.position,
-    SpanRow.char_start,
-    SpanRow.char_end,
-    SpanRow.text,
-    DocumentRow.key,
-    RAW_METADATA,
-    DocumentRow.source,
-).join(DocumentRow, SpanRow.document_id == DocumentRow.id)
+def index_metadata(
+    session: Session, metadata: Mapping[int, Mapping[str, Any]], *, new: bool = False
+) -> None:
+    """Write the metadata value rows (``store.metadata_values``) of documents by row id, in
+    the transaction that writes their metadata, replacing their old rows unless ``new``."""
+    if not new:
+        for piece in chunks(list(metadata)):
+            session.execute(delete(MetadataValueRow).where(MetadataValueRow.document_id.in_(piece)))
+    rows = [row for doc_id, value in metadata.items() for row in value_rows(doc_id, value)]
+    if rows:
+        session.execute(MetadataValueRow.__table__.insert(), rows)
 
 
-def hit_rows(session: Reader, span_ids: Iterable[int], ns_ids: Iterable[int]) -> dict[int, Any]:
-    """The rows of the given spans that live in one of the given namespaces, by span id. The
-    namespace test runs here rather than as a second ``IN`` list: a prefix may cover any
-    number of namespaces."""
-    allowed = set(ns_ids)
-    found = rows_matching(
-        session, lambda piece: _HIT_COLUMNS.where(SpanRow.id.in_(piece)), span_ids
-    )
-    return {row.id: row for row in found if row.namespace_id in allowed}
-
-
-_SLOT_COLUMNS = (
-    select(
-        SlotRow.span_id,
-        SlotRow.blob,
-        SlotRow.codec,
-        SlotRow.rows,
-        SlotRow.cols,
-        SpanRow.position,
-        SpanRow.token_count,
-        DocumentRow.key,
-    )
-    .join(SpanRow, SlotRow.span_id == SpanRow.id)
-    .join(DocumentRow, SpanRow.document_id == DocumentRow.id)
-)
-
-
-def slot_rows(
-    session: Reader, span_ids: Iterable[int], prefix: tuple[str, ...] | None
-) -> dict[int, Any]:
-    """The slot rows of the given spans, by span id; with ``prefix``, only spans under it."""
-    statement = _SLOT_COLUMNS
-    if prefix is not None:
-        path = encode_path(prefix)
-        statement = (
-            statement.join(NamespaceRow, SpanRow.namespace_id == NamespaceRow.id)
-            .join(NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id)
-            .where(
-                NamespacePrefixRow.prefix_key == path_key(path),
-                path_starts_with(len(path), path),
-            )
+def insert_document(
+    session: Session, ns_id: int, key: str, source: str, metadata: Any, content_hash: str
+) -> int:
+    """Insert a new document row; returns its row id (its metadata rows: ``index_metadata``)."""
+    return session.execute(
+        DocumentRow.__table__.insert()
+        .values(
+            namespace_id=ns_id,
+            key=key,
+            source=source,
+            metadata=metadata,
+            content_hash=content_hash,
         )
-    found = rows_matching(
-        session, lambda piece: statement.where(SlotRow.span_id.in_(piece)), span_ids
+        .returning(DocumentRow.id)
+    ).scalar_one()
+
+
+def replace_document(
+    session: Session, doc_id: int, source: str, metadata: Any, content_hash: str
+) -> None:
+    """Overwrite a document's fields and drop its spans (slots and embeddings cascade), so
+    that the new spans can be inserted; the old metadata is never read."""
+    session.execute(delete(SpanRow).where(SpanRow.document_id == doc_id))
+    session.execute(
+        update(DocumentRow)
+        .where(DocumentRow.id == doc_id)
+        .values(source=source, metadata_=metadata, content_hash=content_hash)
     )
-    return {row.span_id: row for row in found}
