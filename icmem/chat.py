@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from icmem.icae.decoder import FinishReason, Sampling
     from icmem.pipeline import MemoryForm, MemoryPipeline
     from icmem.store import SearchHit
 
@@ -33,12 +35,19 @@ class ChatSession:
         memory: MemoryForm = "slots",
         recent_turns: int = DEFAULT_RECENT_TURNS,
         system: str | None = None,
+        sampling: Sampling | None = None,
     ) -> None:
+        """`sampling` defaults to `CHAT_SAMPLING` (light sampling with the loop remedies);
+        `GREEDY` answers exactly as the model's greedy decoding does."""
+        from icmem.icae.decoder import CHAT_SAMPLING
+
         self.pipeline, self.namespace = pipeline, tuple(namespace)
+        self.sampling = CHAT_SAMPLING if sampling is None else sampling
         self.k, self.max_new_tokens, self.memory = k, max_new_tokens, memory
         self.recent_turns, self.system = recent_turns, system
         self.recent: list[dict[str, str]] = []
         self.last_hits: list[SearchHit] = []
+        self.last_finish_reason: FinishReason | None = None  # why the last answer ended
         # Ids unique across runs and processes: a run id, then a turn counter.
         self._run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         self._turn = 0
@@ -56,6 +65,7 @@ class ChatSession:
             k=self.k,
             max_new_tokens=self.max_new_tokens,
             memory=self.memory,
+            **asdict(self.sampling),
         )
         self.last_hits = reply.hits
         pieces = []
@@ -63,6 +73,7 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         answer = "".join(pieces).strip()
+        self.last_finish_reason = reply.pieces.finish_reason
         self._remember("user", text)
         self._remember("assistant", answer)
         self.recent += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from icmem.embedding import TextEmbedder
+    from icmem.icae.decoder import TextStream
     from icmem.icae.model import ICAE
     from icmem.store import (
         AddedDocument,
@@ -64,10 +65,16 @@ class Reply:
     and what the decoder read (prompt tokens and memory slots)."""
 
     hits: list[SearchHit]
-    pieces: Iterator[str]
+    pieces: TextStream
     prompt_tokens: int
     memory_slots: int
     memory: str  # "slots", "text", or "none" when recall found nothing
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Once the pieces are read: "stop", "length", or "repetition" (the answer began
+        repeating itself and was cut; see ``Sampling.repeat_stop``)."""
+        return self.pieces.finish_reason
 
 
 Conversation = str | Sequence[Mapping[str, str]]
@@ -273,7 +280,7 @@ class MemoryPipeline:
         if memory == "text" and recalled.hits:
             conversation = with_context(conversation, [hit.text for hit in recalled.hits])
             slots = []
-        from icmem.icae.model import Sampling
+        from icmem.icae.decoder import REPLY_SAMPLING
 
         if max_new_tokens < 1:
             raise ConversationError(f"max_new_tokens={max_new_tokens}; use 1 or more")
@@ -284,13 +291,14 @@ class MemoryPipeline:
             constraint = JsonConstraint(
                 json_schema,
                 self.icae.tokenizer,
-                self.icae.model.get_output_embeddings().weight.shape[0],
+                self.icae.vocab_size,
                 self.icae.stop_ids,
             )
+        settings = REPLY_SAMPLING.with_overrides(**sampling)
         tokens = self.prompt_cache.generate(
-            self.icae, slots, conversation, max_new_tokens, Sampling(**sampling), constraint
+            self.icae, slots, conversation, max_new_tokens, settings, constraint
         )
-        pieces = self.icae.decode_stream(tokens)
+        pieces = self.icae.decoder.text(tokens)
         return Reply(
             hits=recalled.hits,
             pieces=pieces,

@@ -240,6 +240,13 @@ def chat_options(parser: argparse.ArgumentParser) -> None:
         help="messages the model reads verbatim; older ones come back through recall",
     )
     parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="plain greedy decoding (exact, repeatable) instead of light sampling with "
+        "repetition penalty and loop stopping",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
 
 
 CHAT_HELP = "/sources: where the last answer came from; /forget: delete this thread's turns; /exit"
@@ -249,7 +256,9 @@ def chat(args: argparse.Namespace) -> int:
     """Read one message a line from stdin and answer each on stdout (prompts only on a
     terminal, so it works in a pipe); every turn is remembered in --namespace."""
     from icmem.chat import ChatSession
+    from icmem.icae.decoder import CHAT_SAMPLING, GREEDY
 
+    sampling = GREEDY if args.greedy else CHAT_SAMPLING.with_overrides(seed=args.seed)
     interactive = sys.stdin.isatty()
     with open_pipeline(args) as pipeline:
         session = ChatSession(
@@ -260,6 +269,7 @@ def chat(args: argparse.Namespace) -> int:
             memory=args.memory,
             recent_turns=args.recent_turns,
             system=args.system,
+            sampling=sampling,
         )
         if interactive:
             print(f"chatting with {args.store}; {CHAT_HELP}", file=sys.stderr)
