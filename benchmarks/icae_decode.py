@@ -94,7 +94,7 @@ def greedy_loop(icae: ICAE, embeds: torch.Tensor, new_tokens: int, lm_inf: bool)
     model = icae.model
     start = time.perf_counter()
     infinite = lm_infinite.enabled(model) if lm_inf else nullcontext()
-    with torch.no_grad(), icae._decoder_weights(), infinite:
+    with torch.no_grad(), icae.decoder.weights(), infinite:
         cache = lm_infinite.make_cache(model) if lm_inf else None
         out = model(
             inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1

@@ -252,11 +252,14 @@ def sample_tokens(
 class Decoder:
     """The decoder of one ICAE: its weights, their switching and lock, and LM-Infinite.
 
-    The decoder reads memory through the PEFT model with the decoder's own adapter on (when
-    the config has one); everything else (no memory, or no decoder adapter) through a copy of
-    the PEFT model's structure that shares every parameter and buffer with it and has its
-    LoRA layers unloaded: switched off, peft's wrappers still cost a decode step about
-    1.1-1.3x the bare modules (``benchmarks/decoder_step_overhead.py``). Adapters and
+    The decoder reads memory with the decoder's own adapter on (when the config has one):
+    through a copy of the base model with that adapter merged into its weights (one more set
+    of weights in memory; peft's wrappers cost a step 1.4x the merged copy and switching
+    adapters 19 ms per streamed token, ``benchmarks/decoder_step_overhead.py``), or with
+    ``merge_adapter = False`` through the PEFT model itself. Everything else (no memory, or
+    no decoder adapter) reads through a copy of the PEFT model's structure that shares every
+    parameter and buffer with it and has its LoRA layers unloaded: switched off, peft's
+    wrappers still cost a decode step about 1.1-1.3x the bare modules. Adapters and
     LM-Infinite are process-wide switches of a module, so every forward that depends on them
     holds ``lock``: two threads decoding at once take turns per forward call instead of
     switching adapters under each other, and ``compress`` copies the PEFT model between them.
@@ -265,9 +268,12 @@ class Decoder:
     def __init__(self, icae: ICAE) -> None:
         self.icae = icae
         self.lock = threading.RLock()
-        self._unwrapped: list[nn.Module] = []  # a list: derived state, not a submodule
-        self._unwrapped_key: tuple[Any, ...] = ()
+        # Derived copies as (key, module): never saved, moved or trained.
+        self._unwrapped: list[tuple[tuple[Any, ...], nn.Module]] = []
+        self._merged: list[tuple[tuple[Any, ...], nn.Module]] = []
+        self.merge_adapter = True  # False: decode through peft's wrappers (no extra weights)
         self._tuner_layer_cache: list[BaseTunerLayer] | None = None
+        self._adapter_parameter_cache: list[torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- weights
 
@@ -276,17 +282,32 @@ class Decoder:
         return memory and bool(self.icae.config.decoder_lora_rank)
 
     def model(self, memory: bool = True) -> nn.Module:
-        """The module that decodes (see the class docstring). The adapter-free copy is built
-        once and rebuilt when the model moves to another device or dtype."""
-        if self.uses_adapter(memory):
+        """The module that decodes (see the class docstring). Copies are built on first use
+        and rebuilt when the model moves to another device or dtype, or (the merged one) when
+        the decoder adapter's weights change."""
+        merged = self.uses_adapter(memory)
+        if merged and not self.merge_adapter:
             return self.icae.model
-        key = (self.icae.device, self.icae.dtype)
+        key: tuple[Any, ...] = (self.icae.device, self.icae.dtype)
+        if merged:
+            key += tuple(p._version for p in self._adapter_parameters())
+        copies = self._merged if merged else self._unwrapped
         with self.lock:  # copy between decoder forwards, as the encoder's copy is made
-            if not self._unwrapped or key != self._unwrapped_key:
-                self._unwrapped.clear()
-                self._unwrapped.append(self.icae.adapter_free_copy())
-                self._unwrapped_key = key
-            return self._unwrapped[0]
+            if not copies or key != copies[0][0]:
+                copies.clear()  # free the stale copy before making the new one
+                if merged:
+                    copies.append((key, self.icae.merged_copy(DECODER_ADAPTER)))
+                else:
+                    copies.append((key, self.icae.adapter_free_copy()))
+            return copies[0][1]
+
+    def _adapter_parameters(self) -> list[torch.Tensor]:
+        if self._adapter_parameter_cache is None:
+            marker = f".{DECODER_ADAPTER}."
+            self._adapter_parameter_cache = [
+                p for n, p in self.icae.model.named_parameters() if "lora_" in n and marker in n
+            ]
+        return self._adapter_parameter_cache
 
     @contextmanager
     def weights(self, memory: bool = True) -> Iterator[None]:

@@ -501,15 +501,7 @@ class ICAE(nn.Module):
         with self._merged_lock:
             if not self._merged or key != self._merged_key:
                 self._merged.clear()  # free the stale copy before making the new one
-                # The memo keeps the slot-layer hook pointing at this ICAE's _EarlyExit.
-                memo = {id(self._early_exit): self._early_exit}
-                # Copy between decoder forwards (under their lock): a decode in another thread
-                # switches the PEFT model's adapters and attention implementation (LM-Infinite),
-                # and a copy made meanwhile would keep that state for good.
-                with torch.no_grad(), self.decoder.lock:
-                    peft_copy = copy.deepcopy(self.model, memo)
-                    merged = peft_copy.merge_and_unload(adapter_names=[ENCODER_ADAPTER])
-                    merged.eval().requires_grad_(False)
+                merged = self.merged_copy(ENCODER_ADAPTER)
                 if self._encoder_path == "compiled":
                     _compile_layers(merged)
                 self._merged.append(merged)
@@ -982,6 +974,20 @@ class ICAE(nn.Module):
             )
         with self.decoder.weights():
             return self.model(inputs_embeds=embeds, use_cache=False, **placed).logits
+
+    def merged_copy(self, adapter: str) -> nn.Module:
+        """A copy of the base model with ``adapter`` merged into its own weights (one more set
+        of base weights in memory), no LoRA wrappers, frozen, in eval mode.
+
+        Copied between decoder forwards (under the decoder's lock): a decode in another thread
+        may switch the PEFT model's adapters, and a copy made meanwhile would keep that state
+        for good. The copy keeps the slot-layer hook pointing at this ICAE's early exit."""
+        memo = {id(self._early_exit): self._early_exit}
+        with torch.no_grad(), self.decoder.lock:
+            peft_copy = copy.deepcopy(self.model, memo)
+            merged = peft_copy.merge_and_unload(adapter_names=[adapter])
+            merged.eval().requires_grad_(False)
+        return merged
 
     def adapter_free_copy(self) -> nn.Module:
         """The base model without peft's LoRA wrappers, in eval mode: a copy of the PEFT

@@ -90,9 +90,26 @@ def test_the_decoder_runs_the_base_weights_without_lora_wrappers(icae, make_icae
             expected = icae.model(inputs_embeds=embeds[None]).logits
         torch.testing.assert_close(decoder(inputs_embeds=embeds[None]).logits, expected)
 
-    with_adapter = make_icae(decoder_lora_rank=4)  # memory goes through its decoder adapter
-    assert with_adapter.decoder.model(memory=True) is with_adapter.model
+    with_adapter = make_icae(trained=True, decoder_lora_rank=4)  # memory: its decoder adapter
+    merged = with_adapter.decoder.model(memory=True)  # the adapter merged into a copy
+    assert merged is not with_adapter.model
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert with_adapter.decoder.model(memory=True) is merged  # built once
     assert with_adapter.decoder.model(memory=False) is not with_adapter.model
+    with torch.no_grad():
+        with with_adapter.decoder.weights():  # the PEFT model, decoder adapter on
+            expected = with_adapter.model(inputs_embeds=embeds[None]).logits
+        torch.testing.assert_close(merged(inputs_embeds=embeds[None]).logits, expected)
+        for name, param in with_adapter.model.named_parameters():
+            if "lora_B.decoder" in name:
+                param.add_(1.0)  # training moved the adapter: the copy follows
+        with with_adapter.decoder.weights():
+            moved = with_adapter.model(inputs_embeds=embeds[None]).logits
+        rebuilt = with_adapter.decoder.model(memory=True)
+        assert rebuilt is not merged
+        torch.testing.assert_close(rebuilt(inputs_embeds=embeds[None]).logits, moved)
+    with_adapter.decoder.merge_adapter = False
+    assert with_adapter.decoder.model(memory=True) is with_adapter.model
 
 
 def test_adapter_is_back_on_after_decoding(icae):
