@@ -48,7 +48,8 @@ class Sampling:
     ``no_repeat_ngram_size`` n bans any token that would repeat an n-gram of the reply;
     ``repeat_stop`` c ends a reply whose last tokens are c copies of one stretch (covering at
     least ``REPEAT_MIN_TOKENS``), with the finish reason ``"repetition"``. All off by default,
-    which is plain greedy decoding, token for token."""
+    which is plain greedy decoding, token for token. ``min_new_tokens`` keeps stop tokens out
+    of the first choices (benchmarks that must time a given number of tokens)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -57,6 +58,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     repeat_stop: int = 0
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -73,6 +75,8 @@ class Sampling:
             raise ICAEConfigError(
                 f"no_repeat_ngram_size={self.no_repeat_ngram_size}; use 0 (off) or 1 or more"
             )
+        if self.min_new_tokens < 0:
+            raise ICAEConfigError(f"min_new_tokens={self.min_new_tokens}; use 0 or more")
         if self.repeat_stop < 0 or self.repeat_stop == 1:
             raise ICAEConfigError(
                 f"repeat_stop={self.repeat_stop}; use 0 (off) or 2 or more copies"
@@ -228,8 +232,11 @@ def sample_tokens(
         logits = first
         for count in range(max_new_tokens):
             scores = logits.float()
-            if constraint is not None:
+            if constraint is not None or count < sampling.min_new_tokens:
                 scores = scores.clone()
+            if count < sampling.min_new_tokens and stop_ids:
+                scores[list(stop_ids)] = float("-inf")
+            if constraint is not None:
                 constraint.mask_(scores)
             token = next_token(scores, sampling, generator, history)
             if constraint is not None:

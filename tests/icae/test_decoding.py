@@ -81,6 +81,12 @@ def test_finish_reasons_stop_length_and_repetition():
     assert (tokens, reason) == (looping[:16], "repetition")
 
 
+def test_min_new_tokens_keeps_the_stop_token_out_of_the_first_choices():
+    tokens, reason = run(Script([0, 0, 0, 4, 0]), Sampling(min_new_tokens=2))
+    # the stop is the best choice each time; the next best (token 1, all equal) stands in
+    assert (tokens, reason) == ([1, 1], "stop")
+
+
 def test_the_loop_reads_no_token_past_its_last_choice():
     script = Script([5, 6, 7, 8])
     run(script, Sampling(), max_new_tokens=3)
@@ -108,6 +114,7 @@ def test_a_seeded_sample_is_repeatable():
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
         ({"repeat_stop": 1}, "repeat_stop"),
+        ({"min_new_tokens": -1}, "min_new_tokens"),
     ],
 )
 def test_bad_loop_settings_are_refused(kwargs, message):
