@@ -261,7 +261,9 @@ class MemoryPipeline:
         finds nothing, the base model answers alone (`hits` is empty). With `json_schema` the
         answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). With
         `span_ids` (spans a retriever already found) the answer reads those spans instead of
-        recalling (`query`, `k` and `filter` are then unused). The one
+        recalling (`query`, `k` and `filter` are then unused). `sampling` takes `Sampling` fields
+        over `REPLY_SAMPLING` (greedy, and a reply that repeats itself is cut with
+        `finish_reason == "repetition"`; `repeat_stop=0` turns that off). The one
         recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
         through it.
         """
