@@ -9,7 +9,7 @@ this process's work, so a loaded machine moves it far less than wall time). Arms
 round by round, medians over rounds:
 
 - ``plain``: the stock model loaded on its own (the reference).
-- ``peft_adapters_off``: the ICAE's PEFT model inside ``_decoder_weights(memory=False)``, the
+- ``peft_adapters_off``: the ICAE's PEFT model inside ``Decoder.weights(memory=False)``, the
   wrappers switched off (how the decoder read no memory before ``Decoder.model``).
 - ``unwrapped_base``: the decoder that reads no memory, ``Decoder.model(memory=False)`` inside
   ``Decoder.state``: the same weights, no wrappers.
