@@ -170,7 +170,8 @@ def main() -> None:
         default="",
         help="comma-separated conversation lengths for per-token latency (e.g. 1024,8192,32768)",
     )
-    parser.add_argument("--save", action="store_true", help="write results/icae_decode.json")
+    parser.add_argument("--save", action="store_true", help="write results/NAME.json")
+    parser.add_argument("--name", default="icae_decode", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -266,7 +267,7 @@ def main() -> None:
                 result["generate_text"]["decode_tokens_per_s"] / anchor["decode_tokens_per_s"], 2
             )
     emit(
-        "icae_decode",
+        args.name,
         {
             "benchmark": "icae_decode",
             "model": "smollm2-135m-instruct",
