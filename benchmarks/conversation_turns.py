@@ -28,7 +28,7 @@ from icae_common import emit, play_text
 
 from icmem.icae import ICAE
 from icmem.icae.conversation import DecoderSession, PromptCache
-from icmem.icae.model import Sampling
+from icmem.icae.decoder import Sampling
 
 TOPICS = ["the king", "the ghost", "Ophelia", "the castle", "the players", "the sea", "Denmark"]
 

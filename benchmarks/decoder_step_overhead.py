@@ -2,17 +2,17 @@
 
 With its own adapter (the shipped checkpoint's, when it reads memory) the decoder runs the PEFT
 model, that adapter applied unmerged; otherwise it runs the base modules without peft's wrappers,
-sharing their weights (``ICAE._decoder_model``). Each arm
+sharing their weights (``Decoder.model``). Each arm
 prefills the same 300 token ids with the stock cache, then takes ``--steps`` one-token steps;
 the median process CPU time of a step is reported (with ``--threads 1`` CPU time counts only
 this process's work, so a loaded machine moves it far less than wall time). Arms, interleaved
 round by round, medians over rounds:
 
 - ``plain``: the stock model loaded on its own (the reference).
-- ``peft_adapters_off``: the ICAE's PEFT model inside ``_decoder_weights(memory=False)``, the
-  wrappers switched off (how the decoder read no memory before ``_decoder_model``).
-- ``unwrapped_base``: the decoder that reads no memory, ``_decoder_model(memory=False)`` inside
-  ``_decoder``: the same weights, no wrappers.
+- ``peft_adapters_off``: the ICAE's PEFT model inside ``Decoder.weights(memory=False)``, the
+  wrappers switched off (how the decoder read no memory before ``Decoder.model``).
+- ``unwrapped_base``: the decoder that reads no memory, ``Decoder.model(memory=False)`` inside
+  ``Decoder.state``: the same weights, no wrappers.
 - ``peft_decoder_adapter``: the PEFT model with the decoder adapter on, unmerged (how the
   decoder reads memory).
 - ``merged_decoder_adapter``: a copy with the decoder adapter merged (one more set of weights;
@@ -86,7 +86,7 @@ def main() -> None:
     icae = ICAE.from_pretrained(dtype="bfloat16")
     plain, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     peft = icae.model
-    unwrapped = icae._decoder_model(memory=False)
+    unwrapped = icae.decoder.model(memory=False)
     with torch.no_grad():
         with_decoder = copy.deepcopy(peft)
         with_decoder.set_adapter(DECODER_ADAPTER)
@@ -95,13 +95,13 @@ def main() -> None:
     arms: dict[str, Callable[[], tuple[float, torch.Tensor]]] = {
         "plain": lambda: step_cpu_ms(plain, args.steps, nullcontext()),
         "peft_adapters_off": lambda: step_cpu_ms(
-            peft, args.steps, icae._decoder_weights(memory=False)
+            peft, args.steps, icae.decoder.weights(memory=False)
         ),
         "unwrapped_base": lambda: step_cpu_ms(
-            unwrapped, args.steps, icae._decoder(long_context=False, memory=False)
+            unwrapped, args.steps, icae.decoder.state(False, memory=False)
         ),
         "peft_decoder_adapter": lambda: step_cpu_ms(
-            peft, args.steps, icae._decoder_weights(memory=True)
+            peft, args.steps, icae.decoder.weights(memory=True)
         ),
         "merged_decoder_adapter": lambda: step_cpu_ms(merged, args.steps, nullcontext()),
     }
@@ -112,9 +112,9 @@ def main() -> None:
             ms[name].append(arm()[0])
     median = {name: statistics.median(v) for name, v in ms.items()}
     states: dict[str, Callable[[], AbstractContextManager[object]]] = {
-        "peft_adapters_off": lambda: icae._decoder_weights(memory=False),
-        "unwrapped_base": lambda: icae._decoder(long_context=False, memory=False),
-        "peft_decoder_adapter": lambda: icae._decoder(long_context=False, memory=True),
+        "peft_adapters_off": lambda: icae.decoder.weights(memory=False),
+        "unwrapped_base": lambda: icae.decoder.state(False, memory=False),
+        "peft_decoder_adapter": lambda: icae.decoder.state(False, memory=True),
     }
     switching = {name: round(enter_exit_cpu_ms(state, 50), 3) for name, state in states.items()}
 

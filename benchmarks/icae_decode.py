@@ -1,9 +1,15 @@
-"""Decoding speed on SmolLM2-135M (bf16): time to first token and tokens/s of answering a
+"""Decoding speed on SmolLM2-135M: time to first token and tokens/s of answering a
 question over 4 spans, from memory slots against the same 2048 tokens of raw text, in one run.
+``--dtype auto`` (the default) is what ``icmem.hardware`` picks for this CPU.
+
+Every ``generate`` arm is forced to make ``--new-tokens`` tokens (``min_new_tokens``: the
+shipped checkpoint may answer with an early end-of-sequence, and then nothing would be timed).
 
 Arms, interleaved round by round (medians reported):
 - ``generate_slots``: ``ICAE.generate`` from the 4 spans' slots (streamed; first piece = first
-  token), the shipped checkpoint's decoder.
+  token), the shipped checkpoint's decoder (its adapter merged into a copy, the default).
+- ``generate_slots_peft``: the same through peft's LoRA wrappers (``merge_adapter=False``),
+  how slots were decoded before the merged copy.
 - ``generate_text``: ``ICAE.generate`` with no memory and the raw text in the prompt (the base
   model alone, through the same loop).
 - ``hf_generate_text``: stock ``transformers`` ``generate`` on the same prompt ids (its own loop
@@ -12,12 +18,14 @@ Arms, interleaved round by round (medians reported):
   prefix, once with the stock cache and once with LM-Infinite attention and its bounded cache,
   at this short context (both read the prefix in reading order, which LM-Infinite needs).
 - ``llama_cpp_{q4_1,bf16}`` (with ``--llama-python``): llama.cpp on the same raw-text prompt ids.
+- ``conversation_{N}`` (``--conversation-tokens``): a conversation of N tokens answered through
+  ``PromptCache`` (LM-Infinite past the window): per-token latency after the first token.
 
 The answers are greedy; the two ``generate`` arms stop at EOS (tokens/s counts what they
 made), every other arm makes exactly ``--new-tokens``.
 
     .venv/bin/python benchmarks/icae_decode.py --new-tokens 32 --repeats 3 --save \\
-        --llama-python /work/bench-venv/bin/python
+        --conversation-tokens 1024,8192,32768 --llama-python /work/bench-venv/bin/python
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ from icae_common import emit, play_text
 from icae_compress import bf16_gguf, shipped_gguf
 
 from icmem import lm_infinite, load_model
-from icmem.icae import ICAE
+from icmem.hardware import resolve_dtype
+from icmem.icae import ICAE, Sampling
+from icmem.icae.conversation import PromptCache
 
 QUESTION = "Who speaks first in this passage, and what does he ask?"
 
@@ -94,7 +104,7 @@ def greedy_loop(icae: ICAE, embeds: torch.Tensor, new_tokens: int, lm_inf: bool)
     model = icae.model
     start = time.perf_counter()
     infinite = lm_infinite.enabled(model) if lm_inf else nullcontext()
-    with torch.no_grad(), icae._decoder_weights(), infinite:
+    with torch.no_grad(), icae.decoder.weights(), infinite:
         cache = lm_infinite.make_cache(model) if lm_inf else None
         out = model(
             inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1
@@ -104,6 +114,20 @@ def greedy_loop(icae: ICAE, embeds: torch.Tensor, new_tokens: int, lm_inf: bool)
         for _ in range(new_tokens - 1):
             out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
             token = out.logits[0, -1].argmax().view(1, 1)
+    return first, time.perf_counter() - start, new_tokens
+
+
+def conversation_step(icae: ICAE, text: str, new_tokens: int) -> Timing:
+    """A fresh session over a long conversation: first token, then per-token time."""
+    cache = PromptCache(max_sessions=0)
+    start = time.perf_counter()
+    first = None
+    settings = Sampling(min_new_tokens=new_tokens)
+    turns = [{"role": "user", "content": text}]
+    for count, _token in enumerate(cache.generate(icae, [], turns, new_tokens, settings), 1):
+        if count == 1:
+            first = time.perf_counter() - start
+    assert first is not None
     return first, time.perf_counter() - start, new_tokens
 
 
@@ -140,12 +164,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--llama-python", help="interpreter with llama-cpp-python installed")
-    parser.add_argument("--save", action="store_true", help="write results/icae_decode.json")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto")
+    parser.add_argument(
+        "--conversation-tokens",
+        default="",
+        help="comma-separated conversation lengths for per-token latency (e.g. 1024,8192,32768)",
+    )
+    parser.add_argument("--save", action="store_true", help="write results/NAME.json")
+    parser.add_argument("--name", default="icae_decode", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    icae = ICAE.from_pretrained(dtype="bfloat16")
-    plain, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
+    dtype = resolve_dtype(args.dtype)
+    icae = ICAE.from_pretrained(dtype=dtype)
+    peft_icae = ICAE.from_pretrained(dtype=dtype)
+    peft_icae.decoder.merge_adapter = False
+    plain, _ = load_model("smollm2-135m-instruct", dtype=getattr(torch, dtype))
     context = icae.tokenize(play_text())[: args.spans * icae.config.span_tokens]
     memory = icae.compress([context], batch_size=args.spans)
     raw_prompt = icae.tokenizer.decode(context) + "\n\n" + QUESTION
@@ -156,10 +190,20 @@ def main() -> None:
 
     arms: dict[str, Callable[[], Timing]] = {
         "generate_slots": lambda: timed_stream(
-            lambda: icae.generate(memory, QUESTION, max_new_tokens=n, stream=True), icae
+            lambda: icae.generate(
+                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
+            ),
+            icae,
+        ),
+        "generate_slots_peft": lambda: timed_stream(
+            lambda: peft_icae.generate(
+                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
+            ),
+            peft_icae,
         ),
         "generate_text": lambda: timed_stream(
-            lambda: icae.generate([], raw_prompt, max_new_tokens=n, stream=True), icae
+            lambda: icae.generate([], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n),
+            icae,
         ),
         "hf_generate_text": lambda: hf_generate(plain, raw_ids, n),
         "slots_stock_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=False),
@@ -173,6 +217,10 @@ def main() -> None:
             arms[f"llama_cpp_{label}"] = lambda g=gguf: llama_cpp(
                 args.llama_python, g, raw_ids, args.threads, n
             )
+    words = icae.tokenize(play_text("macbeth") + play_text("lear"))
+    for length in [int(x) for x in args.conversation_tokens.split(",") if x]:
+        text = icae.tokenizer.decode(words[:length])
+        arms[f"conversation_{length}"] = lambda t=text: conversation_step(icae, t, n)
     for arm in arms.values():
         arm()  # warm-up
     times: dict[str, list[Timing]] = defaultdict(list)
@@ -187,12 +235,28 @@ def main() -> None:
         "lm_infinite_over_stock_cache_ttft": round(
             result["slots_lm_infinite_cache"]["ttft_s"] / result["slots_stock_cache"]["ttft_s"], 2
         ),
+        "slots_merged_over_peft_tokens_per_s": round(
+            result["generate_slots"]["decode_tokens_per_s"]
+            / result["generate_slots_peft"]["decode_tokens_per_s"],
+            2,
+        ),
         "lm_infinite_over_stock_cache_tokens_per_s": round(
             result["slots_lm_infinite_cache"]["decode_tokens_per_s"]
             / result["slots_stock_cache"]["decode_tokens_per_s"],
             2,
         ),
     }
+    conversations = sorted(
+        (int(name.split("_")[1]), r)
+        for name, r in result.items()
+        if name.startswith("conversation_")
+    )
+    if len(conversations) > 1:
+        shortest = conversations[0][1]["decode_tokens_per_s"]
+        for length, r in conversations[1:]:
+            ratios[f"conversation_{length}_over_{conversations[0][0]}_per_token_time"] = round(
+                shortest / r["decode_tokens_per_s"], 2
+            )
     for label in ("q4_1", "bf16"):
         if f"llama_cpp_{label}" in result:
             anchor = result[f"llama_cpp_{label}"]
@@ -203,15 +267,16 @@ def main() -> None:
                 result["generate_text"]["decode_tokens_per_s"] / anchor["decode_tokens_per_s"], 2
             )
     emit(
-        "icae_decode",
+        args.name,
         {
             "benchmark": "icae_decode",
             "model": "smollm2-135m-instruct",
-            "dtype": "bfloat16",
+            "dtype": dtype,
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "threads": args.threads,
+            "new_tokens_forced": n,
             "repeats": args.repeats,
             "command": "python benchmarks/icae_decode.py " + " ".join(sys.argv[1:]),
             "context_tokens": len(context),

@@ -19,11 +19,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
 from icmem.errors import ConversationError
 
 if TYPE_CHECKING:
+    from icmem.icae.decoder import FinishReason, Sampling
     from icmem.memory_forms import MemoryForm
     from icmem.pipeline import MemoryPipeline
     from icmem.store import SearchHit
@@ -60,10 +62,15 @@ class ChatSession:
         recent_turns: int = DEFAULT_RECENT_TURNS,
         system: str | None = None,
         remember_replies: bool = False,
+        sampling: Sampling | None = None,
     ) -> None:
+        """`sampling` defaults to `CHAT_SAMPLING` (light sampling with the loop remedies);
+        `GREEDY` answers exactly as the model's greedy decoding does."""
+        from icmem.icae.decoder import CHAT_SAMPLING
         from icmem.store.namespaces import validate_namespace  # the store's rule, loaded on use
 
         self.pipeline = pipeline
+        self.sampling = CHAT_SAMPLING if sampling is None else sampling
         self.documents = validate_namespace(documents)
         self.conversation = (
             conversation_namespace(self.documents)
@@ -86,6 +93,7 @@ class ChatSession:
         self.recent: list[dict[str, str]] = []
         self.last_hits: list[SearchHit] = []
         self.last_source: Source = "none"
+        self.last_finish_reason: FinishReason | None = None  # why the last answer ended
         # Ids unique across runs and processes: a run id, then a turn counter.
         self._run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         self._turn = 0
@@ -105,6 +113,7 @@ class ChatSession:
             span_ids=[hit.span_id for hit in hits],
             max_new_tokens=self.max_new_tokens,
             memory=self.memory,
+            **asdict(self.sampling),
         )
         # The search's hits (best first, with their scores): reading spans by id has no score.
         self.last_hits, self.last_source = hits, source
@@ -115,9 +124,10 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         answer = "".join(pieces).strip()
+        self.last_finish_reason = reply.pieces.finish_reason
         self._remember("user", text, question=text.rstrip().endswith("?"))
-        if self.remember_replies and answer:
-            self._remember("assistant", answer)
+        if self.remember_replies and answer and self.last_finish_reason != "repetition":
+            self._remember("assistant", answer)  # never an empty or self-repeating reply
         self.recent += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
     def recall(self, text: str) -> tuple[Source, list[SearchHit]]:

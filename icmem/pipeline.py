@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from icmem.embedding import TextEmbedder
+    from icmem.icae.decoder import TextStream
     from icmem.icae.model import ICAE
     from icmem.store import (
         AddedDocument,
@@ -61,7 +62,7 @@ class Reply:
     and what the decoder read (prompt tokens and memory slots)."""
 
     hits: list[SearchHit]
-    pieces: Iterator[str]
+    pieces: TextStream
     prompt_tokens: int
     memory_slots: int
     memory: str  # "slots", "text", or "none" (recall found nothing, or none was asked for)
@@ -72,6 +73,12 @@ class Reply:
         if self.notice:
             yield self.notice
         yield from self.pieces
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Once the pieces are read: "stop", "length", or "repetition" (the answer began
+        repeating itself and was cut; see ``Sampling.repeat_stop``)."""
+        return self.pieces.finish_reason
 
 
 Conversation = str | Sequence[Mapping[str, str]]
@@ -290,7 +297,9 @@ class MemoryPipeline:
         finds nothing, the base model answers alone (`hits` is empty). With `json_schema` the
         answer is decoded under that schema (it parses, unless `max_new_tokens` cuts it). With
         `span_ids` (spans a retriever already found) the answer reads those spans instead of
-        recalling (`query`, `k` and `filter` are then unused). The one
+        recalling (`query`, `k` and `filter` are then unused). `sampling` takes `Sampling` fields
+        over `REPLY_SAMPLING` (greedy, and a reply that repeats itself is cut with
+        `finish_reason == "repetition"`; `repeat_stop=0` turns that off). The one
         recall-then-decode path: `ask`, `stream_answer` and the LangChain chat model all answer
         through it.
         """
@@ -317,7 +326,7 @@ class MemoryPipeline:
         if memory == "text" and recalled.hits:
             conversation = with_context(conversation, [hit.text for hit in recalled.hits])
             slots = []
-        from icmem.icae.model import Sampling
+        from icmem.icae.decoder import REPLY_SAMPLING
 
         if max_new_tokens < 1:
             raise ConversationError(f"max_new_tokens={max_new_tokens}; use 1 or more")
@@ -328,13 +337,14 @@ class MemoryPipeline:
             constraint = JsonConstraint(
                 json_schema,
                 self.icae.tokenizer,
-                self.icae.model.get_output_embeddings().weight.shape[0],
+                self.icae.vocab_size,
                 self.icae.stop_ids,
             )
+        settings = REPLY_SAMPLING.with_overrides(**sampling)
         tokens = self.prompt_cache.generate(
-            self.icae, slots, conversation, max_new_tokens, Sampling(**sampling), constraint
+            self.icae, slots, conversation, max_new_tokens, settings, constraint
         )
-        pieces = self.icae.decode_stream(tokens)
+        pieces = self.icae.decoder.text(tokens)
         return Reply(
             hits=recalled.hits,
             pieces=pieces,

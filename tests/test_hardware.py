@@ -40,3 +40,25 @@ def test_auto_icae_loads_in_the_fast_dtype(monkeypatch, tokenizer):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     icae = ICAE.from_base((tiny_icae_base(), tokenizer), dtype="auto")
     assert icae.dtype == torch.float32 and icae.config.dtype == "auto"
+
+
+def test_fp32_and_bf16_encoders_give_slots_within_the_codecs_tolerance(tokenizer):
+    """Whichever dtype a machine compresses in, the stored slots agree: a bf16 encoder's slots
+    are as close to the fp32 encoder's as the int8 codec keeps slots to its input (cosine
+    similarity at least 0.999 per slot, see icmem/codec.py), and within 4x bf16 rounding."""
+    from tiny_models import randomise_trained_tensors, tiny_icae
+
+    recipe = {"slot_positions": "spread", "slot_head": "scale", "slot_residual": "pooled"}
+    fp32 = tiny_icae(tokenizer, **recipe)
+    randomise_trained_tensors(fp32)
+    bf16 = tiny_icae(tokenizer, **recipe)
+    randomise_trained_tensors(bf16)  # the same seeds: the same trained tensors
+    bf16 = bf16.to(torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+    spans = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (32, 17, 25)]
+    for exact, rounded in zip(fp32.compress(spans), bf16.compress(spans), strict=True):
+        x, y = exact.tensor.float(), rounded.tensor.float()
+        assert exact.tensor.dtype == torch.float32 and rounded.tensor.dtype == torch.bfloat16
+        assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() >= 0.999
+        assert (x - y).norm() / x.norm() <= 4 * 2**-8

@@ -253,6 +253,13 @@ def chat_options(parser: argparse.ArgumentParser) -> None:
         help="remember the model's replies too, not only what you say (empty ones never)",
     )
     parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="plain greedy decoding (exact, repeatable) instead of light sampling with "
+        "repetition penalty and loop stopping",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
 
 
 CHAT_HELP = (
@@ -266,8 +273,10 @@ def chat(args: argparse.Namespace) -> int:
     terminal, so it works in a pipe). Answers come from --namespace's documents or from the
     remembered conversation (--chat-namespace), whichever matches the message better."""
     from icmem.chat import ChatSession
+    from icmem.icae.decoder import CHAT_SAMPLING, GREEDY
     from icmem.store.namespaces import format_namespace
 
+    sampling = GREEDY if args.greedy else CHAT_SAMPLING.with_overrides(seed=args.seed)
     interactive = sys.stdin.isatty()
     with open_pipeline(args) as pipeline:
         session = ChatSession(
@@ -280,6 +289,7 @@ def chat(args: argparse.Namespace) -> int:
             recent_turns=args.recent_turns,
             system=args.system,
             remember_replies=args.remember_replies,
+            sampling=sampling,
         )
         if interactive:
             print(

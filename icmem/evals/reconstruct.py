@@ -313,8 +313,8 @@ def _target_nll(icae: ICAE, memory: MemorySlots, task: str, target: list[int]) -
 def _raw_nll(icae: ICAE, span: list[int], target: list[int]) -> float:
     """Mean token cross-entropy of `target` right after the raw `span` (base model alone)."""
     ids = _ids(icae, span + target)[None]
-    with icae.model.disable_adapter():
-        logits = icae.model(input_ids=ids, use_cache=False).logits[0]  # (S + T, V)
+    with icae.base_model() as model:  # under the decoder's lock, as every decode is
+        logits = model(input_ids=ids, use_cache=False).logits[0]  # (S + T, V)
     return _mean_ce(logits[len(span) - 1 : -1], target)
 
 
@@ -352,17 +352,9 @@ def qa_agreement(icae: ICAE, triples: Sequence[Triple], *, max_new_tokens: int =
 
 
 def raw_context_answer(icae: ICAE, context: str, prompt: str, max_new_tokens: int) -> str:
-    """The base model's greedy answer reading the raw context (the adapter off)."""
-    tokenizer = icae.tokenizer
-    ids = icae.format_prompt(f"{context}\n\n{prompt}")
-    with icae.model.disable_adapter():
-        out = icae.model.generate(
-            _ids(icae, ids)[None],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-    return decode_text(tokenizer, out[0, len(ids) :], skip_special_tokens=True).strip()
+    """The base model's greedy answer reading the raw context (the adapter off), through
+    the same decoder as every other answer."""
+    return icae.generate([], f"{context}\n\n{prompt}", max_new_tokens=max_new_tokens).strip()
 
 
 def format_table(result: dict[str, Any]) -> str:

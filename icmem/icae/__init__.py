@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "ICAE": "icmem.icae.model",
     "ICAEExample": "icmem.icae.model",
-    "Sampling": "icmem.icae.model",
+    "Sampling": "icmem.icae.decoder",
     "ICAEConfig": "icmem.icae.config",
     "MemorySlots": "icmem.icae.slots",
     "ICAEError": "icmem.icae.errors",
@@ -39,6 +39,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from icmem.icae.config import ICAEConfig
+    from icmem.icae.decoder import Sampling
     from icmem.icae.errors import (
         BaseModelMismatchError,
         CheckpointError,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
         ICAEError,
         NoDefaultCheckpointError,
     )
-    from icmem.icae.model import ICAE, ICAEExample, Sampling
+    from icmem.icae.model import ICAE, ICAEExample
     from icmem.icae.slots import MemorySlots
 
 

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from icmem.icae.decoder import Sampling, TokenStream, sample_tokens
 from icmem.icae.errors import ICAEConfigError
 from icmem.icae.incremental_tokens import IncrementalTokenizer
 
 if TYPE_CHECKING:
     from icmem.constrained import JsonConstraint
-    from icmem.icae.model import ICAE, Sampling
+    from icmem.icae.model import ICAE
     from icmem.icae.slots import MemorySlots
 
 PREFILL_CHUNK = 512  # tokens per forward call when reading a long turn (bounds activations)
@@ -59,7 +60,7 @@ class DecoderSession:
             if memory:
                 block = icae.decoder_inputs(memory, "ft", list(system_ids))
             else:
-                block = icae._embed_list(list(system_ids))
+                block = icae.embed_ids(system_ids)
         positions = None
         if memory and icae.config.slot_positions == "spread":
             spans = [(s.token_count or icae.config.span_tokens, s.num_slots) for s in memory]
@@ -74,7 +75,6 @@ class DecoderSession:
         self._block = block
         self.cache: Any = None
         self.read: list[int] = []  # conversation tokens (after the block) the cache holds
-        self._logits: torch.Tensor | None = None
 
     @property
     def room(self) -> int:
@@ -118,7 +118,7 @@ class DecoderSession:
         max_new_tokens: int,
         sampling: Sampling,
         constraint: JsonConstraint | None = None,
-    ) -> Iterator[int]:
+    ) -> TokenStream:
         """Read the tokens of ``ids`` this session has not read yet, then yield sampled tokens
         until a stop token; generated tokens become part of what the session has read.
         ``constraint`` masks each step's logits (JSON-schema-constrained decoding)."""
@@ -128,49 +128,53 @@ class DecoderSession:
                 "this decoder session has read other tokens than the conversation starts with; "
                 "rebuild the session (PromptCache does)"
             )
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.icae.device).manual_seed(sampling.seed)
-        self.read = list(ids[:done])  # the same text; from now on in the conversation's tokens
-        self._feed(list(ids[done:]))
-        from icmem.icae.model import _pick
 
-        for _ in range(max_new_tokens):
-            assert self._logits is not None  # _feed ran: continuation leaves a token to read
-            logits = self._logits.float()
-            if constraint is not None:
-                constraint.mask_(logits)
-            token = _pick(logits, sampling, generator)
-            if constraint is not None:
-                constraint.accept(token)
-            if token in self.icae.stop_ids:
-                return
-            yield token
-            self._feed([token])
+        def run(stream: TokenStream) -> Iterator[int]:
+            self.read = list(ids[:done])  # the same text; from now on the conversation's tokens
+            first = self._feed(list(ids[done:]))
+            tokens = sample_tokens(
+                first,
+                lambda token: self._feed([token]),
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                stop_ids=self.icae.stop_ids,
+                constraint=constraint,
+            )
+            last = None
+            for last in tokens:
+                yield last
+            stream.finish_reason = tokens.finish_reason
+            if last is not None and tokens.finish_reason != "stop":
+                self._feed([last])  # the loop reads no token past its last choice
 
-    def _feed(self, ids: list[int]) -> None:
-        """Run the decoder over new conversation tokens (the block first, on first use)."""
+        return TokenStream(run)
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        """Run the decoder over new conversation tokens (the block first, on first use);
+        returns the logits after the last of them."""
         icae = self.icae
+        logits = None
         for start in range(0, len(ids), PREFILL_CHUNK):
             piece = ids[start : start + PREFILL_CHUNK]
             # The decoder's state (weights, LM-Infinite) is entered per forward call, never
             # across a yield, so a paused stream cannot change what another thread sees.
-            with icae._decoder(long_context=True, memory=self.reads_memory, window=self.window):
+            with icae.decoder.state(True, self.reads_memory, self.window) as decoder:
                 if self.cache is None:
-                    self.cache = self._start()
-                out = icae._decoder_model(self.reads_memory)(
+                    self.cache = self._start(decoder)
+                out = decoder(
                     input_ids=torch.tensor([piece], device=icae.device),
                     past_key_values=self.cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            self._logits = out.logits[0, -1]
+            logits = out.logits[0, -1]
             self.read += piece
+        assert logits is not None  # continuation leaves at least one token to read
+        return logits
 
-    def _start(self) -> Any:
-        """A fresh bounded cache holding the memory block (LM-Infinite must be on)."""
+    def _start(self, decoder: torch.nn.Module) -> Any:
+        """A fresh bounded cache holding the memory block (inside the decoder's state)."""
         lm_infinite = _lm_infinite()
-        decoder = self.icae._decoder_model(self.reads_memory)
         if not self.block_positions:
             return lm_infinite.make_cache(decoder)
         cache = lm_infinite.make_cache(decoder, memory_positions=self.block_positions)
@@ -209,27 +213,33 @@ class PromptCache:
         max_new_tokens: int,
         sampling: Sampling,
         constraint: JsonConstraint | None = None,
-    ) -> Iterator[int]:
+    ) -> TokenStream:
         """Token ids answering ``conversation`` after ``memory`` (see ``ICAE.generate``)."""
-        ids = self.prompt_ids(icae, conversation)
-        system = _system_length(icae, conversation, ids)
-        window = self.window or icae.max_positions or 0
-        if _memory_extent(icae, memory) + system > window // 2:
-            system = 0  # a long system prompt would crowd out the conversation: it scrolls too
-        system_ids, turns = ids[:system], ids[system:]
-        session, done = self._take(memory_key(memory, system_ids), turns)
-        if session is None:
-            session = DecoderSession(icae, memory, system_ids, self.window)
-            # Only the last window can still be seen by the next token: read no more than that.
-            done = max(0, len(turns) - session.room + 1)
-            session.skip(turns[:done])
-        with self._lock:
-            self.stats["reused" if session.cache is not None else "rebuilt"] += 1
-            self.stats["tokens_read"] += len(turns) - done
-        try:
-            yield from session.generate(turns, max_new_tokens, sampling, constraint)
-        finally:
-            self._put(session)
+
+        def run(stream: TokenStream) -> Iterator[int]:
+            ids = self.prompt_ids(icae, conversation)
+            system = _system_length(icae, conversation, ids)
+            window = self.window or icae.max_positions or 0
+            if _memory_extent(icae, memory) + system > window // 2:
+                system = 0  # a long system prompt would crowd out the conversation: it scrolls
+            system_ids, turns = ids[:system], ids[system:]
+            session, done = self._take(memory_key(memory, system_ids), turns)
+            if session is None:
+                session = DecoderSession(icae, memory, system_ids, self.window)
+                # Only the last window can still be seen by the next token: read no more.
+                done = max(0, len(turns) - session.room + 1)
+                session.skip(turns[:done])
+            with self._lock:
+                self.stats["reused" if session.cache is not None else "rebuilt"] += 1
+                self.stats["tokens_read"] += len(turns) - done
+            try:
+                tokens = session.generate(turns, max_new_tokens, sampling, constraint)
+                yield from tokens
+                stream.finish_reason = tokens.finish_reason
+            finally:
+                self._put(session)
+
+        return TokenStream(run)
 
     def prompt_ids(self, icae: ICAE, conversation: str | Sequence[Mapping[str, str]]) -> list[int]:
         """``icae.prompt_ids(conversation)``, tokenizing only what a recent request lacked (a

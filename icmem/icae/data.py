@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from icmem.errors import IcmemError
+from icmem.icae.text import decode_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -378,14 +379,6 @@ class PretrainSampler:
             return ICAEExample(context_ids=context, task="ae", target_ids=context)
         target = list(doc[start + span : start + span + self.continuation_tokens])
         return ICAEExample(context_ids=context, task="lm", target_ids=target)
-
-
-def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Any, **options: Any) -> str:
-    """The text of one sequence of token ids (transformers also types `decode` as returning a
-    list, for batches)."""
-    text = tokenizer.decode(ids, **options)
-    assert isinstance(text, str)
-    return text
 
 
 def ae_fraction_at(step: int, ae_fraction: float, ae_only_steps: int) -> float:

@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -31,7 +31,13 @@ from torch.profiler import record_function
 
 from icmem.chunking import Span, chunk
 from icmem.icae.config import ICAEConfig
-from icmem.icae.data import decode_text
+from icmem.icae.decoder import (
+    DECODER_ADAPTER,
+    ENCODER_ADAPTER,
+    Decoder,
+    Sampling,
+    TextStream,
+)
 from icmem.icae.errors import BaseModelMismatchError, ICAEConfigError
 from icmem.icae.slots import MemorySlots
 from icmem.models import DEFAULT_MODEL
@@ -39,7 +45,6 @@ from icmem.models import DEFAULT_MODEL
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     ModelSource: TypeAlias = (
@@ -49,8 +54,6 @@ if TYPE_CHECKING:
 Task = Literal["ae", "lm", "ft"]
 EncoderPath = Literal["reference", "compiled"]
 ENCODER_PATHS: tuple[EncoderPath, ...] = ("reference", "compiled")
-ENCODER_ADAPTER = "default"  # peft's name for the first adapter
-DECODER_ADAPTER = "decoder"
 _IGNORE = -100
 
 
@@ -151,24 +154,6 @@ class DistillLoss:
             )
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ICAEConfigError(f"temperature={self.temperature}; use 0 (greedy) or more")
-        if self.top_k < 0:
-            raise ICAEConfigError(f"top_k={self.top_k}; use 0 (off) or a positive count")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ICAEConfigError(f"top_p={self.top_p}; use a value in (0, 1]")
-
-
 class ICAE(nn.Module):
     """An In-Context Autoencoder over one base causal LM.
 
@@ -252,10 +237,7 @@ class ICAE(nn.Module):
         self._merged_key: tuple[Any, ...] = ()
         self._encoder_path: EncoderPath = "reference"
         self._merged_lock = threading.Lock()
-        self._peft_lock = threading.RLock()  # see _decoder_weights
-        # The adapter-free decoder (see _decoder_model), kept out of the submodules likewise.
-        self._unwrapped: list[nn.Module] = []
-        self._unwrapped_key: tuple[Any, ...] = ()
+        self.decoder = Decoder(self)  # decoding, adapter switching and their lock
         self.stop_ids = _stop_token_ids(model, tokenizer)
         self.encoder_frozen = False  # see freeze_encoder
         self._frozen_parameters: list[nn.Parameter] = []
@@ -363,6 +345,11 @@ class ICAE(nn.Module):
         return self.model.get_input_embeddings().weight.dtype
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the decoder's logits (the output embeddings, padding rows included)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
     def max_positions(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
@@ -414,7 +401,7 @@ class ICAE(nn.Module):
             embeds, mask, position_ids, token_embeds = self._pack(input_ids, keep, lengths, counts)
         training = torch.is_grad_enabled()
         with (
-            self._peft_lock if training else nullcontext(),
+            self.decoder.lock if training else nullcontext(),
             record_function("icae.encoder_forward"),
         ):
             hidden = self._early_exit.run(
@@ -514,15 +501,7 @@ class ICAE(nn.Module):
         with self._merged_lock:
             if not self._merged or key != self._merged_key:
                 self._merged.clear()  # free the stale copy before making the new one
-                # The memo keeps the slot-layer hook pointing at this ICAE's _EarlyExit.
-                memo = {id(self._early_exit): self._early_exit}
-                # Copy between decoder forwards (under their lock): a decode in another thread
-                # switches the PEFT model's adapters and attention implementation (LM-Infinite),
-                # and a copy made meanwhile would keep that state for good.
-                with torch.no_grad(), self._peft_lock:
-                    peft_copy = copy.deepcopy(self.model, memo)
-                    merged = peft_copy.merge_and_unload(adapter_names=[ENCODER_ADAPTER])
-                    merged.eval().requires_grad_(False)
+                merged = self.merged_copy(ENCODER_ADAPTER)
                 if self._encoder_path == "compiled":
                     _compile_layers(merged)
                 self._merged.append(merged)
@@ -572,7 +551,7 @@ class ICAE(nn.Module):
         spans = [span for doc in self._documents(texts_or_token_ids) for span in doc]
         order = sorted(range(len(spans)), key=lambda i: -len(spans[i]))
         results: list[MemorySlots | None] = [None] * len(spans)
-        with self._inference():
+        with self.inference():
             for start in range(0, len(order), batch_size):
                 chosen = order[start : start + batch_size]
                 tensors = self._encode_spans([spans[i] for i in chosen])
@@ -679,7 +658,7 @@ class ICAE(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def _embed_list(self, ids: Sequence[int]) -> torch.Tensor:
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         """``(n, d)`` embeddings of a list of token ids (``(0, d)`` for an empty list)."""
         return self._embed(torch.tensor(list(ids), dtype=torch.long, device=self.device))
 
@@ -707,9 +686,9 @@ class ICAE(nn.Module):
             target = self.with_eos(example.target_ids or example.context_ids)
             counts.append(len(target))
             prefix = torch.cat(
-                [memory, self._special(example.task), self._embed_list(example.prompt_ids)]
+                [memory, self._special(example.task), self.embed_ids(example.prompt_ids)]
             )
-            rows.append(torch.cat([prefix, self._embed_list(target)]))
+            rows.append(torch.cat([prefix, self.embed_ids(target)]))
             labels.append([_IGNORE] * prefix.shape[0] + target)
             positions.append(
                 self.decoder_positions(
@@ -731,7 +710,7 @@ class ICAE(nn.Module):
             extra["position_ids"] = torch.tensor(
                 [pos + [0] * (width - len(pos)) for pos in spread], device=self.device
             )
-        with self._decoder_weights():
+        with self.decoder.weights():
             base = self._causal_lm()
             hidden = _backbone(base)(
                 inputs_embeds=embeds,
@@ -857,23 +836,61 @@ class ICAE(nn.Module):
         """
         if max_new_tokens < 1:
             raise ICAEConfigError(f"max_new_tokens={max_new_tokens}; use 1 or more")
-        settings = Sampling(**sampling)
-        prompt_ids = self.prompt_ids(prompt, task)
-        if not memory and task == "ft":
-            return self._answer_without_memory(prompt_ids, max_new_tokens, settings, stream)
-        with torch.no_grad():
-            embeds = self.decoder_inputs(memory, task, prompt_ids)  # (n, d)
-        positions = self.decoder_positions(
-            [(_known_token_count(s), s.num_slots) for s in memory]
-            if self.config.slot_positions == "spread"
-            else [],
-            task,
-            len(prompt_ids),
-        )
-        pieces = self.decode_stream(
-            self._generate_ids(embeds, max_new_tokens, settings, stream=stream, positions=positions)
+        pieces = self.generate_text(
+            memory, prompt, max_new_tokens=max_new_tokens, task=task, stream=stream, **sampling
         )
         return pieces if stream else "".join(pieces)
+
+    def generate_text(
+        self,
+        memory: Sequence[MemorySlots],
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int = 256,
+        task: str = "ft",
+        stream: bool = True,
+        **sampling: Any,
+    ) -> TextStream:
+        """``generate`` as a stream of text pieces whose ``finish_reason`` tells, once it is
+        exhausted, why the answer ended ("stop", "length" or "repetition"). ``stream=False``
+        holds the decoder's state for the whole answer (cheaper when it is read at once)."""
+        if max_new_tokens < 1:
+            raise ICAEConfigError(f"max_new_tokens={max_new_tokens}; use 1 or more")
+        settings = Sampling(**sampling)
+        prompt_ids = self.prompt_ids(prompt, task)
+        reads_memory = bool(memory) or task != "ft"
+        with torch.no_grad():
+            # With no memory at all, an "ft" prompt is answered by the base model alone.
+            if reads_memory:
+                embeds = self.decoder_inputs(memory, task, prompt_ids)  # (n, d)
+            else:
+                embeds = self.embed_ids(prompt_ids)
+        positions = None
+        if reads_memory:
+            positions = self.decoder_positions(
+                [(_known_token_count(s), s.num_slots) for s in memory]
+                if self.config.slot_positions == "spread"
+                else [],
+                task,
+                len(prompt_ids),
+            )
+        limit = self.max_positions
+        if positions is not None and limit is not None and embeds.shape[0] + max_new_tokens > limit:
+            warnings.warn(
+                "memory + prompt + new tokens exceed the model's window, so LM-Infinite decodes "
+                "and the spread slot positions are replaced by reading order; answers may be "
+                "worse. Recall fewer spans or ask for fewer new tokens to keep the layout.",
+                stacklevel=3,
+            )
+        tokens = self.decoder.generate_ids(
+            embeds,
+            max_new_tokens,
+            settings,
+            stream=stream,
+            positions=positions,
+            memory=reads_memory,
+        )
+        return self.decoder.text(tokens)
 
     def prompt_ids(self, prompt: str | Sequence[Mapping[str, str]], task: str = "ft") -> list[int]:
         """The token ids the decoder reads after the task token (see ``generate``)."""
@@ -890,18 +907,8 @@ class ICAE(nn.Module):
     def base_model(self) -> Iterator[nn.Module]:
         """The base model exactly as it answers without icmem (every adapter off, no gradients,
         eval mode): the teacher that distillation copies."""
-        with self._decoder(False, memory=False):
-            yield self._decoder_model(memory=False)
-
-    def _answer_without_memory(
-        self, prompt_ids: list[int], max_new_tokens: int, settings: Sampling, stream: bool
-    ) -> str | Iterator[str]:
-        with torch.no_grad():
-            embeds = self._embed_list(prompt_ids)
-        pieces = self.decode_stream(
-            self._generate_ids(embeds, max_new_tokens, settings, stream=stream, memory=False)
-        )
-        return pieces if stream else "".join(pieces)
+        with self.decoder.state(False, memory=False) as model:
+            yield model
 
     def reconstruct(
         self, memory: Sequence[MemorySlots], *, max_new_tokens: int | None = None
@@ -930,7 +937,7 @@ class ICAE(nn.Module):
                     f"memory slots have width {slots.hidden_size}, the model {self.hidden_size}"
                 )
         parts = [s.tensor.to(self.device, self.dtype) for s in memory]
-        parts += [self._special(task), self._embed_list(prompt_ids)]
+        parts += [self._special(task), self.embed_ids(prompt_ids)]
         return torch.cat(parts)
 
     def decoder_positions(
@@ -965,153 +972,33 @@ class ICAE(nn.Module):
             placed["attention_mask"] = torch.ones(
                 embeds.shape[:2], dtype=torch.long, device=self.device
             )
-        with self._decoder_weights():
+        with self.decoder.weights():
             return self.model(inputs_embeds=embeds, use_cache=False, **placed).logits
 
-    def _generate_ids(
-        self,
-        embeds: torch.Tensor,
-        max_new_tokens: int,
-        sampling: Sampling,
-        *,
-        stream: bool,
-        positions: list[int] | None = None,
-        memory: bool = True,
-    ) -> Iterator[int]:
-        """Yield sampled token ids, stopping at EOS.
+    def merged_copy(self, adapter: str) -> nn.Module:
+        """A copy of the base model with ``adapter`` merged into its own weights (one more set
+        of base weights in memory), no LoRA wrappers, frozen, in eval mode.
 
-        ``positions`` (from ``decoder_positions``) places the prefix; each new token then takes
-        the next position. LM-Infinite needs consecutive positions, so a long decode reads a
-        spread prefix in reading order (with a warning: the slots lose their layout).
+        Copied between decoder forwards (under the decoder's lock): a decode in another thread
+        may switch the PEFT model's adapters, and a copy made meanwhile would keep that state
+        for good. The copy keeps the slot-layer hook pointing at this ICAE's early exit."""
+        memo = {id(self._early_exit): self._early_exit}
+        with torch.no_grad(), self.decoder.lock:
+            peft_copy = copy.deepcopy(self.model, memo)
+            merged = peft_copy.merge_and_unload(adapter_names=[adapter])
+            merged.eval().requires_grad_(False)
+        return merged
 
-        The decoder state (adapter off, LM-Infinite on when the sequence can outgrow the
-        model's window) is entered once for a whole non-streamed answer. A stream sets it
-        around each forward call instead, never across a yield, so a paused stream cannot
-        change what an interleaved ``compress`` sees.
-        """
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        long_context = (
-            self.max_positions is not None and embeds.shape[0] + max_new_tokens > self.max_positions
-        )
-        decoder = self._decoder_model(memory)
-        whole = nullcontext() if stream else self._decoder(long_context, memory)
+    def adapter_free_copy(self) -> nn.Module:
+        """The base model without peft's LoRA wrappers, in eval mode: a copy of the PEFT
+        model's structure that shares every parameter and buffer with it (no more weights in
+        memory) and the slot-layer hook, its LoRA layers unloaded (``Decoder.model``)."""
+        shared: dict[int, Any] = {id(self._early_exit): self._early_exit}
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            shared[id(tensor)] = tensor
+        return copy.deepcopy(self.model, shared).unload().eval()
 
-        def each_call() -> AbstractContextManager[None]:
-            return self._decoder(long_context, memory) if stream else nullcontext()
-
-        if positions is not None and long_context:
-            warnings.warn(
-                "memory + prompt + new tokens exceed the model's window, so LM-Infinite decodes "
-                "and the spread slot positions are replaced by reading order; answers may be "
-                "worse. Recall fewer spans or ask for fewer new tokens to keep the layout.",
-                stacklevel=3,
-            )
-            positions = None
-        # Custom positions need an explicit mask (see ``encode``); it grows by one per token.
-        placed: dict[str, Any] = {}
-        if positions is not None:
-            placed = {
-                "position_ids": torch.tensor([positions], device=self.device),
-                "attention_mask": torch.ones(
-                    1, len(positions), dtype=torch.long, device=self.device
-                ),
-            }
-        with whole:
-            with each_call():
-                cache = _lm_infinite().make_cache(decoder) if long_context else None
-                out = decoder(
-                    inputs_embeds=embeds[None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **placed,
-                )
-            for _ in range(max_new_tokens):
-                token = _pick(out.logits[0, -1].float(), sampling, generator)
-                if token in self.stop_ids:
-                    return
-                yield token
-                step = torch.tensor([[token]], device=self.device)
-                if placed:
-                    placed["position_ids"] = placed["position_ids"][:, -1:] + 1
-                    placed["attention_mask"] = torch.ones(
-                        1,
-                        placed["attention_mask"].shape[1] + 1,
-                        dtype=torch.long,
-                        device=self.device,
-                    )
-                with each_call():
-                    out = decoder(
-                        input_ids=step,
-                        past_key_values=out.past_key_values,
-                        use_cache=True,
-                        **placed,
-                    )
-
-    @contextmanager
-    def _decoder_weights(self, memory: bool = True) -> Iterator[None]:
-        """The decoder's weights: the base model (encoder adapter off), plus the decoder's own
-        adapter when the config has one and it reads memory. Both are process-wide switches of
-        the PEFT model, so every user of the PEFT model holds ``_peft_lock`` while it runs
-        (compression does not use it at all, see ``_encoder_body``): two threads decoding at
-        once take turns per forward call instead of switching adapters under each other."""
-        with self._peft_lock:
-            if memory and self.config.decoder_lora_rank:
-                self._activate(DECODER_ADAPTER)
-                try:
-                    yield
-                finally:
-                    self._activate(ENCODER_ADAPTER)
-            else:
-                with self._adapters_off():
-                    yield
-
-    def _decoder_model(self, memory: bool = True) -> nn.Module:
-        """The module that decodes: the PEFT model when the decoder's own adapter applies (it
-        reads memory and the config has one), else the base model without peft's LoRA wrappers.
-
-        Switched off, the wrappers still cost a decode step about 1.1-1.3x the bare modules
-        (``benchmarks/decoder_step_overhead.py``), so the adapter-free decoder is a copy of the
-        PEFT model's structure that shares every parameter and buffer with it (no more weights
-        in memory) and has its LoRA layers unloaded. It needs no adapter switching, and
-        LM-Infinite switched on in it leaves the PEFT model, and so the merged encoder copied
-        from it, untouched. Rebuilt when the model moves to another device or dtype."""
-        if memory and self.config.decoder_lora_rank:
-            return self.model
-        key = (self.device, self.dtype)
-        with self._peft_lock:  # copy between decoder forwards, as _encoder_body does
-            if not self._unwrapped or key != self._unwrapped_key:
-                self._unwrapped.clear()
-                shared: dict[int, Any] = {id(self._early_exit): self._early_exit}
-                for tensor in (*self.model.parameters(), *self.model.buffers()):
-                    shared[id(tensor)] = tensor
-                self._unwrapped.append(copy.deepcopy(self.model, shared).unload().eval())
-                self._unwrapped_key = key
-            return self._unwrapped[0]
-
-    @contextmanager
-    def _adapters_off(self) -> Iterator[None]:
-        """The base model: what peft's ``disable_adapter()`` does for LoRA, without its
-        per-call walk over the model and status checks (a decode step enters this once per
-        token)."""
-        layers = self._tuner_layers()
-        for module in layers:
-            module.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for module in layers:
-                module.enable_adapters(True)
-            self._restore_trainable()  # disabling froze every adapter
-
-    def _activate(self, adapter: str) -> None:
-        for module in self._tuner_layers():
-            module.set_adapter(adapter)
-        self._restore_trainable()
-
-    def _restore_trainable(self) -> None:
+    def restore_trainable(self) -> None:
         """peft's adapter switches set ``requires_grad`` by which adapter is active: put back
         what trains (both adapters, less a frozen encoder's)."""
         for param in self._lora_parameters:
@@ -1119,52 +1006,8 @@ class ICAE(nn.Module):
         for param in self._frozen_parameters:
             param.requires_grad_(False)
 
-    def _tuner_layers(self) -> list[BaseTunerLayer]:
-        """The PEFT model's LoRA layers, found once (the model's structure never changes)."""
-        found = self.__dict__.get("_tuner_layer_cache")
-        if found is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            found = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-            self.__dict__["_tuner_layer_cache"] = found
-        return found
-
     @contextmanager
-    def _decoder(
-        self, long_context: bool, memory: bool = True, window: int | None = None
-    ) -> Iterator[None]:
-        """The decoder: no gradients, its weights (the plain base model when it reads no
-        memory), LM-Infinite attention if asked (``window``: its local window, by default the
-        model's pretraining length)."""
-        decoder = self._decoder_model(memory)
-        # The adapter-free decoder has no adapter to switch; the lock still keeps one thread's
-        # LM-Infinite switch out of another's forward call.
-        weights = self._decoder_weights(memory) if decoder is self.model else self._peft_lock
-        with self._inference(), weights:
-            if long_context:
-                with _lm_infinite().enabled(decoder, local_window=window):
-                    yield
-            else:
-                yield
-
-    def decode_stream(self, token_ids: Iterator[int]) -> Iterator[str]:
-        """Turn token ids into text pieces, holding back incomplete UTF-8 characters."""
-        ids: list[int] = []
-        emitted = ""
-        for token in token_ids:
-            ids.append(token)
-            text = decode_text(self.tokenizer, ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        text = decode_text(self.tokenizer, ids, skip_special_tokens=True)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-
-    @contextmanager
-    def _inference(self) -> Iterator[None]:
+    def inference(self) -> Iterator[None]:
         """No gradients and eval mode (no LoRA dropout), restoring the training flag after."""
         was_training = self.training
         if was_training:
@@ -1297,22 +1140,6 @@ def _backbone(causal_lm: nn.Module) -> nn.Module:
     prefix = causal_lm.base_model_prefix
     assert isinstance(prefix, str)  # a transformers model's attribute naming its body
     return getattr(causal_lm, prefix)
-
-
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Choose the next token from ``(V,)`` logits."""
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the first past p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
 def _known_token_count(slots: MemorySlots) -> int:

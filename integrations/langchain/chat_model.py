@@ -234,6 +234,8 @@ class ChatICAE(BaseChatModel):
             "model_name": self.model_name,
             "memory": reply.memory,
             "memory_slots": reply.memory_slots,
+            # None: the pieces were not read to their end, so a stop string ended them.
+            "finish_reason": reply.finish_reason or "stop",
             "sources": sources,
         }
 

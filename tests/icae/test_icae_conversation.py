@@ -10,8 +10,8 @@ from tiny_models import tiny_model
 
 from icmem.icae import ICAE, ICAEExample
 from icmem.icae.conversation import DecoderSession, PromptCache
+from icmem.icae.decoder import Sampling
 from icmem.icae.errors import ICAEConfigError
-from icmem.icae.model import Sampling
 
 WINDOW = 64  # the toy's pretraining length
 SLOTS = 8

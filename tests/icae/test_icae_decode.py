@@ -7,7 +7,7 @@ import torch
 from tiny_models import TINY_ICAE_CONFIG, tiny_icae_base
 
 from icmem.icae import ICAE, BaseModelMismatchError, ICAEConfigError, ICAEExample, Sampling
-from icmem.icae.model import _pick as pick_token
+from icmem.icae.decoder import next_token as pick_token
 
 SPAN = TINY_ICAE_CONFIG["span_tokens"]
 GREEDY = Sampling()
@@ -77,22 +77,39 @@ def test_lora_weights_change_the_encoder_but_not_the_decoder(icae):
 def test_the_decoder_runs_the_base_weights_without_lora_wrappers(icae, make_icae):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    decoder = icae._decoder_model()  # this config has no decoder adapter
+    decoder = icae.decoder.model()  # this config has no decoder adapter
     assert not any(isinstance(m, BaseTunerLayer) for m in decoder.modules())
     peft_tensors = {id(t) for t in (*icae.model.parameters(), *icae.model.buffers())}
     assert all(id(t) in peft_tensors for t in (*decoder.parameters(), *decoder.buffers()))
-    assert icae._decoder_model(memory=False) is decoder  # built once
-    with icae._decoder(long_context=False, memory=False):  # switches nothing in the PEFT model
-        assert not any(layer.disable_adapters for layer in icae._tuner_layers())
+    assert icae.decoder.model(memory=False) is decoder  # built once
+    with icae.decoder.state(False, memory=False):  # switches nothing in the PEFT model
+        assert icae.decoder.adapters_enabled()
     embeds = icae.decoder_inputs(two_spans(icae), "ft", icae.format_prompt("Where?"))
     with torch.no_grad():
-        with icae._decoder_weights():  # the PEFT model, adapters off
+        with icae.decoder.weights():  # the PEFT model, adapters off
             expected = icae.model(inputs_embeds=embeds[None]).logits
         torch.testing.assert_close(decoder(inputs_embeds=embeds[None]).logits, expected)
 
-    with_adapter = make_icae(decoder_lora_rank=4)  # memory goes through its decoder adapter
-    assert with_adapter._decoder_model(memory=True) is with_adapter.model
-    assert with_adapter._decoder_model(memory=False) is not with_adapter.model
+    with_adapter = make_icae(trained=True, decoder_lora_rank=4)  # memory: its decoder adapter
+    merged = with_adapter.decoder.model(memory=True)  # the adapter merged into a copy
+    assert merged is not with_adapter.model
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert with_adapter.decoder.model(memory=True) is merged  # built once
+    assert with_adapter.decoder.model(memory=False) is not with_adapter.model
+    with torch.no_grad():
+        with with_adapter.decoder.weights():  # the PEFT model, decoder adapter on
+            expected = with_adapter.model(inputs_embeds=embeds[None]).logits
+        torch.testing.assert_close(merged(inputs_embeds=embeds[None]).logits, expected)
+        for name, param in with_adapter.model.named_parameters():
+            if "lora_B.decoder" in name:
+                param.add_(1.0)  # training moved the adapter: the copy follows
+        with with_adapter.decoder.weights():
+            moved = with_adapter.model(inputs_embeds=embeds[None]).logits
+        rebuilt = with_adapter.decoder.model(memory=True)
+        assert rebuilt is not merged
+        torch.testing.assert_close(rebuilt(inputs_embeds=embeds[None]).logits, moved)
+    with_adapter.decoder.merge_adapter = False
+    assert with_adapter.decoder.model(memory=True) is with_adapter.model
 
 
 def test_adapter_is_back_on_after_decoding(icae):
@@ -275,15 +292,15 @@ def sharp_base_model() -> torch.nn.Module:
 
 def test_long_memory_decodes_through_lm_infinite(tokenizer, monkeypatch):
     from icmem import lm_infinite
-    from icmem.icae import model as icae_model
+    from icmem.icae import decoder as icae_decoder
 
     icae = ICAE.from_base((sharp_base_model(), tokenizer), **TINY_ICAE_CONFIG)
     reference = sharp_base_model()
     memory = two_spans(icae) * 3  # 3 x (8 + 3) slots, far past the 16-position window
     embeds = icae.decoder_inputs(memory, "lm", icae.tokenize("The")).detach()
     seen: list[torch.Tensor] = []  # the logits generate() chooses each token from
-    pick = icae_model._pick
-    monkeypatch.setattr(icae_model, "_pick", lambda x, *a: seen.append(x) or pick(x, *a))
+    pick = icae_decoder.next_token
+    monkeypatch.setattr(icae_decoder, "next_token", lambda x, *a: seen.append(x) or pick(x, *a))
     text = icae.generate(memory, "The", task="lm", max_new_tokens=6)
     assert not lm_infinite.is_enabled(icae.model)
 

@@ -125,6 +125,46 @@ def test_threads_decoding_and_compressing_at_once_get_what_they_get_alone(
 
 
 @pytest.mark.parametrize("decoder_lora_rank", [0, 4])
+def test_the_evaluation_path_decodes_in_turns_with_other_threads(tokenizer, decoder_lora_rank):
+    """The reconstruction evaluation's raw-context answers decode through the same decoder
+    (and its lock) as every other answer: beside threads decoding from memory and compressing,
+    each thread gets what it gets alone."""
+    from icmem.evals.reconstruct import raw_context_answer
+
+    icae = tiny_icae(tokenizer, decoder_lora_rank=decoder_lora_rank)
+    randomise_trained_tensors(icae)
+    spans = spans_of([32, 17], seed=9)
+    memory = icae.compress(spans)
+    context = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
+    raw_alone = raw_context_answer(icae, context, "Where?", 10)
+    slots_alone = icae.generate(memory, "Where?", max_new_tokens=10)
+    compressed_alone = [s.tensor for s in icae.compress(spans)]
+    raw, slots, compressed = [], [], []
+
+    def evaluate() -> None:
+        for _ in range(3):
+            raw.append(raw_context_answer(icae, context, "Where?", 10))
+
+    def decode() -> None:
+        for _ in range(3):
+            slots.append("".join(icae.generate(memory, "Where?", max_new_tokens=10, stream=True)))
+
+    def compress() -> None:
+        for _ in range(3):
+            compressed.append([s.tensor for s in icae.compress(spans)])
+
+    workers = [threading.Thread(target=t) for t in (evaluate, decode, compress)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert raw == [raw_alone] * 3 and slots == [slots_alone] * 3
+    for run in compressed:
+        for a, b in zip(run, compressed_alone, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decoder_lora_rank", [0, 4])
 def test_a_decode_paused_mid_forward_keeps_its_weights(tokenizer, decoder_lora_rank):
     """Force the interleaving a race needs: thread one pauses inside a forward while thread two
     runs a whole decode. Without turns, thread two's exit switches the adapter back on (or to
@@ -171,8 +211,8 @@ def test_conversations_in_threads_get_what_they_get_alone(tokenizer, decoder_lor
     """Threads holding conversations past the LM-Infinite window (the attention switch and the
     adapters are process-wide state of the model) while another compresses: every answer and
     every slot equals what it is alone."""
+    from icmem.icae import Sampling
     from icmem.icae.conversation import PromptCache
-    from icmem.icae.model import Sampling
 
     icae = tiny_icae(tokenizer, decoder_lora_rank=decoder_lora_rank)
     randomise_trained_tensors(icae)
