@@ -460,7 +460,7 @@ class FullContextReader:
 
     def __init__(self, icae: ICAE, conversation: Conversation) -> None:
         from icmem.icae.conversation import DecoderSession
-        from icmem.icae.model import Sampling
+        from icmem.icae.decoder import GREEDY
 
         self.icae = icae
         self.text = full_conversation_text(conversation)
@@ -470,7 +470,7 @@ class FullContextReader:
         self.session = DecoderSession(icae, [], [])
         # Reading happens before the first token is picked; stopping there leaves exactly the
         # prefix in the cache (resuming would feed the picked token too).
-        for _ in self.session.generate(self.prefix_ids, 1, Sampling()):
+        for _ in self.session.generate(self.prefix_ids, 1, GREEDY):
             break
         self.prefill_seconds = time.perf_counter() - started
 
@@ -499,13 +499,13 @@ class FullContextReader:
 
     def answer(self, question: Question, max_new_tokens: int) -> str:
         from icmem.icae.conversation import DecoderSession
-        from icmem.icae.model import Sampling
+        from icmem.icae.decoder import GREEDY
 
         session = DecoderSession(self.icae, [], [])
         session.cache = _copy_cache(self.session.cache)
         session.read = list(self.prefix_ids)
-        tokens = session.generate(self.question_ids(question), max_new_tokens, Sampling())
-        return "".join(self.icae.decode_stream(tokens))
+        tokens = session.generate(self.question_ids(question), max_new_tokens, GREEDY)
+        return "".join(self.icae.decoder.text(tokens))
 
 
 _CACHE_TENSORS = ("keys", "values", "global_keys", "global_values")

@@ -337,20 +337,25 @@ def test_a_large_file_is_committed_in_parts_hidden_until_whole_and_resumed(
     assert (again.skipped, again.spans) == (1, 0)
 
 
-def test_parts_of_another_version_are_dropped_not_mixed_in(pipeline, tmp_path, monkeypatch):
-    tokenizer, span_tokens = pipeline.icae.tokenizer, pipeline.icae.config.span_tokens
-    big = tmp_path / "big.txt"
-    big.write_text(long_text(tokenizer, span_tokens, 100), encoding="utf-8")
+def interrupt_after_first_part(pipeline, path, monkeypatch) -> None:
+    """Ingest `path` in parts of 40 spans and press Ctrl-C once the first part is committed."""
     real_write_part = DocumentWriter.write_part
 
     def interrupted(writer, document, spans):
         real_write_part(writer, document, spans)
-        raise KeyboardInterrupt  # after the first part
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(DocumentWriter, "write_part", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        ingest_folder(pipeline, [big], batch_spans=40)
-    monkeypatch.setattr(DocumentWriter, "write_part", real_write_part)
+    with monkeypatch.context() as patch:
+        patch.setattr(DocumentWriter, "write_part", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ingest_folder(pipeline, [path], batch_spans=40)
+
+
+def test_parts_of_another_version_are_dropped_not_mixed_in(pipeline, tmp_path, monkeypatch):
+    tokenizer, span_tokens = pipeline.icae.tokenizer, pipeline.icae.config.span_tokens
+    big = tmp_path / "big.txt"
+    big.write_text(long_text(tokenizer, span_tokens, 100), encoding="utf-8")
+    interrupt_after_first_part(pipeline, big, monkeypatch)
     text = long_text(tokenizer, span_tokens, 90).upper()  # the file changed meanwhile
     big.write_text(text, encoding="utf-8")
     report = ingest_folder(pipeline, [big], batch_spans=40)
@@ -370,16 +375,7 @@ def test_parts_of_a_version_never_finished_are_dropped(pipeline, tmp_path, monke
     big.write_text("A short note.", encoding="utf-8")
     ingest_folder(pipeline, [big])
     big.write_text(long_text(tokenizer, span_tokens, 100), encoding="utf-8")
-    real_write_part = DocumentWriter.write_part
-
-    def interrupted(writer, document, spans):
-        real_write_part(writer, document, spans)
-        raise KeyboardInterrupt  # after the first part
-
-    monkeypatch.setattr(DocumentWriter, "write_part", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        ingest_folder(pipeline, [big], batch_spans=40)
-    monkeypatch.setattr(DocumentWriter, "write_part", real_write_part)
+    interrupt_after_first_part(pipeline, big, monkeypatch)
     assert len(pipeline.store.list_namespaces((PARTS_ROOT,))) == 1
     big.write_text("A short note." if now == "as stored" else "Another note.", encoding="utf-8")
     report = ingest_folder(pipeline, [big], batch_spans=40)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_embedder, tiny_icae
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import locomo
@@ -143,27 +142,13 @@ def test_memories_are_dated_packed_and_cover_every_turn(locomo_file):
     assert [len(m) for m in per_turn] == [len(s.turns) for s in conversation.sessions]
 
 
-@pytest.fixture
-def tiny_pipeline(tmp_path, tokenizer):
-    from icmem.store import MemoryStore
-
-    from icmem.pipeline import MemoryPipeline
-
-    icae, embedder = tiny_icae(tokenizer), tiny_embedder(tokenizer)
-    store = MemoryStore.open(
-        tmp_path / "store", dim=embedder.dim, model_fingerprint=icae.fingerprint
-    )
-    with MemoryPipeline(icae, store, embedder, codec="fp32") as opened:
-        yield opened
-
-
-def test_full_context_answers_from_a_copy_of_the_read_conversation(locomo_file, tiny_pipeline):
+def test_full_context_answers_from_a_copy_of_the_read_conversation(locomo_file, pipeline):
     """A question answered after another gets the answer of a fresh read of the whole
     conversation: the copy is reused, never the state the first answer left behind."""
     from icmem.icae.conversation import DecoderSession
-    from icmem.icae.model import Sampling
+    from icmem.icae.decoder import GREEDY
 
-    icae = tiny_pipeline.icae
+    icae = pipeline.icae
     conversation = locomo.load_locomo(locomo_file, expected_sha256=None).conversations[0]
     reader = locomo.FullContextReader(icae, conversation)
     assert len(reader.prefix_ids) > icae.max_positions  # LM-Infinite is needed to read it
@@ -183,17 +168,17 @@ def test_full_context_answers_from_a_copy_of_the_read_conversation(locomo_file, 
 
     fresh = DecoderSession(icae, [], [])
     ids = reader.question_ids(second)
-    expected = "".join(icae.decode_stream(fresh.generate(ids, 8, Sampling())))
+    expected = "".join(icae.decoder.text(fresh.generate(ids, 8, GREEDY)))
     assert reused == expected
     assert reader.cache_bytes() > 0
 
 
-def test_a_run_reports_every_mode_and_category_and_resumes(locomo_file, tiny_pipeline, tmp_path):
+def test_a_run_reports_every_mode_and_category_and_resumes(locomo_file, pipeline, tmp_path):
     data = locomo.load_locomo(locomo_file, expected_sha256=None)
     settings = locomo.LocomoSettings(checkpoint="tiny", k=2, max_new_tokens=4)
     work = tmp_path / "work"
     lines: list[str] = []
-    result = locomo.run_locomo(tiny_pipeline, data, settings, work, log=lines.append)
+    result = locomo.run_locomo(pipeline, data, settings, work, log=lines.append)
 
     assert set(result) >= {
         "benchmark",
@@ -234,40 +219,40 @@ def test_a_run_reports_every_mode_and_category_and_resumes(locomo_file, tiny_pip
     # A second run answers nothing again: every row comes from the cache.
     cached = (work / "results.jsonl").read_text().count("\n")
     lines.clear()
-    again = locomo.run_locomo(tiny_pipeline, data, settings, work, log=lines.append)
+    again = locomo.run_locomo(pipeline, data, settings, work, log=lines.append)
     assert (work / "results.jsonl").read_text().count("\n") == cached
     assert lines == []
     assert again["summary"] == result["summary"]
 
     # A seeded subset is stated as such.
     subset = locomo.run_locomo(
-        tiny_pipeline, data, settings, work, conversations=1, per_category=1, log=lines.append
+        pipeline, data, settings, work, conversations=1, per_category=1, log=lines.append
     )
     assert subset["subset"]["complete"] is False
     assert subset["subset"]["conversations"] == ["conv-0"]
     assert subset["summary"]["text"]["answers"] == 4
     by_id = locomo.run_locomo(
-        tiny_pipeline, data, settings, work, conversations=["conv-1"], log=lines.append
+        pipeline, data, settings, work, conversations=["conv-1"], log=lines.append
     )
     assert by_id["subset"]["conversations"] == ["conv-1"]
     with pytest.raises(locomo.LocomoDataError, match=r"no conversation \['conv-9'\]"):
-        locomo.run_locomo(tiny_pipeline, data, settings, work, conversations=["conv-9"])
+        locomo.run_locomo(pipeline, data, settings, work, conversations=["conv-9"])
 
 
-def test_the_plot_is_written(locomo_file, tiny_pipeline, tmp_path):
+def test_the_plot_is_written(locomo_file, pipeline, tmp_path):
     data = locomo.load_locomo(locomo_file, expected_sha256=None)
     settings = locomo.LocomoSettings(checkpoint="tiny", k=1, max_new_tokens=2, modes=("text",))
-    result = locomo.run_locomo(tiny_pipeline, data, settings, tmp_path / "w", log=lambda _: None)
+    result = locomo.run_locomo(pipeline, data, settings, tmp_path / "w", log=lambda _: None)
     locomo.plot(result, tmp_path / "locomo.png")
     assert (tmp_path / "locomo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_an_interrupted_ingestion_resumes_at_the_next_session(locomo_file, tiny_pipeline, tmp_path):
+def test_an_interrupted_ingestion_resumes_at_the_next_session(locomo_file, pipeline, tmp_path):
     conversation = locomo.load_locomo(locomo_file, expected_sha256=None).conversations[0]
     settings = locomo.LocomoSettings(checkpoint="tiny")
     cache = locomo.ResultCache(tmp_path / "results.jsonl")
     written = []
-    write = tiny_pipeline.write_documents
+    write = pipeline.write_documents
 
     def failing_on_the_second(documents, *, namespace):
         if len(written) == 1:
@@ -275,19 +260,19 @@ def test_an_interrupted_ingestion_resumes_at_the_next_session(locomo_file, tiny_
         written.append(documents[0].metadata["session"])
         return write(documents, namespace=namespace)
 
-    tiny_pipeline.write_documents = failing_on_the_second
+    pipeline.write_documents = failing_on_the_second
     with pytest.raises(KeyboardInterrupt):
-        locomo.ingest_conversation(tiny_pipeline, conversation, settings, cache, print)
+        locomo.ingest_conversation(pipeline, conversation, settings, cache, print)
     assert written == [1]
 
     resumed = locomo.ResultCache(tmp_path / "results.jsonl")  # as a new process reads it
-    tiny_pipeline.write_documents = lambda documents, *, namespace: (
+    pipeline.write_documents = lambda documents, *, namespace: (
         written.append(documents[0].metadata["session"]) or write(documents, namespace=namespace)
     )
-    report = locomo.ingest_conversation(tiny_pipeline, conversation, settings, resumed, print)
+    report = locomo.ingest_conversation(pipeline, conversation, settings, resumed, print)
     assert written == [1, 2, 10]
     first = resumed.get(settings.key("ingest", "conv-0", 1))
     assert first is not None and report["seconds"] >= first["seconds"] > 0
     namespace = locomo.namespace_of("conv-0")
-    stored = tiny_pipeline.list_documents(namespace, exact=True)
+    stored = pipeline.list_documents(namespace, exact=True)
     assert len(stored) == report["memories"]
