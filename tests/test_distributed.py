@@ -206,7 +206,7 @@ def tiny_commands(tokenizer, monkeypatch):
     models = TinyIngestModels(tokenizer)
     icae, embedder = models.load()
 
-    def open_tiny(args, **options):
+    def open_tiny(args, *, create=False, **options):  # `ingest` creates; MemoryStore.open does
         store = MemoryStore.open(args.store, dim=embedder.dim, index_dir=args.index_dir)
         return MemoryPipeline(icae, store, embedder, **options)
 
