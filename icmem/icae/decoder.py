@@ -6,7 +6,9 @@ stop ids, constraints, loop detection and the finish reason live there. A :class
 owns the state every decode runs in: which weights decode (the PEFT model with the decoder
 adapter on, or an adapter-free copy sharing the base weights), the lock that keeps threads
 from switching adapters under each other, and LM-Infinite. ``ICAE.generate``, conversation
-sessions, the pipeline, ``ChatICAE``, ``icmem chat`` and the evaluations all decode through it.
+sessions, the pipeline, ``ChatICAE``, ``icmem chat`` and the evaluations all decode through it;
+a plain model decoded from token ids in batches (the distillation teacher, the passkey
+evaluation) runs the same loop per row through ``icmem.icae.batch_decode``.
 """
 
 from __future__ import annotations
@@ -161,11 +163,12 @@ def repeats_itself(history: Sequence[int], copies: int) -> bool:
 
 class TokenStream(Iterator[int]):
     """Token ids as they are chosen; once exhausted, ``finish_reason`` says why it ended:
-    ``"stop"`` (a stop token), ``"length"`` (the token budget) or ``"repetition"`` (the reply
-    started repeating itself, see ``Sampling.repeat_stop``)."""
+    ``"stop"`` (a stop token, then in ``stop_token``), ``"length"`` (the token budget) or
+    ``"repetition"`` (the reply started repeating itself, see ``Sampling.repeat_stop``)."""
 
     def __init__(self, run: Callable[[TokenStream], Iterator[int]]) -> None:
         self.finish_reason: FinishReason | None = None
+        self.stop_token: int | None = None
         self._tokens = run(self)
 
     def __next__(self) -> int:
@@ -242,7 +245,7 @@ def sample_tokens(
             if constraint is not None:
                 constraint.accept(token)
             if token in stop_ids:
-                stream.finish_reason = "stop"
+                stream.finish_reason, stream.stop_token = "stop", token
                 return
             history.append(token)
             yield token
