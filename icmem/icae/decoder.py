@@ -17,11 +17,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
 
+from icmem import hardware
 from icmem.icae.errors import ICAEConfigError
 from icmem.icae.text import decode_text
 
@@ -278,38 +279,55 @@ class Decoder:
     def __init__(self, icae: ICAE) -> None:
         self.icae = icae
         self.lock = threading.RLock()
-        # Derived copies as (key, module): never saved, moved or trained.
-        self._unwrapped: list[tuple[tuple[Any, ...], nn.Module]] = []
-        self._merged: list[tuple[tuple[Any, ...], nn.Module]] = []
+        # Derived copies by (merged, dtype), as (key, module): never saved, moved or trained.
+        self._copies: dict[tuple[bool, torch.dtype], tuple[tuple[Any, ...], nn.Module]] = {}
         self.merge_adapter = True  # False: decode through peft's wrappers (no extra weights)
+        # None: the dtype the hardware decodes fastest in under ``dtype="auto"``, else the
+        # model's own; a name ("float32", "bfloat16") forces it (see ``dtype``).
+        self.decode_dtype: str | None = None
         self._tuner_layer_cache: list[BaseTunerLayer] | None = None
         self._adapter_parameter_cache: list[torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- weights
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the decoder's copies decode in. A decode step reads every weight for one
+        token, so it has its own choice (``hardware.decode_dtype``: bf16 where it reads faster)
+        while compression and training run in the model's dtype; an explicit model dtype
+        (``dtype="float32"``) decodes in that dtype too, and ``decode_dtype`` overrides both."""
+        if self.decode_dtype is not None:
+            return getattr(torch, self.decode_dtype)
+        if self.icae.config.dtype == hardware.AUTO:
+            return getattr(torch, hardware.decode_dtype())
+        return self.icae.dtype
+
     def uses_adapter(self, memory: bool) -> bool:
         """Whether decoding (with or without memory) runs the decoder's own adapter."""
         return memory and bool(self.icae.config.decoder_lora_rank)
 
-    def model(self, memory: bool = True) -> nn.Module:
-        """The module that decodes (see the class docstring). Copies are built on first use
-        and rebuilt when the model moves to another device or dtype, or (the merged one) when
-        the decoder adapter's weights change."""
+    def model(self, memory: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+        """The module that decodes (see the class docstring), in ``dtype`` (by default the
+        decoder's ``dtype``). Copies are built on first use and rebuilt when the model moves to
+        another device or dtype, or (the merged one) when the decoder adapter's weights change.
+        A copy in another dtype than the model's holds weights of its own."""
         merged = self.uses_adapter(memory)
         if merged and not self.merge_adapter:
             return self.icae.model
+        dtype = self.dtype if dtype is None else dtype
         key: tuple[Any, ...] = (self.icae.device, self.icae.dtype)
         if merged:
             key += tuple(p._version for p in self._adapter_parameters())
-        copies = self._merged if merged else self._unwrapped
         with self.lock:  # copy between decoder forwards, as the encoder's copy is made
-            if not copies or key != copies[0][0]:
-                copies.clear()  # free the stale copy before making the new one
+            held = self._copies.get((merged, dtype))
+            if held is None or held[0] != key:
+                self._copies.pop((merged, dtype), None)  # free the stale copy first
                 if merged:
-                    copies.append((key, self.icae.merged_copy(DECODER_ADAPTER)))
+                    module = self.icae.merged_copy(DECODER_ADAPTER).to(dtype)
                 else:
-                    copies.append((key, self.icae.adapter_free_copy()))
-            return copies[0][1]
+                    module = self.icae.adapter_free_copy(dtype)
+                held = self._copies[(merged, dtype)] = (key, module)
+            return held[1]
 
     def _adapter_parameters(self) -> list[torch.Tensor]:
         if self._adapter_parameter_cache is None:
@@ -336,12 +354,16 @@ class Decoder:
 
     @contextmanager
     def state(
-        self, long_context: bool, memory: bool = True, window: int | None = None
+        self,
+        long_context: bool,
+        memory: bool = True,
+        window: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[nn.Module]:
-        """No gradients, eval mode, the decoder's weights and, if asked, LM-Infinite attention
-        (``window``: its local window, by default the model's pretraining length); yields the
-        module to call."""
-        decoder = self.model(memory)
+        """No gradients, eval mode, the decoder's weights (in ``dtype``, see ``model``) and, if
+        asked, LM-Infinite attention (``window``: its local window, by default the model's
+        pretraining length); yields the module to call."""
+        decoder = self.model(memory, dtype)
         # The adapter-free decoder has no adapter to switch; the lock still keeps one thread's
         # LM-Infinite switch out of another's forward call.
         weights = self.weights(memory) if decoder is self.icae.model else self.lock
@@ -467,7 +489,7 @@ class _Sequence:
             if self.long_context:
                 self.cache = _lm_infinite().make_cache(model)
             out = model(
-                inputs_embeds=prefix[None],
+                inputs_embeds=prefix[None].to(input_dtype(model)),
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -495,6 +517,12 @@ class _Sequence:
             )
         self.cache = out.past_key_values
         return out.logits[0, -1]
+
+
+def input_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a decoding module takes input embeddings in (its embedding table's)."""
+    embeddings: Any = cast(Any, module).get_input_embeddings()  # a transformers model
+    return embeddings.weight.dtype
 
 
 def _lm_infinite() -> Any:

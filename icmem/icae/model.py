@@ -890,7 +890,7 @@ class ICAE(nn.Module):
     def base_model(self) -> Iterator[nn.Module]:
         """The base model exactly as it answers without icmem (every adapter off, no gradients,
         eval mode): the teacher that distillation copies."""
-        with self.decoder.state(False, memory=False) as model:
+        with self.decoder.state(False, memory=False, dtype=self.dtype) as model:
             yield model
 
     def reconstruct(
@@ -972,14 +972,18 @@ class ICAE(nn.Module):
             merged.eval().requires_grad_(False)
         return merged
 
-    def adapter_free_copy(self) -> nn.Module:
+    def adapter_free_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The base model without peft's LoRA wrappers, in eval mode: a copy of the PEFT
         model's structure that shares every parameter and buffer with it (no more weights in
-        memory) and the slot-layer hook, its LoRA layers unloaded (``Decoder.model``)."""
+        memory) and the slot-layer hook, its LoRA layers unloaded (``Decoder.model``). In
+        another ``dtype`` than the model's it holds converted weights of its own instead."""
         shared: dict[int, Any] = {id(self._early_exit): self._early_exit}
-        for tensor in (*self.model.parameters(), *self.model.buffers()):
-            shared[id(tensor)] = tensor
-        return copy.deepcopy(self.model, shared).unload().eval()
+        if dtype is None or dtype == self.dtype:
+            for tensor in (*self.model.parameters(), *self.model.buffers()):
+                shared[id(tensor)] = tensor
+            return copy.deepcopy(self.model, shared).unload().eval()
+        with torch.no_grad(), self.decoder.lock:
+            return copy.deepcopy(self.model, shared).unload().to(dtype).eval()
 
     def restore_trainable(self) -> None:
         """peft's adapter switches set ``requires_grad`` by which adapter is active: put back
