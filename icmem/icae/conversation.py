@@ -163,7 +163,7 @@ class DecoderSession:
                     self.cache = self._start(decoder)
                 out = decoder(
                     input_ids=torch.tensor([piece], device=icae.device),
-                    past_key_values=self.cache,
+                    cache=self.cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -181,7 +181,7 @@ class DecoderSession:
         decoder(
             inputs_embeds=self._block[None].to(input_dtype(decoder)),
             position_ids=torch.tensor([self.block_positions], device=self.icae.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
