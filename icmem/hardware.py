@@ -9,10 +9,10 @@ The phases differ too. Compression, prefill and training multiply matrices by ma
 at once: compute-bound, fast in bf16 only where the CPU does bf16 in hardware
 (:func:`fast_dtype`). A decode step multiplies every weight by one vector: bound by the bytes
 it reads, which bf16 halves, but on a CPU that emulates bf16 the conversion can cost more than
-the bytes save. Measured: one AVX2-only 2-core machine ran a SmolLM2 decode step in 41 ms in
-bf16 and 68 ms in fp32 (issue 21), another 494 ms against 113 ms
-(``benchmarks/results/decode_step_profile.json``). No flag tells them apart, so
-:func:`decode_dtype` times one bandwidth-bound matrix-vector product in each, once per process.
+the bytes save. Measured on AVX2-only 2-core machines, a SmolLM2 decode step: 41 ms in bf16
+against 68 in fp32 on two threads (issue 21); on an EPYC 70 against 58 on one thread and 46
+against 59 on two (``benchmarks/results/decode_step_options.json``). No flag tells these
+apart, so :func:`decode_dtype` times bandwidth-bound matrix-vector products in each.
 """
 
 from __future__ import annotations
@@ -60,19 +60,25 @@ def resolve_dtype(dtype: str) -> str:
 # The decode probe: matrix-vector products over a decoder's worth of distinct matrices of a
 # small model's shape (24 x 576 x 1536, 85 MB in fp32), more than a CPU caches, so that they
 # read memory as a decode step does. bf16 must win by this factor to be chosen: a whole step
-# also pays for attention, norms and Python, so a smaller gain in the products is a few
-# percent per step (on an AVX2-only EPYC: products 0.79x, step 0.96x,
-# benchmarks/results/decode_step_options.json), not worth decoding in other numerics than the
-# model's.
+# also pays for attention, norms and Python, so a small gain in the products is none per step
+# (on an AVX2-only EPYC, one thread: products 0.70-0.79x the fp32 time, the step 1.2x;
+# two threads: products 0.44x, the step 0.78x; benchmarks/results/decode_step_options.json).
 _PROBE_SHAPE, _PROBE_MATRICES, _PROBE_REPEATS = (1536, 576), 24, 3
-_DECODE_MARGIN = 0.7
+_DECODE_MARGIN = 0.6
+
+
+def decode_dtype() -> str:
+    """The dtype a decode step runs fastest in here, with torch's current thread count:
+    ``"bfloat16"`` where a GPU or the CPU's bf16 instructions make it fast, else the faster of
+    the two in a short measurement (well under a second, once per process and thread count:
+    on an AVX2-only EPYC bf16 loses on one thread and wins on two; see the module docstring)."""
+    import torch
+
+    return _decode_dtype(torch.get_num_threads())
 
 
 @functools.cache
-def decode_dtype() -> str:
-    """The dtype a decode step runs fastest in here: ``"bfloat16"`` where a GPU or the CPU's
-    bf16 instructions make it fast, else the faster of the two in a short measurement (well
-    under a second, once per process; see the module docstring)."""
+def _decode_dtype(threads: int) -> str:
     import torch
 
     if fast_dtype() == "bfloat16":

@@ -317,7 +317,7 @@ class Decoder:
 
         With ``int8_weights`` (opt-in) the copies' Linear layers hold int8 weights, quantized
         per tensor and multiplied by dynamically quantized inputs: a decode step reads a
-        quarter of fp32's bytes (1.6x faster on a 2-core AVX2 machine,
+        quarter of fp32's bytes (1.5x faster on one thread, 1.7x on two, of a 2-core AVX2 machine,
         ``benchmarks/results/decode_step_options.json``) and answers differ slightly from the
         float decoder's. It uses ``torch.ao`` dynamic quantization, which PyTorch deprecates
         in favour of torchao, so it stays off by default and out of the exactness tests."""
