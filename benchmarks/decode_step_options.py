@@ -3,11 +3,11 @@ prefix (4 spans of slots plus a question), each option timed in one run, 1 and 2
 
 Options: the step as the Decoder runs it today (a plain Llama module, which is what the merged
 decoder copy and the adapter-free copy are, fp32, stock ``DynamicCache``); the same in bf16
-(what ``hardware.decode_dtype`` would pick where bf16 reads win); a preallocated
+(what ``Decoder.decode_dtype = "bfloat16"`` decodes in); a preallocated
 ``StaticCache`` instead of the growing one; int8 weights (``torch.ao`` dynamic quantization of
 every Linear, a quarter of fp32's bytes, not exact); and the bare matrix-vector products of the
 step's weights, the floor any option in eager PyTorch can reach. Ratios are against today's
-step in the same run and thread count. Also records what ``hardware.decode_dtype`` chose.
+step in the same run and thread count.
 
     OMP_NUM_THREADS=2 python benchmarks/decode_step_options.py --steps 16 --save
 """
@@ -76,8 +76,9 @@ NOTE = (
     "Where a step goes: the fp32 weights are 540 MB, and reading them once (matvec_floor_fp32) "
     "takes most of today's step on 1 and 2 threads alike, so this machine's memory bandwidth, "
     "not its cores, sets the pace; the rest is beyond_weight_reads_ms. What removes it: fewer "
-    "bytes per step (bf16 halves them and wins on 2 threads, where hardware.decode_dtype picks "
-    "it; int8 quarters the Linear weights, Decoder.int8_weights, opt-in and not exact; a Q4 "
+    "bytes per step (bf16 halves them and wins on 2 threads, though a bf16 copy's prefill is ~6x "
+    "slower on this CPU, so Decoder.decode_dtype picks it only when asked; int8 quarters the "
+    "Linear weights, Decoder.int8_weights, opt-in and not exact; a Q4 "
     "format as llama.cpp's would read an eighth) and, for the part beyond the reads, one "
     "compiled step instead of ~6,000 eager ops (torch.compile, not tried here). A preallocated "
     "StaticCache gains nothing in eager mode: its masked attention reads the whole buffer."
@@ -140,7 +141,6 @@ def main() -> None:
             "steps": args.steps,
             "command": "python " + " ".join(sys.argv),
             "load_average_at_start": [round(v, 2) for v in load_start],
-            "hardware_decode_dtype_at_last_thread_count": hardware.decode_dtype(),
             "note": NOTE,
             **results,
             "load_average_at_end": [round(v, 2) for v in os.getloadavg()],

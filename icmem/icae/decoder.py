@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from torch import nn
 
-from icmem import hardware
 from icmem.icae.errors import ICAEConfigError
 from icmem.icae.text import decode_text
 
@@ -283,8 +282,7 @@ class Decoder:
         # trained.
         self._copies: dict[tuple[Any, ...], tuple[tuple[Any, ...], nn.Module]] = {}
         self.merge_adapter = True  # False: decode through peft's wrappers (no extra weights)
-        # None: the dtype the hardware decodes fastest in under ``dtype="auto"``, else the
-        # model's own; a name ("float32", "bfloat16") forces it (see ``dtype``).
+        # None: the model's dtype; a name ("float32", "bfloat16") forces it (see ``dtype``).
         self.decode_dtype: str | None = None
         # Opt-in, not exact: the decoding copies' Linear weights in int8 (see ``model``).
         self.int8_weights = False
@@ -295,14 +293,16 @@ class Decoder:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the decoder's copies decode in. A decode step reads every weight for one
-        token, so it has its own choice (``hardware.decode_dtype``: bf16 where it reads faster)
-        while compression and training run in the model's dtype; an explicit model dtype
-        (``dtype="float32"``) decodes in that dtype too, and ``decode_dtype`` overrides both."""
+        """The dtype the decoder's copies decode in: the model's, unless ``decode_dtype``
+        forces another. A decode step alone reads fewer bytes in bf16, so it runs faster there
+        even on some AVX2-only CPUs (1.28x on two threads of a 2-core EPYC, slower on one,
+        ``benchmarks/results/decode_step_options.json``); but a copy also reads the whole
+        prefix (slots and prompt) first, and that prefill, a matrix product over hundreds of
+        positions, runs about 6x slower in emulated bf16, more than tens of faster steps win
+        back. So ``"auto"`` decodes in bf16 where the model runs in it (bf16 hardware), and a
+        caller whose answers are long can set ``decode_dtype = "bfloat16"``."""
         if self.decode_dtype is not None:
             return getattr(torch, self.decode_dtype)
-        if self.icae.config.dtype == hardware.AUTO:
-            return getattr(torch, hardware.decode_dtype())
         return self.icae.dtype
 
     def uses_adapter(self, memory: bool) -> bool:
