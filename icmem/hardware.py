@@ -4,6 +4,9 @@ Machines of one kind differ: CPUs with AMX or AVX-512-bf16 run bfloat16 matrix p
 hardware, while AVX2-only CPUs emulate them (a forward pass about 6x and LoRA training about
 35x slower than float32, measured in shared/DESIGN.md). A dtype that is fast on one machine is
 therefore a trap on the other, and ``"auto"`` asks this module instead.
+
+Decoding keeps the model's dtype under ``"auto"`` (``icae.decoder.Decoder.dtype`` says why
+and how to force another).
 """
 
 from __future__ import annotations

@@ -62,3 +62,36 @@ def test_fp32_and_bf16_encoders_give_slots_within_the_codecs_tolerance(tokenizer
         assert exact.tensor.dtype == torch.float32 and rounded.tensor.dtype == torch.bfloat16
         assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() >= 0.999
         assert (x - y).norm() / x.norm() <= 4 * 2**-8
+
+
+def test_decoding_can_run_in_its_own_dtype(monkeypatch, tokenizer):
+    """``auto`` decodes in the model's dtype (fp32 without bf16 hardware); ``decode_dtype``
+    puts decoding (from memory, the decoder adapter merged, and without) in bf16 copies while
+    slots still come from the fp32 encoder and the distillation teacher keeps the model's own
+    weights."""
+    from tiny_models import randomise_trained_tensors, tiny_icae_base
+
+    from icmem.icae.model import ICAE
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = {"slot_positions": "spread", "decoder_lora_rank": 4}
+    icae = ICAE.from_base((tiny_icae_base(), tokenizer), dtype="auto", **recipe).eval()
+    randomise_trained_tensors(icae)
+    assert icae.dtype == torch.float32 and icae.decoder.dtype == torch.float32
+    icae.decoder.decode_dtype = "bfloat16"
+    assert icae.decoder.dtype == torch.bfloat16
+    memory = icae.compress([list(range(3, 40))])
+    assert memory[0].tensor.dtype == torch.float32
+    for read in (memory, []):  # inputs reach the bf16 copies in their dtype
+        assert isinstance(icae.generate(read, "Where?", max_new_tokens=4), str)
+    for reads_memory in (True, False):
+        assert icae.decoder.model(reads_memory).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in icae.model.parameters())  # not converted
+    with icae.base_model() as teacher:
+        assert teacher.dtype == torch.float32
+    icae.decoder.decode_dtype = "float32"
+    assert icae.decoder.model(True).dtype == torch.float32
+
+    explicit = ICAE.from_base((tiny_icae_base(), tokenizer), dtype="float32", **recipe)
+    assert explicit.decoder.dtype == torch.float32

@@ -127,16 +127,20 @@ def test_passkey_accuracy_reports_which_depths_the_window_sees(model, tokenizer)
 
 @pytest.mark.parametrize(("echo", "accuracy"), [(slice(None), 1.0), (slice(0, 10), 0.0)])
 def test_passkey_scores_whether_the_answer_holds_the_key(tokenizer, monkeypatch, echo, accuracy):
-    """A stand-in model that answers with part of its prompt: the whole prompt holds the key,
+    """A stand-in decoder that answers with part of its prompt: the whole prompt holds the key,
     its first ten tokens (the instructions) do not."""
     from contextlib import nullcontext
+
+    from icmem.icae import batch_decode
 
     class Echo:
         device = torch.device("cpu")
 
-        def generate(self, ids, **kwargs):
-            return torch.cat((ids, ids[:, echo]), dim=1)
+    def echo_decode(model, ids, **kwargs):
+        return [batch_decode.Decoded(ids[0, echo].tolist(), "length")]
 
+    monkeypatch.setattr(batch_decode, "decode_batch", echo_decode)
+    monkeypatch.setattr(batch_decode, "stop_token_ids", lambda model: frozenset())
     monkeypatch.setattr(long_context, "_attention_context", lambda *args: nullcontext())
     monkeypatch.setattr(long_context, "_new_cache", lambda *args: None)
     result = passkey_accuracy(

@@ -216,6 +216,8 @@ def passkey_accuracy(
     import torch
     from tqdm.auto import tqdm
 
+    from icmem.icae.batch_decode import decode_batch, stop_token_ids
+
     if trials < 1 or not depths:
         raise EvaluationError("need trials >= 1 and at least one depth")
     settings = _settings(model, lm_infinite, global_tokens, local_window)
@@ -234,16 +236,17 @@ def passkey_accuracy(
             prompt, needle_at = passkey_prompt(tokenizer, tokens=tokens, depth=depth, key=key)
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
             ids = ids.to(model.device)
-            out = model.generate(
+            (decoded,) = decode_batch(
+                model,
                 ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=_new_cache(model, lm_infinite),
-                prefill_chunk_size=chunk,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                stop_ids=stop_token_ids(model),
+                pad_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                cache=_new_cache(model, lm_infinite),
+                prefill_chunk=chunk,
             )
-            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            answer = tokenizer.decode(decoded.generated(), skip_special_tokens=True)
             entry = per_depth.setdefault(
                 depth, {"depth": depth, "correct": 0, "trials": 0, "needle_distance": []}
             )

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from icmem.icae.decoder import Sampling, TokenStream, sample_tokens
+from icmem.icae.decoder import Sampling, TokenStream, input_dtype, sample_tokens
 from icmem.icae.errors import ICAEConfigError
 from icmem.icae.incremental_tokens import IncrementalTokenizer
 
@@ -163,7 +163,7 @@ class DecoderSession:
                     self.cache = self._start(decoder)
                 out = decoder(
                     input_ids=torch.tensor([piece], device=icae.device),
-                    past_key_values=self.cache,
+                    cache=self.cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -179,9 +179,9 @@ class DecoderSession:
             return lm_infinite.make_cache(decoder)
         cache = lm_infinite.make_cache(decoder, memory_positions=self.block_positions)
         decoder(
-            inputs_embeds=self._block[None],
+            inputs_embeds=self._block[None].to(input_dtype(decoder)),
             position_ids=torch.tensor([self.block_positions], device=self.icae.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from icmem.errors import IcmemError
 from icmem.icae.text import decode_text
@@ -561,6 +561,8 @@ def distill_triples(
     """
     import torch
 
+    from icmem.icae.batch_decode import decode_batch, stop_token_ids
+
     rng = random.Random(seed)
     triples = []
     for context in contexts:
@@ -571,13 +573,15 @@ def distill_triples(
         )
         input_ids = encoded["input_ids"].to(model.device)
         with torch.no_grad():
-            out = cast(Any, model).generate(  # transformers types `generate` oddly
+            (decoded,) = decode_batch(
+                model,
                 input_ids,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                stop_ids=stop_token_ids(model),
+                pad_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        answer = decode_text(tokenizer, out[0, input_ids.shape[1] :], skip_special_tokens=True)
+        # The stop token's text stays unless it is a special token, as it did with generate.
+        answer = decode_text(tokenizer, decoded.generated(), skip_special_tokens=True)
         triples.append(Triple(context, prompt, answer.strip(), "distill"))
     return triples
 

@@ -6,7 +6,9 @@ stop ids, constraints, loop detection and the finish reason live there. A :class
 owns the state every decode runs in: which weights decode (the PEFT model with the decoder
 adapter on, or an adapter-free copy sharing the base weights), the lock that keeps threads
 from switching adapters under each other, and LM-Infinite. ``ICAE.generate``, conversation
-sessions, the pipeline, ``ChatICAE``, ``icmem chat`` and the evaluations all decode through it.
+sessions, the pipeline, ``ChatICAE``, ``icmem chat`` and the evaluations all decode through it;
+a plain model decoded from token ids in batches (the distillation teacher, the passkey
+evaluation) runs the same loop per row through ``icmem.icae.batch_decode``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -161,11 +163,12 @@ def repeats_itself(history: Sequence[int], copies: int) -> bool:
 
 class TokenStream(Iterator[int]):
     """Token ids as they are chosen; once exhausted, ``finish_reason`` says why it ended:
-    ``"stop"`` (a stop token), ``"length"`` (the token budget) or ``"repetition"`` (the reply
-    started repeating itself, see ``Sampling.repeat_stop``)."""
+    ``"stop"`` (a stop token, then in ``stop_token``), ``"length"`` (the token budget) or
+    ``"repetition"`` (the reply started repeating itself, see ``Sampling.repeat_stop``)."""
 
     def __init__(self, run: Callable[[TokenStream], Iterator[int]]) -> None:
         self.finish_reason: FinishReason | None = None
+        self.stop_token: int | None = None
         self._tokens = run(self)
 
     def __next__(self) -> int:
@@ -242,7 +245,7 @@ def sample_tokens(
             if constraint is not None:
                 constraint.accept(token)
             if token in stop_ids:
-                stream.finish_reason = "stop"
+                stream.finish_reason, stream.stop_token = "stop", token
                 return
             history.append(token)
             yield token
@@ -275,38 +278,69 @@ class Decoder:
     def __init__(self, icae: ICAE) -> None:
         self.icae = icae
         self.lock = threading.RLock()
-        # Derived copies as (key, module): never saved, moved or trained.
-        self._unwrapped: list[tuple[tuple[Any, ...], nn.Module]] = []
-        self._merged: list[tuple[tuple[Any, ...], nn.Module]] = []
+        # Derived copies by (merged, dtype, int8), as (key, module): never saved, moved or
+        # trained.
+        self._copies: dict[tuple[Any, ...], tuple[tuple[Any, ...], nn.Module]] = {}
         self.merge_adapter = True  # False: decode through peft's wrappers (no extra weights)
+        # None: the model's dtype; a name ("float32", "bfloat16") forces it (see ``dtype``).
+        self.decode_dtype: str | None = None
+        # Opt-in, not exact: the decoding copies' Linear weights in int8 (see ``model``).
+        self.int8_weights = False
         self._tuner_layer_cache: list[BaseTunerLayer] | None = None
         self._adapter_parameter_cache: list[torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- weights
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the decoder's copies decode in: the model's, unless ``decode_dtype``
+        forces another. A decode step alone reads fewer bytes in bf16, so it runs faster there
+        even on some AVX2-only CPUs (1.28x on two threads of a 2-core EPYC, slower on one,
+        ``benchmarks/results/decode_step_options.json``); but a copy also reads the whole
+        prefix (slots and prompt) first, and that prefill, a matrix product over hundreds of
+        positions, runs about 6x slower in emulated bf16, more than tens of faster steps win
+        back. So ``"auto"`` decodes in bf16 where the model runs in it (bf16 hardware), and a
+        caller whose answers are long can set ``decode_dtype = "bfloat16"``."""
+        if self.decode_dtype is not None:
+            return getattr(torch, self.decode_dtype)
+        return self.icae.dtype
+
     def uses_adapter(self, memory: bool) -> bool:
         """Whether decoding (with or without memory) runs the decoder's own adapter."""
         return memory and bool(self.icae.config.decoder_lora_rank)
 
-    def model(self, memory: bool = True) -> nn.Module:
-        """The module that decodes (see the class docstring). Copies are built on first use
-        and rebuilt when the model moves to another device or dtype, or (the merged one) when
-        the decoder adapter's weights change."""
+    def model(self, memory: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+        """The module that decodes (see the class docstring), in ``dtype`` (by default the
+        decoder's ``dtype``). Copies are built on first use and rebuilt when the model moves to
+        another device or dtype, or (the merged one) when the decoder adapter's weights change.
+        A copy in another dtype than the model's holds weights of its own.
+
+        With ``int8_weights`` (opt-in) the copies' Linear layers hold int8 weights, quantized
+        per tensor and multiplied by dynamically quantized inputs: a decode step reads a
+        quarter of fp32's bytes (1.5x faster on one thread, 1.7x on two, of a 2-core AVX2 machine,
+        ``benchmarks/results/decode_step_options.json``) and answers differ slightly from the
+        float decoder's. It uses ``torch.ao`` dynamic quantization, which PyTorch deprecates
+        in favour of torchao, so it stays off by default and out of the exactness tests."""
         merged = self.uses_adapter(memory)
         if merged and not self.merge_adapter:
             return self.icae.model
+        int8 = self.int8_weights
+        dtype = torch.float32 if int8 else self.dtype if dtype is None else dtype
         key: tuple[Any, ...] = (self.icae.device, self.icae.dtype)
         if merged:
             key += tuple(p._version for p in self._adapter_parameters())
-        copies = self._merged if merged else self._unwrapped
         with self.lock:  # copy between decoder forwards, as the encoder's copy is made
-            if not copies or key != copies[0][0]:
-                copies.clear()  # free the stale copy before making the new one
+            held = self._copies.get((merged, dtype, int8))
+            if held is None or held[0] != key:
+                self._copies.pop((merged, dtype, int8), None)  # free the stale copy first
                 if merged:
-                    copies.append((key, self.icae.merged_copy(DECODER_ADAPTER)))
+                    module = self.icae.merged_copy(DECODER_ADAPTER).to(dtype)
                 else:
-                    copies.append((key, self.icae.adapter_free_copy()))
-            return copies[0][1]
+                    module = self.icae.adapter_free_copy(dtype)
+                if int8:
+                    module = _int8_linears(module)
+                held = self._copies[(merged, dtype, int8)] = (key, module)
+            return held[1]
 
     def _adapter_parameters(self) -> list[torch.Tensor]:
         if self._adapter_parameter_cache is None:
@@ -333,12 +367,16 @@ class Decoder:
 
     @contextmanager
     def state(
-        self, long_context: bool, memory: bool = True, window: int | None = None
+        self,
+        long_context: bool,
+        memory: bool = True,
+        window: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[nn.Module]:
-        """No gradients, eval mode, the decoder's weights and, if asked, LM-Infinite attention
-        (``window``: its local window, by default the model's pretraining length); yields the
-        module to call."""
-        decoder = self.model(memory)
+        """No gradients, eval mode, the decoder's weights (in ``dtype``, see ``model``) and, if
+        asked, LM-Infinite attention (``window``: its local window, by default the model's
+        pretraining length); yields the module to call."""
+        decoder = self.model(memory, dtype)
         # The adapter-free decoder has no adapter to switch; the lock still keeps one thread's
         # LM-Infinite switch out of another's forward call.
         weights = self.weights(memory) if decoder is self.icae.model else self.lock
@@ -464,13 +502,13 @@ class _Sequence:
             if self.long_context:
                 self.cache = _lm_infinite().make_cache(model)
             out = model(
-                inputs_embeds=prefix[None],
-                past_key_values=self.cache,
+                inputs_embeds=prefix[None].to(input_dtype(model)),
+                cache=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **placed,
             )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.length = prefix.shape[0]
         return out.logits[0, -1]
 
@@ -486,12 +524,30 @@ class _Sequence:
         with self._state(per_call) as model:
             out = model(
                 input_ids=torch.tensor([[token]], device=self.device),
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 **placed,
             )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits[0, -1]
+
+
+def _int8_linears(module: nn.Module) -> nn.Module:
+    """``module`` (a copy the decoder owns) with its Linear layers swapped, in place, for
+    dynamically quantized int8 ones; shared weights are read, never changed."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices (see Decoder.model)
+        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def input_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a decoding module takes input embeddings in (its embedding table's)."""
+    embeddings: Any = cast(Any, module).get_input_embeddings()  # a transformers model
+    return embeddings.weight.dtype
 
 
 def _lm_infinite() -> Any:

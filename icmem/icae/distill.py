@@ -32,7 +32,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from icmem.icae.data import (
     DISTILLATION_PROMPTS,
@@ -266,6 +266,8 @@ def teacher_answers(
     sequences than for one, and answers are most of the teacher's time."""
     import torch
 
+    from icmem.icae.batch_decode import decode_batch, pad_left
+
     prompts = [icae.format_chat(with_context(list(r.messages), r.spans)) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pad = icae.tokenizer.pad_token_id
@@ -274,31 +276,22 @@ def teacher_answers(
     with icae.base_model() as base:
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in chosen)
-            ids = torch.full((len(chosen), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chosen), width), dtype=torch.long)
-            for row, i in enumerate(chosen):
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
-            out = cast(Any, base).generate(  # a transformers model; nn.Module to the types
-                input_ids=ids.to(icae.device),
+            ids, mask = pad_left([prompts[i] for i in chosen], pad)
+            decoded = decode_batch(
+                base,
+                ids.to(icae.device),
                 attention_mask=mask.to(icae.device),
                 max_new_tokens=max_answer_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=sorted(icae.stop_ids),
-                output_logits=True,
-                return_dict_in_generate=True,
+                stop_ids=icae.stop_ids,
+                pad_id=pad,
+                keep_logits=True,
             )
-            steps = torch.stack(out.logits, dim=1).float()  # (B, steps, V)
-            for row, i in enumerate(chosen):
-                new = out.sequences[row, width:].tolist()
-                stop = next((n for n, t in enumerate(new) if t in icae.stop_ids), None)
-                if stop is None:
-                    answers[i] = TeacherAnswer(new, None)
-                    continue
-                logprobs = torch.log_softmax(steps[row, : stop + 1], dim=-1)
-                answers[i] = TeacherAnswer(new[:stop], _top_k(logprobs, top_k))
+            for i, answer in zip(chosen, decoded, strict=True):
+                targets = None
+                if answer.finish_reason == "stop":
+                    logprobs = torch.log_softmax(torch.stack(answer.logits), dim=-1)
+                    targets = _top_k(logprobs, top_k)
+                answers[i] = TeacherAnswer(answer.token_ids, targets)
     return [a for a in answers if a is not None]
 
 

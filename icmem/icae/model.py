@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 Task = Literal["ae", "lm", "ft"]
 EncoderPath = Literal["reference", "compiled"]
+Prompt = str | Sequence[Mapping[str, str]]  # plain text, or a conversation of role/content
 ENCODER_PATHS: tuple[EncoderPath, ...] = ("reference", "compiled")
 _IGNORE = -100
 
@@ -783,42 +784,26 @@ class ICAE(nn.Module):
     def generate(
         self,
         memory: Sequence[MemorySlots],
-        prompt: str | Sequence[Mapping[str, str]],
+        prompt: Prompt,
         *,
-        max_new_tokens: int = ...,
-        task: str = ...,
         stream: Literal[False] = ...,
-        **sampling: Any,
+        **options: Any,
     ) -> str: ...
 
     @overload
     def generate(
         self,
         memory: Sequence[MemorySlots],
-        prompt: str | Sequence[Mapping[str, str]],
+        prompt: Prompt,
         *,
-        max_new_tokens: int = ...,
-        task: str = ...,
         stream: Literal[True],
-        **sampling: Any,
+        **options: Any,
     ) -> Iterator[str]: ...
 
-    @overload
     def generate(
         self,
         memory: Sequence[MemorySlots],
-        prompt: str | Sequence[Mapping[str, str]],
-        *,
-        max_new_tokens: int = ...,
-        task: str = ...,
-        stream: bool,
-        **sampling: Any,
-    ) -> str | Iterator[str]: ...
-
-    def generate(
-        self,
-        memory: Sequence[MemorySlots],
-        prompt: str | Sequence[Mapping[str, str]],
+        prompt: Prompt,
         *,
         max_new_tokens: int = 256,
         task: str = "ft",
@@ -834,8 +819,6 @@ class ICAE(nn.Module):
         ``"ae"`` reconstructs it (prompt usually empty). ``sampling`` takes ``Sampling`` fields
         (greedy by default). With ``stream=True`` this returns an iterator of text pieces.
         """
-        if max_new_tokens < 1:
-            raise ICAEConfigError(f"max_new_tokens={max_new_tokens}; use 1 or more")
         pieces = self.generate_text(
             memory, prompt, max_new_tokens=max_new_tokens, task=task, stream=stream, **sampling
         )
@@ -844,7 +827,7 @@ class ICAE(nn.Module):
     def generate_text(
         self,
         memory: Sequence[MemorySlots],
-        prompt: str | Sequence[Mapping[str, str]],
+        prompt: Prompt,
         *,
         max_new_tokens: int = 256,
         task: str = "ft",
@@ -892,7 +875,7 @@ class ICAE(nn.Module):
         )
         return self.decoder.text(tokens)
 
-    def prompt_ids(self, prompt: str | Sequence[Mapping[str, str]], task: str = "ft") -> list[int]:
+    def prompt_ids(self, prompt: Prompt, task: str = "ft") -> list[int]:
         """The token ids the decoder reads after the task token (see ``generate``)."""
         if not isinstance(prompt, str):
             if task != "ft":
@@ -907,7 +890,7 @@ class ICAE(nn.Module):
     def base_model(self) -> Iterator[nn.Module]:
         """The base model exactly as it answers without icmem (every adapter off, no gradients,
         eval mode): the teacher that distillation copies."""
-        with self.decoder.state(False, memory=False) as model:
+        with self.decoder.state(False, memory=False, dtype=self.dtype) as model:
             yield model
 
     def reconstruct(
@@ -989,14 +972,18 @@ class ICAE(nn.Module):
             merged.eval().requires_grad_(False)
         return merged
 
-    def adapter_free_copy(self) -> nn.Module:
+    def adapter_free_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The base model without peft's LoRA wrappers, in eval mode: a copy of the PEFT
         model's structure that shares every parameter and buffer with it (no more weights in
-        memory) and the slot-layer hook, its LoRA layers unloaded (``Decoder.model``)."""
+        memory) and the slot-layer hook, its LoRA layers unloaded (``Decoder.model``). In
+        another ``dtype`` than the model's it holds converted weights of its own instead."""
         shared: dict[int, Any] = {id(self._early_exit): self._early_exit}
-        for tensor in (*self.model.parameters(), *self.model.buffers()):
-            shared[id(tensor)] = tensor
-        return copy.deepcopy(self.model, shared).unload().eval()
+        if dtype is None or dtype == self.dtype:
+            for tensor in (*self.model.parameters(), *self.model.buffers()):
+                shared[id(tensor)] = tensor
+            return copy.deepcopy(self.model, shared).unload().eval()
+        with torch.no_grad(), self.decoder.lock:
+            return copy.deepcopy(self.model, shared).unload().to(dtype).eval()
 
     def restore_trainable(self) -> None:
         """peft's adapter switches set ``requires_grad`` by which adapter is active: put back

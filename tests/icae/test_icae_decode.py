@@ -333,3 +333,24 @@ def test_top_k_and_top_p_keep_exactly_the_nucleus(settings, expected):
     generator = torch.Generator().manual_seed(0)
     drawn = {pick_token(logits, Sampling(**settings), generator) for _ in range(400)}
     assert drawn == expected
+
+
+def test_int8_weights_are_opt_in_and_close_to_the_float_decoder(make_icae):
+    """Off by default; on, the decoding copies hold int8 Linear layers (the PEFT model keeps
+    its float weights) and give logits close to the float decoder's, not equal to them."""
+    icae = make_icae(trained=True, slot_positions="spread", decoder_lora_rank=4)
+    assert not icae.decoder.int8_weights
+    memory = icae.compress([list(range(3, 40))])
+    prompt = icae.prompt_ids("Where?")
+    with torch.no_grad():
+        prefix = icae.decoder_inputs(memory, "ft", prompt)[None]
+        exact = icae.decoder.model(True)(inputs_embeds=prefix).logits[0, -1]
+        icae.decoder.int8_weights = True
+        quantized = icae.decoder.model(True)
+        approximate = quantized(inputs_embeds=prefix).logits[0, -1]
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert all(p.is_floating_point() for p in icae.model.parameters())
+    assert not torch.equal(exact, approximate)
+    assert (exact - approximate).abs().max() <= 0.1 * exact.abs().max()
+    assert isinstance(icae.generate(memory, "Where?", max_new_tokens=4), str)
+    assert isinstance(icae.generate([], "Where?", max_new_tokens=4), str)

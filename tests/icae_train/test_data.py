@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -15,6 +16,7 @@ from icmem.icae.data import (
     ae_fraction_at,
     build_instruction_data,
     build_local_corpus,
+    distill_triples,
     ft_example,
     read_corpus,
     read_jsonl_documents,
@@ -145,6 +147,49 @@ def test_ft_example_lays_out_context_prompt_and_answer(make_icae):
     assert example.context_ids == icae.tokenize(triple.input)[:5]
     assert example.prompt_ids == icae.format_prompt("What is the capital?")
     assert example.target_ids == icae.tokenize("Paris")
+
+
+def test_distillation_answers_are_the_ones_generate_gave(tokenizer):
+    """The one decoding loop answers as Hugging Face ``generate`` did: greedy, stopping at
+    the model's end-of-sequence token, which the answer leaves out."""
+    import torch
+    from tiny_models import tiny_model
+
+    model = tiny_model(seed=4, max_positions=256)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights far from init, so that answers vary token to token
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    contexts = ["Alice met Bob in London.", "Paris is the capital of France."]
+    rng = random.Random(0)
+    prompts = [rng.choice(list(DISTILLATION_PROMPTS)) for _ in contexts]
+    inputs = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{c}\n\n{p}"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        for c, p in zip(contexts, prompts, strict=True)
+    ]
+
+    def generate(ids):
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        return out[0, ids.shape[1] :]
+
+    # an end-of-sequence token (not a special one) that the first answer reaches, so it
+    # stops before the limit
+    model.generation_config.eos_token_id = int(generate(inputs[0])[4])
+    triples = distill_triples(model, tokenizer, contexts, max_new_tokens=12)
+    assert [t.prompt for t in triples] == prompts
+    for ids, triple in zip(inputs, triples, strict=True):
+        expected = tokenizer.decode(generate(ids), skip_special_tokens=True).strip()
+        assert triple.answer == expected
+    assert len(generate(inputs[0])) <= 5
 
 
 def test_retention_answers_come_from_the_context(tokenizer):

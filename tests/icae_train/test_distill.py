@@ -174,6 +174,58 @@ def test_teacher_reads_the_spans_as_memory_text_lays_them_out(icae, records):
     torch.testing.assert_close(example.teacher.token_ids[:, 0], forced.token_ids[:, 0])
 
 
+def generate_teacher_answers(icae, records, steps, top_k):
+    """The teacher's answers as they were made before the one decoding loop: Hugging Face
+    ``generate`` on the left-padded batch, targets read off its logits."""
+    prompts = [icae.format_chat(with_context(list(r.messages), r.spans)) for r in records]
+    pad = icae.tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    with icae.base_model() as base:
+        out = base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=sorted(icae.stop_ids),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    logits = torch.stack(out.logits, dim=1).float()
+    answers = []
+    for row in range(len(prompts)):
+        new = out.sequences[row, width:].tolist()
+        stop = next((n for n, t in enumerate(new) if t in icae.stop_ids), None)
+        if stop is None:
+            answers.append(distill.TeacherAnswer(new, None))
+        else:
+            logprobs = torch.log_softmax(logits[row, : stop + 1], dim=-1)
+            answers.append(distill.TeacherAnswer(new[:stop], distill._top_k(logprobs, top_k)))
+    return answers
+
+
+def test_teacher_answers_are_the_ones_generate_gave(icae, records):
+    """The distillation cache's answers stay what they were: same tokens, same targets."""
+    chosen = records[1][:6]
+    free = generate_teacher_answers(icae, chosen, 8, top_k=8)
+    # stop tokens the rows reach at different steps, so some stop and some run to the limit
+    icae.stop_ids = icae.stop_ids | {free[0].token_ids[2], free[1].token_ids[5]}
+    expected = generate_teacher_answers(icae, chosen, 8, top_k=8)
+    answers = distill.teacher_answers(icae, chosen, 8, top_k=8, batch_size=len(chosen))
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+    assert any(a.targets is not None for a in answers)
+    for mine, theirs in zip(answers, expected, strict=True):
+        assert (mine.targets is None) == (theirs.targets is None)
+        if mine.targets is not None:
+            assert torch.equal(mine.targets.token_ids, theirs.targets.token_ids)
+            assert torch.equal(mine.targets.logprobs, theirs.targets.logprobs)
+
+
 def test_records_are_split_by_document_and_repeatable(records, tokenizer):
     corpus, chosen = records
     again = distill.build_records(corpus, tokenizer, 12, held_out_fraction=0.2, span_tokens=32)

@@ -1,0 +1,153 @@
+"""What a faster SmolLM2-135M decode step could come from: one-token forwards after a 556-entry
+prefix (4 spans of slots plus a question), each option timed in one run, 1 and 2 threads.
+
+Options: the step as the Decoder runs it today (a plain Llama module, which is what the merged
+decoder copy and the adapter-free copy are, fp32, stock ``DynamicCache``); the same in bf16
+(what ``Decoder.decode_dtype = "bfloat16"`` decodes in); a preallocated
+``StaticCache`` instead of the growing one; int8 weights (``torch.ao`` dynamic quantization of
+every Linear, a quarter of fp32's bytes, not exact); and the bare matrix-vector products of the
+step's weights, the floor any option in eager PyTorch can reach. Ratios are against today's
+step in the same run and thread count.
+
+    OMP_NUM_THREADS=2 python benchmarks/decode_step_options.py --steps 16 --save
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from icae_common import emit
+
+from icmem import hardware
+from icmem.models import load_model
+
+PREFIX = 556
+
+
+def step_ms(model: torch.nn.Module, make_cache: Callable[[], Any], steps: int) -> float:
+    """Median wall ms of a one-token step after the prefix."""
+    ids = torch.randint(100, 40_000, (1, PREFIX), generator=torch.Generator().manual_seed(0))
+    cache = make_cache()
+    with torch.inference_mode():
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        token = int(out.logits[0, -1].argmax())
+        times = []
+        for position in range(PREFIX, PREFIX + steps):
+            start = time.perf_counter()
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                position_ids=torch.tensor([[position]]),
+                cache=cache,
+                use_cache=True,
+            )
+            token = int(out.logits[0, -1].argmax())
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[2:])
+
+
+def matvec_floor_ms(model: torch.nn.Module, repeats: int) -> float:
+    """One vector through every Linear weight of the model (and the tied head), no other op."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    vector = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(vector[w.shape[1]], w)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def base_ms(times: dict[str, float]) -> float:
+    return times["today_fp32_dynamic_cache"]
+
+
+NOTE = (
+    "Where a step goes: the fp32 weights are 540 MB, and reading them once (matvec_floor_fp32) "
+    "takes most of today's step on 1 and 2 threads alike, so this machine's memory bandwidth, "
+    "not its cores, sets the pace; the rest is beyond_weight_reads_ms. What removes it: fewer "
+    "bytes per step (bf16 halves them and wins on 2 threads, though a bf16 copy's prefill is ~6x "
+    "slower on this CPU, so Decoder.decode_dtype picks it only when asked; int8 quarters the "
+    "Linear weights, Decoder.int8_weights, opt-in and not exact; a Q4 "
+    "format as llama.cpp's would read an eighth) and, for the part beyond the reads, one "
+    "compiled step instead of ~6,000 eager ops (torch.compile, not tried here). A preallocated "
+    "StaticCache gains nothing in eager mode: its masked attention reads the whole buffer."
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--save", action="store_true")
+    args = parser.parse_args()
+    from transformers import DynamicCache, StaticCache
+
+    fp32, _ = load_model("smollm2-135m-instruct", dtype="float32")
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    int8 = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    length = PREFIX + args.steps + 8
+
+    def dynamic(model: torch.nn.Module) -> Callable[[], Any]:
+        return lambda: DynamicCache(config=model.config)
+
+    def static(model: torch.nn.Module) -> Callable[[], Any]:
+        return lambda: StaticCache(config=model.config, max_cache_len=length)
+
+    arms = {
+        "today_fp32_dynamic_cache": (fp32, dynamic(fp32)),
+        "bf16_dynamic_cache": (bf16, dynamic(bf16)),
+        "fp32_static_cache": (fp32, static(fp32)),
+        "int8_dynamic_quantized_linear": (int8, dynamic(fp32)),
+    }
+    results: dict[str, Any] = {}
+    load_start = os.getloadavg()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        times = {name: step_ms(model, cache, args.steps) for name, (model, cache) in arms.items()}
+        times["matvec_floor_fp32"] = matvec_floor_ms(fp32, args.steps)
+        times["matvec_floor_bf16"] = matvec_floor_ms(bf16, args.steps)
+        base = base_ms(times)
+        results[f"threads_{threads}"] = {
+            "median_step_ms": {k: round(v, 2) for k, v in times.items()},
+            # what today's step spends beyond reading its weights: attention over the cache,
+            # norms, rotary, cache growth and Python (module calls, transformers' plumbing)
+            "beyond_weight_reads_ms": round(base_ms(times) - times["matvec_floor_fp32"], 2),
+            "tokens_per_s": {k: round(1000 / v, 1) for k, v in times.items()},
+            "speedup_vs_today": {k: round(base / v, 2) for k, v in times.items()},
+        }
+    emit(
+        "decode_step_options",
+        {
+            "benchmark": "decode_step_options",
+            "model": "smollm2-135m-instruct",
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpu_flags_bf16": sorted(hardware.cpu_flags() & {"amx_bf16", "avx512_bf16"}),
+            "torch": torch.__version__,
+            "prefix_entries": PREFIX,
+            "steps": args.steps,
+            "command": "python " + " ".join(sys.argv),
+            "load_average_at_start": [round(v, 2) for v in load_start],
+            "note": NOTE,
+            **results,
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        },
+        args.save,
+    )
+
+
+if __name__ == "__main__":
+    main()
