@@ -448,9 +448,10 @@ def bench_langgraph(directory: Path, items: int, queries: int) -> dict:
 
     from icmem.pipeline import MemoryPipeline
 
-    # Unindexed puts never compress or embed, so the pipeline needs no models here.
+    # Unindexed puts never compress or embed, so the pipeline needs no models here (a window
+    # given, it does not ask the model for its length either).
     store = MemoryStore.open(directory, dim=8)
-    ours = ICAEMemory(MemoryPipeline(None, store, None))  # type: ignore[arg-type]
+    ours = ICAEMemory(MemoryPipeline(None, store, None, window=2048))  # type: ignore[arg-type]
     reference = InMemoryStore()
     puts = [
         PutOp(
