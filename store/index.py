@@ -9,7 +9,9 @@ well under a millisecond at 100k and, unlike HNSW, removes ids in place so delet
 reach the index. A shard is retrained when it grows 4x past its training size and falls back to
 flat when it shrinks below half the threshold. Filtered searches on IVF probe ``nprobe / f``
 lists for a filter that keeps a share ``f`` of the vectors (about the cost and recall of an
-unfiltered search) and every list, exactly, once that reaches half of them.
+unfiltered search) and every list, exactly, once that reaches half of them. The index that
+merges many small namespaces for a prefix search follows the same policy with ``sqrt(n)`` lists
+(``MergedViewPolicy``), because it is trained inside a search.
 
 Files: ``<name>.faiss`` (faiss's own serialisation, never pickle) and ``<name>.json`` (format,
 kind, dim, token, generation, vector count, SHA-256 of the index file). Both are replaced

@@ -89,11 +89,11 @@ class Shards:
         among them are merged into a ``_MergedView`` kept for the prefix and caught up shard by
         shard as they change, join or leave; IVF (large) shards are searched on their own. The
         view follows the store's ``flat_max`` as a shard does: exact and flat up to it, IVF
-        above it (``MergedViewPolicy``: trained once, in the first search of the prefix, in
-        under a second at 100k vectors), so that a search over a prefix of 100k spans costs
-        about what a search of one namespace of 100k spans does, at the same recall. While
-        neither the snapshot nor any shard in memory changed, the view is searched as it is,
-        without checking its 1,000 shards again."""
+        above it (``MergedViewPolicy``: trained once, in the first search of the prefix; about
+        a second of k-means and list assignment at 100k vectors here), so that a search over
+        a prefix of 100k spans costs about what a search of one namespace of 100k spans does,
+        at the same recall. While neither the snapshot nor any shard in memory changed, the
+        view is searched as it is, without checking its 1,000 shards again."""
         scored: list[tuple[float, int]] = []
         with self.lock:
             if len(snapshot.rows) >= _MERGE_FROM:
