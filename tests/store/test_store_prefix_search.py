@@ -164,3 +164,27 @@ def test_a_merged_view_past_flat_max_is_ivf_and_matches_brute_force(location) ->
         assert not set(_found(store, _vectors[gone[0]], 10)) & set(gone)
         query = embedding(3_000)
         assert _found(store, query, 10, {"even": True}) == _expected(store, query, 10, even)
+
+
+def test_a_prefix_search_sees_namespaces_another_store_object_changed(many, location) -> None:
+    """The namespace rows a prefix search reuses are checked against the database on every
+    search: another store object (as another process would) that deletes one namespace and
+    creates another (the count stays), or writes to one, is seen by the next search."""
+    query = embedding(990)
+    assert _found(many, query, 9) == _expected(many, query, 9)
+    with location.open() as other:
+        other.delete(namespace=(*PREFIX, "user-2"))
+        _write(other, (*PREFIX, "user-new"), "doc-0", seed=4_242)
+    for key in [key for key in _spans_of if key[0] == (*PREFIX, "user-2")]:
+        del _spans_of[key]
+    new_span = _spans_of[((*PREFIX, "user-new"), "doc-0")][0]
+    assert _found(many, _vectors[new_span], 1) == [new_span]
+    assert _found(many, query, 9) == _expected(many, query, 9)
+    assert (*PREFIX, "user-new") in {
+        hit.namespace for hit in many.search(query, 300, namespace=PREFIX)
+    }
+    with location.open() as other:
+        _write(other, (*PREFIX, "user-9"), "late", seed=5_151)
+    late = _spans_of[((*PREFIX, "user-9"), "late")][2]
+    assert _found(many, _vectors[late], 1) == [late]
+    assert _found(many, query, 9, {"even": True}) == _expected(many, query, 9, {"even": True})
