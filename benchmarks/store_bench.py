@@ -17,6 +17,10 @@ benchmarks/results/store_bench.json.
     .venv/bin/python benchmarks/store_bench.py --sizes 10000,100000,1000000
     .venv/bin/python benchmarks/store_bench.py --sizes '' --codec-spans 0 --namespaces 0 \
         --out benchmarks/results/store_bench_v3.json        # the store v3 sections only
+
+A run too long for one quiet window can be split: run the first part as usual and each other
+part with `--merge` and the same `--out`; the file then lists each part's command and load
+average under `runs`, and its `command` chains them.
 """
 
 from __future__ import annotations
@@ -375,12 +379,18 @@ def bench_first_search_after_killed_writer(directory: Path, dim: int, n: int) ->
 def bench_prefix_search(directory: Path, dim: int, count: int, spans: int, queries: int) -> dict:
     """Search over a prefix of `count` namespaces of `spans` spans each (unfiltered, and
     filtered to half of the documents), beside a search of one of those namespaces and of one
-    namespace holding as many spans as all of them (the cost of one index of that size)."""
+    namespace holding as many spans as all of them (the cost of one index of that size; its
+    documents filtered alike).
+    Recall@10 of the prefix searches and of the one index is against brute force over the
+    same vectors (those of the filter's documents when filtered)."""
     total = count * spans
     vectors = clustered_vectors(total, dim, seed=5)
     asked = clustered_vectors(queries, dim, seed=6)
+    half = np.zeros(total, dtype=bool)  # rows of the documents the filter keeps
 
     def records(first: int) -> list[DocumentRecord]:
+        for d in range(0, spans // 10):
+            half[first + d * 10 : first + d * 10 + 10] = (first + d) % 2 == 0
         return [
             DocumentRecord(
                 id=f"doc-{first + d}",
@@ -393,33 +403,53 @@ def bench_prefix_search(directory: Path, dim: int, count: int, spans: int, queri
             for d in range(0, spans // 10)
         ]
 
-    def timed(store: MemoryStore, prefix: tuple[str, ...], filter_=None) -> dict[str, float]:
+    def timed(store: MemoryStore, prefix: tuple[str, ...], filter_=None, rows=None, ids=None):
+        """Latency percentiles; with the brute-force candidates' `rows` and the span `ids` of
+        every row, recall@10 too."""
         store.search(asked[0], 10, namespace=prefix, filter=filter_)  # load and merge first
-        seconds = []
+        seconds, found = [], []
         for q in asked:
             started = time.perf_counter()
-            store.search(q, 10, namespace=prefix, filter=filter_)
+            hits = store.search(q, 10, namespace=prefix, filter=filter_)
             seconds.append(time.perf_counter() - started)
-        return percentiles(seconds)
+            found.append({hit.span_id for hit in hits})
+        out: dict = percentiles(seconds)
+        if rows is not None:
+            exact = rows[np.argsort(-(vectors[rows] @ asked.T), axis=0)[:10].T]
+            hits = [len(f & set(ids[e].tolist())) / 10 for f, e in zip(found, exact, strict=True)]
+            out["recall_at_10"] = round(float(np.mean(hits)), 4)
+        return out
 
+    every = np.arange(total)
     with MemoryStore.open(directory / "many", dim=dim) as store:
         started = time.perf_counter()
+        added = []
         for i in range(count):
-            store.add(records(i * spans), namespace=("tenants", f"t{i}"))
+            added += store.add(records(i * spans), namespace=("tenants", f"t{i}"))
         add_s = time.perf_counter() - started
+        span_ids = np.concatenate([np.asarray(a.span_ids, np.int64) for a in added])  # by row
+        started = time.perf_counter()
+        store.search(asked[0], 10, namespace=("tenants",))
+        first_s = time.perf_counter() - started
         result = {
             "namespaces": count,
             "spans_per_namespace": spans,
             "add_s": round(add_s, 1),
-            "prefix_search": timed(store, ("tenants",)),
-            "prefix_search_filtered_half": timed(store, ("tenants",), {"half": True}),
+            "prefix_first_search_s": round(first_s, 2),
+            "prefix_view_kind": store._index._views[("tenants",)].index.kind,
+            "prefix_search": timed(store, ("tenants",), rows=every, ids=span_ids),
+            "prefix_search_filtered_half": timed(
+                store, ("tenants",), {"half": True}, rows=np.flatnonzero(half), ids=span_ids
+            ),
             "one_namespace_search": timed(store, ("tenants", "t7")),
         }
     with MemoryStore.open(directory / "one", dim=dim) as store:
+        added = []
         for first in range(0, total, 10_000):
             batch = [
                 DocumentRecord(
                     id=f"doc-{first + d}",
+                    metadata={"half": bool(half[first + d * 10])},  # the same spans kept
                     spans=[
                         SpanRecord(s, 0, 1, "span", 1, None, vectors[first + d * 10 + s])
                         for s in range(10)
@@ -427,12 +457,19 @@ def bench_prefix_search(directory: Path, dim: int, count: int, spans: int, queri
                 )
                 for d in range(min(10_000, total - first) // 10)
             ]
-            store.add(batch, namespace=("one",))
-        result["one_index_of_the_same_size"] = timed(store, ("one",))
+            added += store.add(batch, namespace=("one",))
+        span_ids = np.concatenate([np.asarray(a.span_ids, np.int64) for a in added])
+        result["one_index_of_the_same_size"] = timed(store, ("one",), rows=every, ids=span_ids)
+        result["one_index_of_the_same_size_filtered_half"] = timed(
+            store, ("one",), {"half": True}, rows=np.flatnonzero(half), ids=span_ids
+        )
         result["one_index_kind"] = store._index.shards[next(iter(store._index.shards))].kind
-    for name in ("prefix_search", "prefix_search_filtered_half"):
+    for name, one in (
+        ("prefix_search", "one_index_of_the_same_size"),
+        ("prefix_search_filtered_half", "one_index_of_the_same_size_filtered_half"),
+    ):
         result[f"{name}_p50_ratio_to_one_index"] = round(
-            result[name]["p50_ms"] / result["one_index_of_the_same_size"]["p50_ms"], 2
+            result[name]["p50_ms"] / result[one]["p50_ms"], 2
         )
     return result
 
@@ -448,9 +485,10 @@ def bench_langgraph(directory: Path, items: int, queries: int) -> dict:
 
     from icmem.pipeline import MemoryPipeline
 
-    # Unindexed puts never compress or embed, so the pipeline needs no models here.
+    # Unindexed puts never compress or embed, so the pipeline needs no models here (a window
+    # given, it does not ask the model for its length either).
     store = MemoryStore.open(directory, dim=8)
-    ours = ICAEMemory(MemoryPipeline(None, store, None))  # type: ignore[arg-type]
+    ours = ICAEMemory(MemoryPipeline(None, store, None, window=2048))  # type: ignore[arg-type]
     reference = InMemoryStore()
     puts = [
         PutOp(
@@ -541,6 +579,12 @@ def main() -> None:
     parser.add_argument("--prefix-spans", type=int, default=100, help="spans per namespace")
     parser.add_argument("--workdir", default=None, help="where stores are written (a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/store_bench.json")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of --out this run does not measure (a benchmark too long for "
+        "one quiet window, run in parts); each part's command and load average go in 'runs'",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     shape = tuple(int(x) for x in args.slot_shape.split("x"))
@@ -607,9 +651,47 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
+    if args.merge and out.exists():
+        result = merged(json.loads(out.read_text()), result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
+
+
+_RUN_KEYS = ("command", "load_average_at_start", "load_average_at_end")
+_SETTINGS = ("benchmark", "dim", "slot_shape", "k", "runs")
+_BY_SIZE = ("sizes", "langgraph_store")  # sections keyed by size: merged size by size
+
+
+def _sections(result: dict) -> list[str]:
+    return [k for k, v in result.items() if k not in (*_RUN_KEYS, *_SETTINGS) and v]
+
+
+def _run(result: dict) -> dict:
+    """One run's command, load averages and the sections it measured."""
+    return {**{key: result.get(key) for key in _RUN_KEYS}, "sections": _sections(result)}
+
+
+def merged(previous: dict, new: dict) -> dict:
+    """`previous` with the sections `new` measured replaced, and `new`'s run added to `runs`
+    (each run: its command, load averages and the sections it measured). Every ratio is still
+    between numbers of one run: each section is measured whole by one command."""
+    if previous.get("dim") != new["dim"] or previous.get("k") != new["k"]:
+        raise SystemExit("--merge: --out was measured with another --dim or --k; write a new file")
+    runs = previous.pop("runs", None) or [_run(previous)]
+    for key in _sections(new):
+        if key in _BY_SIZE:
+            previous.setdefault(key, {}).update(new[key])
+        else:
+            previous[key] = new[key]
+    runs.append(_run(new))
+    return {
+        **previous,
+        "command": " && ".join(run["command"] for run in runs),
+        "load_average_at_start": runs[0]["load_average_at_start"],
+        "load_average_at_end": runs[-1]["load_average_at_end"],
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":

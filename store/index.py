@@ -9,7 +9,9 @@ well under a millisecond at 100k and, unlike HNSW, removes ids in place so delet
 reach the index. A shard is retrained when it grows 4x past its training size and falls back to
 flat when it shrinks below half the threshold. Filtered searches on IVF probe ``nprobe / f``
 lists for a filter that keeps a share ``f`` of the vectors (about the cost and recall of an
-unfiltered search) and every list, exactly, once that reaches half of them.
+unfiltered search) and every list, exactly, once that reaches half of them. The index that
+merges many small namespaces for a prefix search follows the same policy with ``sqrt(n)`` lists
+(``MergedViewPolicy``), because it is trained inside a search.
 
 Files: ``<name>.faiss`` (faiss's own serialisation, never pickle) and ``<name>.json`` (format,
 kind, dim, token, generation, vector count, SHA-256 of the index file). Both are replaced
@@ -33,7 +35,7 @@ import numpy as np
 
 from .errors import IndexFileError, StoreFullError, StoreWriteError
 
-__all__ = ["IndexFiles", "IndexPolicy", "NamespaceIndex"]
+__all__ = ["IndexFiles", "IndexPolicy", "MergedViewPolicy", "NamespaceIndex"]
 
 MANIFEST_FORMAT = 1
 
@@ -61,6 +63,27 @@ class IndexPolicy:
 
     def nprobe(self, nlist: int) -> int:
         return max(16, nlist // 16)
+
+    def for_merged_views(self) -> MergedViewPolicy:
+        """The policy of the indexes that merge many namespaces' shards for a prefix search."""
+        return MergedViewPolicy(
+            flat_max=self.flat_max,
+            retrain_growth=self.retrain_growth,
+            kmeans_iterations=self.kmeans_iterations,
+            training_points_per_list=self.training_points_per_list,
+        )
+
+
+@dataclass(frozen=True)
+class MergedViewPolicy(IndexPolicy):
+    """A merged view is trained in the search that first needs it, so it takes ``sqrt(n)``
+    lists rather than ``4 sqrt(n)``: k-means on 100k vectors then takes ~0.4 s instead of
+    ~4.5 s (and adding them ~0.5 s instead of ~1.4 s, on this project's 2-core CPUs). Probing
+    ``nprobe(nlist)`` lists scans the same share of the vectors as a namespace's own IVF
+    index, so a search costs and recalls about what one index of the same size does."""
+
+    def nlist(self, n: int) -> int:
+        return int(min(4096, max(64, min(math.sqrt(n), n // 39))))
 
 
 class NamespaceIndex:

@@ -64,6 +64,7 @@ from .records import (
 )
 from .shards import Shards, embedding_is_damaged, token_key
 from .slots import verify_slot_blob
+from .snapshots import NamespaceSnapshots
 from .stored_metadata import parse_metadata, warn_damaged_metadata
 from .validation import INT64_MAX, MAX_KEY_CHARS, MAX_VECTOR_NORM, check_metadata, check_text
 
@@ -99,6 +100,7 @@ class MemoryStore:
     ) -> None:
         self._database = database
         self._index = shards
+        self._snapshots = NamespaceSnapshots()
         self.dim = dim
         self.model_fingerprint = model_fingerprint
 
@@ -336,22 +338,21 @@ class MemoryStore:
         ns = validate_namespace(namespace, allow_prefix=True)
         where = compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
-            namespaces = self._select_namespaces(session, ns)
-            if not namespaces:
+            snapshot = self._snapshots.under(session, ns)
+            if not snapshot.rows:
                 return []
-            ns_ids = [row.id for row in namespaces]
             allowed = None
             if filter:
                 allowed = self._index.allowed_spans(
-                    session, namespaces, filter, where, tuple(filter_root)
+                    session, snapshot, filter, where, tuple(filter_root)
                 )
                 if not any(len(ids) for ids in allowed.values()):
                     return []
-            top = self._index.search(session, namespaces, query, k, allowed, ns)
-            rows = queries.hit_rows(session, [span_id for _, span_id in top], ns_ids)
+            top = self._index.search(session, snapshot, query, k, allowed)
+            rows = queries.hit_rows(session, [span_id for _, span_id in top], snapshot.ids)
         self._index.save_trained()
         # A span deleted by another process since the index was refreshed is left out.
-        return _hits(top, rows, {row.id: decode_path(row.path) for row in namespaces})
+        return _hits(top, rows, snapshot.names)
 
     def get_spans(self, span_ids: Sequence[int], *, namespace: Sequence[str]) -> list[SearchHit]:
         """The given spans as hits (score NaN: nothing was searched), in the order asked: how a
@@ -432,10 +433,11 @@ class MemoryStore:
         ns = validate_namespace(namespace, allow_prefix=not exact)
         where = None if filter is None else compile_filter(filter, self.dialect, filter_root)
         with self._read() as session:
-            names = {
-                row.id: decode_path(row.path)
-                for row in self._select_namespaces(session, ns, exact=exact)
-            }
+            if exact:
+                rows = self._select_namespaces(session, ns, exact=True)
+                names = {row.id: decode_path(row.path) for row in rows}
+            else:
+                names = self._snapshots.under(session, ns).names
             if not names:
                 rows = []
             elif where is None:

@@ -30,6 +30,7 @@ from .errors import IndexFileError, ReadOnlyStoreError, warn_damaged
 from .filters import FilterNode
 from .index import IndexFiles, IndexPolicy, NamespaceIndex, id_member
 from .queries import filtered_document_ids, generations, index_rows
+from .snapshots import NamespaceSnapshot
 from .validation import MAX_VECTOR_NORM
 
 __all__ = ["Shards", "embedding_is_damaged", "token_key"]
@@ -37,7 +38,6 @@ __all__ = ["Shards", "embedding_is_damaged", "token_key"]
 _FILTER_CACHE_SIZE = 64  # filter answers kept (each one id array per namespace searched)
 _MERGE_FROM = 8  # a search over this many namespaces or more merges their flat shards
 _MERGED_VIEWS = 4  # merged views kept (each a copy of its shards' vectors)
-_MERGED_POLICY = IndexPolicy(flat_max=2**62)  # a merged view stays flat: exact, no training
 # A writer spends at most about this share of its time saving indexes: after a save that took
 # t seconds, the next waits at least t / _SAVE_SHARE - t (and ``save_interval_s``).
 _SAVE_SHARE = 0.1
@@ -53,6 +53,7 @@ class Shards:
         self.dim = dim
         self.files = IndexFiles(index_dir, dim, policy)
         self.policy = policy
+        self.view_policy = policy.for_merged_views()
         self.shards: dict[int, NamespaceIndex] = {}
         self.dirty: set[int] = set()
         self.lock = threading.RLock()
@@ -63,6 +64,9 @@ class Shards:
         # process killed before its next save would leave every fresh reader to redo.
         self.costly: set[int] = set()
         self.repairs = 0  # shards rebuilt or caught up from the rows, for tests/stats
+        # Moves whenever a shard in memory is loaded, replaced, dropped or changed: what was
+        # derived from the shards (a merged view's parts) is current while it stays put.
+        self.epoch = 0
         self._filter_cache: OrderedDict[tuple, dict[int, np.ndarray]] = OrderedDict()
         self._span_document_maps: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         self._views: OrderedDict[tuple[str, ...], _MergedView] = OrderedDict()
@@ -72,36 +76,40 @@ class Shards:
     def search(
         self,
         session: Connection,
-        namespaces: Sequence[Any],
+        snapshot: NamespaceSnapshot,
         query: np.ndarray,
         k: int,
         allowed: Mapping[int, np.ndarray] | None,
-        prefix: tuple[str, ...] = (),
     ) -> list[tuple[float, int]]:
-        """(score, span id) of the ``k`` best spans over the given namespace rows (those under
-        ``prefix``), best first.
+        """(score, span id) of the ``k`` best spans over the namespaces of ``snapshot``, best
+        first.
 
         A prefix over many namespaces is searched as one index, not one search per namespace
         (a per-call overhead that dominates when namespaces are small): the flat (small) shards
         among them are merged into a ``_MergedView`` kept for the prefix and caught up shard by
         shard as they change, join or leave; IVF (large) shards are searched on their own. The
-        view is flat: exact, and never trained, so its first search costs a copy of the
-        vectors, not the seconds of k-means an IVF index of that size would train for."""
+        view follows the store's ``flat_max`` as a shard does: exact and flat up to it, IVF
+        above it (``MergedViewPolicy``: trained once, in the first search of the prefix; about
+        a second of k-means and list assignment at 100k vectors here), so that a search over
+        a prefix of 100k spans costs about what a search of one namespace of 100k spans does,
+        at the same recall. While neither the snapshot nor any shard in memory changed, the
+        view is searched as it is, without checking its 1,000 shards again."""
         scored: list[tuple[float, int]] = []
         with self.lock:
-            shards = [(row.id, self.fresh(session, row.id, row.generation)) for row in namespaces]
-            separate = shards
-            if len(shards) >= _MERGE_FROM:
-                flat = [(ns_id, shard) for ns_id, shard in shards if shard.kind == "flat"]
-                separate = [(ns_id, shard) for ns_id, shard in shards if shard.kind != "flat"]
-                if flat:
-                    view = self._merged_view(prefix, flat)
+            if len(snapshot.rows) >= _MERGE_FROM:
+                view = self._merged_view(session, snapshot)
+                separate = view.separate
+                if view.flat_ids:
                     merged_allowed = None
                     if allowed is not None:
-                        merged_allowed = np.concatenate([allowed[ns_id] for ns_id, _ in flat])
+                        merged_allowed = np.concatenate([allowed[n] for n in view.flat_ids])
                     if merged_allowed is None or len(merged_allowed):
                         scores, ids = view.index.search(query, k, merged_allowed)
                         scored.extend(zip(scores.tolist(), ids.tolist(), strict=True))
+            else:
+                separate = [
+                    (row.id, self.fresh(session, row.id, row.generation)) for row in snapshot.rows
+                ]
             for ns_id, shard in separate:
                 ns_allowed = None if allowed is None else allowed[ns_id]
                 if ns_allowed is not None and not len(ns_allowed):
@@ -111,16 +119,22 @@ class Shards:
         scored.sort(key=lambda pair: (-pair[0], pair[1]))
         return scored[:k]
 
-    def _merged_view(
-        self, prefix: tuple[str, ...], shards: list[tuple[int, NamespaceIndex]]
-    ) -> _MergedView:
-        """The merged index of a prefix's flat shards, built once and then caught up."""
-        key = prefix
-        view = self._views.pop(key, None)
+    def _merged_view(self, session: Connection, snapshot: NamespaceSnapshot) -> _MergedView:
+        """The merged index of a prefix's flat shards, built once and then caught up: checked
+        against the shards again only when the snapshot or a shard in memory changed."""
+        view = self._views.pop(snapshot.prefix, None)
         if view is None:
-            view = _MergedView(NamespaceIndex(self.dim, _MERGED_POLICY, generation=0))
-        view.catch_up(shards)
-        self._views[key] = view  # most recently used last
+            view = _MergedView(NamespaceIndex(self.dim, self.view_policy, generation=0))
+        if view.state != (snapshot.key, self.epoch):
+            shards = [
+                (row.id, self.fresh(session, row.id, row.generation)) for row in snapshot.rows
+            ]
+            flat = [(ns_id, shard) for ns_id, shard in shards if shard.kind == "flat"]
+            view.catch_up(flat)
+            view.flat_ids = [ns_id for ns_id, _ in flat]
+            view.separate = [(ns_id, shard) for ns_id, shard in shards if shard.kind != "flat"]
+            view.state = (snapshot.key, self.epoch)  # after fresh(), which may move the epoch
+        self._views[snapshot.prefix] = view  # most recently used last
         while len(self._views) > _MERGED_VIEWS:
             self._views.popitem(last=False)
         return view
@@ -143,7 +157,9 @@ class Shards:
             except IndexFileError:
                 shard = NamespaceIndex(self.dim, self.policy, generation=-1)
             self.shards[ns_id] = shard
+            self.epoch += 1
         if shard.generation != generation:
+            self.epoch += 1
             trained_on = shard.trained_on
             self._catch_up(session, ns_id, shard)
             if shard.trained_on != trained_on:
@@ -156,13 +172,13 @@ class Shards:
     def allowed_spans(
         self,
         session: Connection,
-        namespaces: list[Any],
+        snapshot: NamespaceSnapshot,
         filter_: Mapping[str, Any],
         where: FilterNode,
         root: Sequence[str] = (),
     ) -> dict[int, np.ndarray]:
-        """The span ids, per namespace, whose document matches a metadata filter (with keys
-        relative to ``root``, compiled to ``where``).
+        """The span ids, per namespace of ``snapshot``, whose document matches a metadata
+        filter (with keys relative to ``root``, compiled to ``where``).
 
         The filter runs once per document (not per span) and comes back as one aggregated value
         rather than a row per id; a per-namespace span -> document map turns documents into
@@ -170,15 +186,13 @@ class Shards:
         a filter asked again before the namespace changes costs nothing: this is what keeps a
         filtered search within a small factor of an unfiltered one.
         """
-        key = (
-            tuple((row.id, row.generation) for row in namespaces),
-            _filter_key(filter_, root),
-        )
+        key = (snapshot.key, _filter_key(filter_, root))
         with self.lock:
             cached = self._filter_cache.get(key)
             if cached is not None:
                 self._filter_cache.move_to_end(key)
                 return cached
+        namespaces = snapshot.rows
         ns_ids = [row.id for row in namespaces]
         documents = filtered_document_ids(session, self.database.id_aggregate, ns_ids, where)
         maps = self._span_documents(session, namespaces)
@@ -231,6 +245,7 @@ class Shards:
         """Apply a committed write to a loaded index. An index that was not exactly one write
         behind is left for ``fresh`` to catch up from the rows on its next use."""
         with self.lock:
+            self.epoch += 1
             shard = self.shards.get(ns_id)
             if shard is None and old_generation == 0:
                 shard = self.shards[ns_id] = NamespaceIndex(self.dim, self.policy, generation=0)
@@ -258,6 +273,7 @@ class Shards:
     def forget(self, ns_id: int) -> None:
         """A namespace was deleted: drop its shard and files (its token rows went with it)."""
         with self.lock:
+            self.epoch += 1
             self.shards.pop(ns_id, None)
             self.dirty.discard(ns_id)
             self.costly.discard(ns_id)
@@ -338,6 +354,7 @@ class Shards:
         with self.database.read() as session, self.lock:
             for ns_id in list(self.shards):
                 self.files.remove(_shard_name(ns_id))
+            self.epoch += 1
             self.shards.clear()
             self.dirty.clear()
             self.costly.clear()
@@ -386,6 +403,9 @@ class _MergedView:
     def __init__(self, index: NamespaceIndex) -> None:
         self.index = index
         self.parts: dict[int, tuple[int, int, np.ndarray]] = {}  # ns -> (shard id, gen, ids)
+        self.flat_ids: list[int] = []  # the namespaces merged, in ``parts``
+        self.separate: list[tuple[int, NamespaceIndex]] = []  # IVF shards, searched apart
+        self.state: tuple[Any, int] | None = None  # (snapshot key, shards epoch) caught up to
 
     def catch_up(self, shards: list[tuple[int, NamespaceIndex]]) -> None:
         """Hold exactly these shards' contents: parts of namespaces no longer among them (moved

@@ -204,10 +204,10 @@ class ICAEMemory(BaseStore):
             _check_ttl(op)
         now = _now()
         queries = self._embed_queries(ops)
-        results: list[Result] = [self._read(op, now, queries) for op in ops]
-        self._refresh_ttl(ops, results, now)
+        read = [self._read(op, now, queries) for op in ops]
+        self._refresh_ttl(ops, [returned for _, returned in read], now)
         self._apply_puts(ops, now)
-        return results
+        return [result for result, _ in read]
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         """Reads run concurrently in worker threads (each with its own connection, SQLite's WAL
@@ -218,12 +218,12 @@ class ICAEMemory(BaseStore):
             _check_ttl(op)
         now = _now()
         queries = await asyncio.to_thread(self._embed_queries, ops)
-        results: list[Result] = list(
-            await asyncio.gather(*(asyncio.to_thread(self._read, op, now, queries) for op in ops))
+        read = await asyncio.gather(
+            *(asyncio.to_thread(self._read, op, now, queries) for op in ops)
         )
-        await asyncio.to_thread(self._refresh_ttl, ops, results, now)
+        await asyncio.to_thread(self._refresh_ttl, ops, [returned for _, returned in read], now)
         await asyncio.to_thread(self._apply_puts, ops, now)
-        return results
+        return [result for result, _ in read]
 
     def search_by_vector(
         self,
@@ -238,7 +238,8 @@ class ICAEMemory(BaseStore):
         import numpy as np
 
         op = SearchOp(tuple(namespace_prefix), filter, limit, offset)
-        return self._search(op, np.asarray(vector, dtype=np.float32), _now())
+        found = self._search(op, np.asarray(vector, dtype=np.float32), _now())
+        return [stored.search_item(score) for stored, score in found]
 
     # ------------------------------------------------------------------ TTL
 
@@ -313,24 +314,34 @@ class ICAEMemory(BaseStore):
 
     # ------------------------------------------------------------------ reads
 
-    def _read(self, op: Op, now: datetime, queries: Mapping[str, np.ndarray]) -> Result:
+    def _read(
+        self, op: Op, now: datetime, queries: Mapping[str, np.ndarray]
+    ) -> tuple[Result, list[_Stored]]:
+        """The op's result, and the items it returned as they were read (what
+        ``_refresh_ttl`` needs to know whether their expiry is due to move)."""
         if isinstance(op, GetOp):
             found = self._get_stored(op.namespace, [op.key])
             stored = found[0] if found else None
-            return None if stored is None or self._hidden(stored, now) else stored.item()
+            if stored is None or self._hidden(stored, now):
+                return None, []
+            return stored.item(), [stored]
         if isinstance(op, SearchOp):
-            return self._search(op, queries.get(op.query) if op.query else None, now)
+            scored = self._search(op, queries.get(op.query) if op.query else None, now)
+            return [item.search_item(score) for item, score in scored], [i for i, _ in scored]
         if isinstance(op, ListNamespacesOp):
-            return self._list_namespaces(op, now)
+            return self._list_namespaces(op, now), []
         if isinstance(op, PutOp):
-            return None
+            return None, []
         raise ValueError(f"unknown store operation {type(op).__name__}")
 
     def _embed_queries(self, ops: Sequence[Op]) -> dict[str, np.ndarray]:
         texts = sorted({op.query for op in ops if isinstance(op, SearchOp) and op.query})
         return dict(zip(texts, self.pipeline.embed(texts), strict=True)) if texts else {}
 
-    def _search(self, op: SearchOp, vector: np.ndarray | None, now: datetime) -> list[SearchItem]:
+    def _search(
+        self, op: SearchOp, vector: np.ndarray | None, now: datetime
+    ) -> list[tuple[_Stored, float | None]]:
+        """The page of items ``op`` asks for, each with its score (None: not scored)."""
         if op.limit <= 0:
             return []
         # SQL keeps a superset of the items the filter matches; the exact check runs below.
@@ -342,8 +353,7 @@ class ICAEMemory(BaseStore):
             and (not op.filter or matches_filter(stored.value, op.filter))
         ]
         if vector is None:
-            page = candidates[op.offset : op.offset + op.limit]
-            return [stored.search_item() for stored in page]
+            return [(stored, None) for stored in candidates[op.offset : op.offset + op.limit]]
         wanted = op.offset + op.limit
         total = self._span_count(op.namespace_prefix)
         scores = self._best_scores(
@@ -355,7 +365,7 @@ class ICAEMemory(BaseStore):
         )
         unscored = [c for c in candidates if (c.namespace, c.key) not in scores]
         page = (ranked + unscored)[op.offset : wanted]
-        return [stored.search_item(scores.get((stored.namespace, stored.key))) for stored in page]
+        return [(stored, scores.get((stored.namespace, stored.key))) for stored in page]
 
     def _best_scores(
         self,
@@ -474,19 +484,23 @@ class ICAEMemory(BaseStore):
 
     # ------------------------------------------------------------------ writes
 
-    def _refresh_ttl(self, ops: Sequence[Op], results: Sequence[Result], now: datetime) -> None:
+    def _refresh_ttl(
+        self, ops: Sequence[Op], returned: Sequence[list[_Stored]], now: datetime
+    ) -> None:
         """Push back the expiry of items with a TTL that a get or search read with refresh.
 
         Only an expiry that would move by at least ``REFRESH_SHARE`` of the item's TTL is
         written: reading an item again and again (every turn of an agent) is then a write at
         most once per 1% of its TTL, not on every read, and an item expires at most that much
-        earlier than an exact refresh would have it."""
+        earlier than an exact refresh would have it. Whether it is due is first judged on the
+        item as the read returned it, so a read with nothing due reads and writes nothing more;
+        what is due is read again, current, before it is written."""
         touched: dict[tuple[str, ...], set[str]] = {}
-        for op, result in zip(ops, results, strict=True):
-            if isinstance(op, GetOp | SearchOp) and op.refresh_ttl and result:
-                for item in result if isinstance(result, list) else [result]:
-                    if isinstance(item, Item):
-                        touched.setdefault(item.namespace, set()).add(item.key)
+        for op, items in zip(ops, returned, strict=True):
+            if isinstance(op, GetOp | SearchOp) and op.refresh_ttl:
+                for stored in items:
+                    if _refresh_due(stored, now):
+                        touched.setdefault(stored.namespace, set()).add(stored.key)
         for namespace, keys in touched.items():
             updates = {
                 stored.key: _metadata(stored, now, refreshed=True)

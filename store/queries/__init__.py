@@ -30,6 +30,7 @@ from .namespaces import (
     delete_namespace,
     ensure_namespace,
     generations,
+    namespaces_fingerprint,
     path_starts_with,
     select_namespaces,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "index_metadata",
     "insert_document",
     "insert_spans",
+    "namespaces_fingerprint",
     "namespaces_holding",
     "path_starts_with",
     "pin_setting",

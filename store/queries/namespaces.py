@@ -22,6 +22,7 @@ __all__ = [
     "delete_namespace",
     "ensure_namespace",
     "generations",
+    "namespaces_fingerprint",
     "path_starts_with",
     "select_namespaces",
 ]
@@ -61,6 +62,36 @@ def select_namespaces(session: Reader, ns: tuple[str, ...], *, exact: bool = Fal
         return list(session.execute(_NAMESPACE_EXACTLY, {"path_key": path_key(path)}))
     parameters = {"prefix_key": path_key(path), "length": len(path), "prefix": path}
     return list(session.execute(_NAMESPACES_UNDER_PREFIX, parameters))
+
+
+_FINGERPRINT_COLUMNS = select(
+    func.count(),
+    func.coalesce(func.sum(NamespaceRow.id), 0),
+    func.coalesce(func.sum(NamespaceRow.generation), 0),
+)
+_ALL_FINGERPRINT = _FINGERPRINT_COLUMNS.select_from(NamespaceRow)
+_FINGERPRINT_UNDER_PREFIX = _FINGERPRINT_COLUMNS.join_from(
+    NamespaceRow, NamespacePrefixRow, NamespacePrefixRow.namespace_id == NamespaceRow.id
+).where(
+    NamespacePrefixRow.prefix_key == bindparam("prefix_key"),
+    path_starts_with(bindparam("length"), bindparam("prefix")),
+)
+
+
+def namespaces_fingerprint(session: Reader, ns: tuple[str, ...]) -> tuple[int, int, int]:
+    """(count, sum of ids, sum of generations) of the namespaces under a prefix (``()``: all):
+    one aggregate row that changes whenever ``select_namespaces(ns)`` would answer otherwise.
+    A write to a namespace grows its generation; a namespace created under the prefix takes an
+    id above every id handed out before (ids are never reused), so creating as many as were
+    deleted still moves the sum of ids, and creating or deleting any other number moves the
+    count."""
+    if not ns:
+        row = session.execute(_ALL_FINGERPRINT).one()
+    else:
+        path = encode_path(ns)
+        parameters = {"prefix_key": path_key(path), "length": len(path), "prefix": path}
+        row = session.execute(_FINGERPRINT_UNDER_PREFIX, parameters).one()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def generations(session: Reader, ns_ids: list[int]) -> list[tuple[int, int]]:

@@ -246,3 +246,27 @@ def test_repeated_reads_of_items_with_a_ttl_write_once(tmp_path):
         assert memory.get(USER, "k1").value["n"] == 1
     assert writes == []
     memory.close()
+
+
+def test_a_search_pushes_back_the_expiry_of_the_items_it_returns_when_due(tmp_path):
+    """A search judges whether an item's expiry is due to move on the item as it read it, and
+    then writes the items that are due (and only them): an item found by a search that is
+    older than 1% of its TTL has its expiry pushed back, one without a TTL never does."""
+    ttl = {"default_ttl": 1.0, "refresh_on_read": True}
+    memory = ICAEMemory(fresh_pipeline(tmp_path / "store"), ttl=ttl)
+    memory.put(USER, "timed", {"n": 1}, index=False)
+    memory.put(USER, "forever", {"n": 2}, index=False, ttl=None)
+
+    def expiry(key: str) -> str | None:
+        (document,) = memory.pipeline.get_documents([key], namespace=USER)
+        return document.metadata["langgraph_item"]["expires_at"]
+
+    before = expiry("timed")
+    assert [item.key for item in memory.search(USER)] == ["timed", "forever"]
+    assert expiry("timed") == before  # too soon to move by 1% of the TTL (0.6 s)
+    time.sleep(0.65)
+    assert [item.key for item in memory.search(USER, filter={"n": 1})] == ["timed"]
+    assert expiry("timed") > before
+    assert [item.key for item in memory.search(USER, refresh_ttl=True)] == ["timed", "forever"]
+    assert expiry("forever") is None
+    memory.close()

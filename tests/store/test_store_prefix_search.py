@@ -113,3 +113,78 @@ def test_a_large_ivf_namespace_beside_many_small_ones(location) -> None:
         large = added[33].span_ids[4]
         for wanted in (small, large):
             assert _found(store, _vectors[wanted], 1) == [wanted]
+
+
+def _write_many(store: MemoryStore, namespaces: int, documents: int, spans: int) -> None:
+    for n in range(namespaces):
+        for d in range(documents):
+            seed = 1_000 + n * documents + d
+            document = make_document(f"doc-{d}", spans, seed=seed, metadata={"even": d % 2 == 0})
+            (added,) = store.add([document], namespace=(*PREFIX, f"user-{n}"))
+            _spans_of[((*PREFIX, f"user-{n}"), f"doc-{d}")] = list(added.span_ids)
+            for span_id, span in zip(added.span_ids, document.spans, strict=True):
+                _vectors[span_id] = np.asarray(span.embedding, np.float32)
+
+
+def test_a_merged_view_past_flat_max_is_ivf_and_matches_brute_force(location) -> None:
+    """A prefix holding more spans than ``flat_max`` is searched through an IVF merged view
+    (the cost of one index of that size): every span is found by its own vector, a filter
+    that keeps half of the spans probes every list and is exact, an unfiltered search recalls
+    most of the brute-force answer and never returns a span from outside the prefix or with
+    a wrong score, and the view follows writes and deletes."""
+    from icmem.store import IndexPolicy
+
+    _vectors.clear()
+    _spans_of.clear()
+    with location.open(index_policy=IndexPolicy(flat_max=1_000)) as store:
+        _write_many(store, NAMESPACES, 6, 10)  # 1,200 spans in 20 small (flat) shards
+        store.add([make_document("elsewhere", 5, seed=99)], namespace=("other", "x"))
+        store.search(embedding(0), 1, namespace=PREFIX)
+        assert store._index._views[PREFIX].index.kind == "ivf"
+        for span_id in list(_vectors)[::37]:
+            assert _found(store, _vectors[span_id], 1) == [span_id]
+        overlap = []
+        for q in range(20):
+            query = embedding(2_000 + q)
+            even = {"even": True}
+            assert _found(store, query, 10, even) == _expected(store, query, 10, even)
+            hits = store.search(query, 10, namespace=PREFIX)
+            assert all(hit.span_id in _vectors for hit in hits)
+            scores = [float(np.dot(_vectors[hit.span_id], query)) for hit in hits]
+            assert [hit.score for hit in hits] == pytest.approx(scores, abs=1e-5)
+            assert scores == sorted(scores, reverse=True)
+            overlap.append(len({h.span_id for h in hits} & set(_expected(store, query, 10))))
+        assert np.mean(overlap) >= 7  # recall@10 of nprobe 16 of 64 lists on random vectors
+
+        _write(store, (*PREFIX, "user-3"), "new", seed=7_777)
+        gone = _spans_of.pop(((*PREFIX, "user-5"), "doc-0"))
+        store.delete(namespace=(*PREFIX, "user-5"), document_ids=["doc-0"])
+        new_span = _spans_of[((*PREFIX, "user-3"), "new")][1]
+        assert _found(store, _vectors[new_span], 1) == [new_span]
+        assert not set(_found(store, _vectors[gone[0]], 10)) & set(gone)
+        query = embedding(3_000)
+        assert _found(store, query, 10, {"even": True}) == _expected(store, query, 10, even)
+
+
+def test_a_prefix_search_sees_namespaces_another_store_object_changed(many, location) -> None:
+    """The namespace rows a prefix search reuses are checked against the database on every
+    search: another store object (as another process would) that deletes one namespace and
+    creates another (the count stays), or writes to one, is seen by the next search."""
+    query = embedding(990)
+    assert _found(many, query, 9) == _expected(many, query, 9)
+    with location.open() as other:
+        other.delete(namespace=(*PREFIX, "user-2"))
+        _write(other, (*PREFIX, "user-new"), "doc-0", seed=4_242)
+    for key in [key for key in _spans_of if key[0] == (*PREFIX, "user-2")]:
+        del _spans_of[key]
+    new_span = _spans_of[((*PREFIX, "user-new"), "doc-0")][0]
+    assert _found(many, _vectors[new_span], 1) == [new_span]
+    assert _found(many, query, 9) == _expected(many, query, 9)
+    assert (*PREFIX, "user-new") in {
+        hit.namespace for hit in many.search(query, 300, namespace=PREFIX)
+    }
+    with location.open() as other:
+        _write(other, (*PREFIX, "user-9"), "late", seed=5_151)
+    late = _spans_of[((*PREFIX, "user-9"), "late")][2]
+    assert _found(many, _vectors[late], 1) == [late]
+    assert _found(many, query, 9, {"even": True}) == _expected(many, query, 9, {"even": True})
