@@ -683,7 +683,7 @@ def run_locomo(
     prefills = [r.full_prefill_seconds for r in reports if r.full_prefill_seconds is not None]
     if "full" in summary and prefills:
         # Once per conversation, not in seconds_per_answer: the reading every answer shares.
-        summary["full"]["prefill_seconds_per_conversation"] = round(statistics.mean(prefills), 1)
+        summary["full"]["prefill_seconds_per_conversation"] = round(statistics.mean(prefills), 3)
     return {
         "benchmark": "locomo",
         "data": {
