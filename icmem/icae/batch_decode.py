@@ -180,7 +180,7 @@ def stop_token_ids(model: nn.Module) -> frozenset[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is None:
         return frozenset()
-    return frozenset([configured] if isinstance(configured, int) else configured)
+    return frozenset([configured] if isinstance(configured, int) else map(int, configured))
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from icmem.chunking import Span, chunk
+from icmem.icae.batch_decode import stop_token_ids
 from icmem.icae.config import ICAEConfig
 from icmem.icae.decoder import (
     DECODER_ADAPTER,
@@ -1139,14 +1140,9 @@ def _known_token_count(slots: MemorySlots) -> int:
 
 
 def _stop_token_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
-    ids = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
+    """The generation config's stop ids (as ``generate`` reads them) and the tokenizer's eos."""
+    eos = tokenizer.eos_token_id
+    return stop_token_ids(model) | ({int(eos)} if eos is not None else set())
 
 
 def _span_id(token_ids: Sequence[int]) -> str:
