@@ -4,12 +4,13 @@ prefix (4 spans of slots plus a question), each option timed in one run, 1 and 2
 Options: the step as the Decoder runs it today (a plain Llama module, which is what the merged
 decoder copy and the adapter-free copy are, fp32, stock ``DynamicCache``); the same in bf16
 (what ``Decoder.decode_dtype = "bfloat16"`` decodes in); a preallocated
-``StaticCache`` instead of the growing one; int8 weights (``torch.ao`` dynamic quantization of
-every Linear, a quarter of fp32's bytes, not exact); and the bare matrix-vector products of the
-step's weights, the floor any option in eager PyTorch can reach. Ratios are against today's
-step in the same run and thread count.
+``StaticCache`` instead of the growing one; weight-only int8 (what ``Decoder.int8_weights``
+decodes with: every Linear and the head in int8, a quarter of fp32's bytes, not exact); with
+``--compile``, the fp32 and int8 steps through ``torch.compile`` (their compile time recorded);
+and the bare matrix-vector products of the step's weights, the floor any option in eager
+PyTorch can reach. Ratios are against today's step in the same run and thread count.
 
-    OMP_NUM_THREADS=2 python benchmarks/decode_step_options.py --steps 16 --save
+    python benchmarks/decode_step_options.py --steps 16 --threads 2 --compile --save
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from icae_common import emit
 
 from icmem import hardware
+from icmem.icae.int8_linear import quantize_linears
 from icmem.models import load_model
 
 PREFIX = 556
@@ -68,6 +70,22 @@ def matvec_floor_ms(model: torch.nn.Module, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
+    """A copy of ``model`` whose forward is compiled, and the seconds its first two calls (a
+    prefill and a step: the graphs a decode needs) took beyond eager ones."""
+    from transformers import DynamicCache
+
+    model = copy.deepcopy(model)
+    first_calls = 3  # a prefill and three steps (step_ms times the third)
+    eager = time.perf_counter()
+    step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
+    eager = time.perf_counter() - eager
+    model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
+    start = time.perf_counter()
+    step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
+    return model, time.perf_counter() - start - eager
+
+
 def base_ms(times: dict[str, float]) -> float:
     return times["today_fp32_dynamic_cache"]
 
@@ -89,15 +107,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd arms")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
     from transformers import DynamicCache, StaticCache
 
     fp32, _ = load_model("smollm2-135m-instruct", dtype="float32")
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    int8 = torch.ao.quantization.quantize_dynamic(
-        copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8
-    )
+    int8 = quantize_linears(copy.deepcopy(fp32))
     length = PREFIX + args.steps + 8
 
     def dynamic(model: torch.nn.Module) -> Callable[[], Any]:
@@ -110,8 +127,15 @@ def main() -> None:
         "today_fp32_dynamic_cache": (fp32, dynamic(fp32)),
         "bf16_dynamic_cache": (bf16, dynamic(bf16)),
         "fp32_static_cache": (fp32, static(fp32)),
-        "int8_dynamic_quantized_linear": (int8, dynamic(fp32)),
+        "int8_weight_only": (int8, dynamic(fp32)),
     }
+    compile_seconds: dict[str, float] = {}
+    if args.compile:
+        for name, model in (("fp32_compiled", fp32), ("int8_weight_only_compiled", int8)):
+            torch.set_num_threads(max(args.threads))
+            module, seconds = compiled(model)
+            arms[name] = (module, dynamic(fp32))
+            compile_seconds[name] = round(seconds, 1)
     results: dict[str, Any] = {}
     load_start = os.getloadavg()
     for threads in args.threads:
@@ -142,6 +166,7 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv),
             "load_average_at_start": [round(v, 2) for v in load_start],
             "note": NOTE,
+            "compile_seconds": compile_seconds,
             **results,
             "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         },

@@ -12,6 +12,8 @@ Arms, interleaved round by round (medians reported):
   how slots were decoded before the merged copy.
 - ``generate_text``: ``ICAE.generate`` with no memory and the raw text in the prompt (the base
   model alone, through the same loop).
+- ``generate_slots_int8`` / ``generate_text_int8``: the same two through the decoder's
+  weight-only int8 copies (``Decoder.int8_weights``, opt-in, not exact).
 - ``hf_generate_text``: stock ``transformers`` ``generate`` on the same prompt ids (its own loop
   and its stock cache): what our loop costs against the reference one.
 - ``slots_stock_cache`` / ``slots_lm_infinite_cache``: the same greedy loop over the slots'
@@ -179,6 +181,8 @@ def main() -> None:
     icae = ICAE.from_pretrained(dtype=dtype)
     peft_icae = ICAE.from_pretrained(dtype=dtype)
     peft_icae.decoder.merge_adapter = False
+    int8_icae = ICAE.from_pretrained(dtype=dtype)
+    int8_icae.decoder.int8_weights = True
     plain, _ = load_model("smollm2-135m-instruct", dtype=getattr(torch, dtype))
     context = icae.tokenize(play_text())[: args.spans * icae.config.span_tokens]
     memory = icae.compress([context], batch_size=args.spans)
@@ -204,6 +208,18 @@ def main() -> None:
         "generate_text": lambda: timed_stream(
             lambda: icae.generate([], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n),
             icae,
+        ),
+        "generate_slots_int8": lambda: timed_stream(
+            lambda: int8_icae.generate(
+                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
+            ),
+            int8_icae,
+        ),
+        "generate_text_int8": lambda: timed_stream(
+            lambda: int8_icae.generate(
+                [], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n
+            ),
+            int8_icae,
         ),
         "hf_generate_text": lambda: hf_generate(plain, raw_ids, n),
         "slots_stock_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=False),
@@ -263,9 +279,15 @@ def main() -> None:
             ratios[f"generate_text_ttft_over_llama_cpp_{label}"] = round(
                 result["generate_text"]["ttft_s"] / anchor["ttft_s"], 2
             )
-            ratios[f"generate_text_tokens_per_s_over_llama_cpp_{label}"] = round(
-                result["generate_text"]["decode_tokens_per_s"] / anchor["decode_tokens_per_s"], 2
-            )
+            for arm in (
+                "generate_slots",
+                "generate_text",
+                "generate_slots_int8",
+                "generate_text_int8",
+            ):
+                ratios[f"{arm}_tokens_per_s_over_llama_cpp_{label}"] = round(
+                    result[arm]["decode_tokens_per_s"] / anchor["decode_tokens_per_s"], 2
+                )
     emit(
         args.name,
         {

@@ -267,3 +267,33 @@ def test_ingest_on_ray_says_how_to_install_ray_and_refuses_bad_options(
         main(["ingest", str(doc), "--store", store, "--ray", "--workers", "0"])
     assert "0 is not a positive number" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()  # nothing was opened or written
+
+
+def test_int8_decoder_flag_decodes_through_int8_copies(tiny_cli, tmp_path, capsys, monkeypatch):
+    """`--int8-decoder` switches the opened pipeline's decoder to its int8 copies; without the
+    flag the exact float decoder answers."""
+    from icmem.icae.int8_linear import Int8Linear
+
+    opened = []
+    open_tiny = memory_commands.open_pipeline
+
+    def remember(args, **options):
+        opened.append(open_tiny(args, **options))
+        return opened[-1]
+
+    monkeypatch.setattr(memory_commands, "open_pipeline", remember)
+    store = str(tmp_path / "store")
+    doc = tmp_path / "keeper.txt"
+    doc.write_text("The lighthouse keeper kept the log for forty years.", encoding="utf-8")
+    assert main(["ingest", str(doc), "--store", store]) == 0
+    for flags, expected in (([], False), (["--int8-decoder"], True)):
+        assert (
+            main(["ask", "Who kept the log?", "--store", store, "--max-new-tokens", "2", *flags])
+            == 0
+        )
+        decoder = opened[-1].icae.decoder
+        assert decoder.int8_weights is expected
+        quantized = any(isinstance(m, Int8Linear) for m in decoder.model(True).modules())
+        assert quantized is expected
+    _chat(["--store", store, "--int8-decoder"], ["Who kept the log?"], capsys, monkeypatch)
+    assert opened[-1].icae.decoder.int8_weights

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, TextIO
 
 from icmem.chat import DEFAULT_RECENT_TURNS
 from icmem.chunking import DEFAULT_SPAN_TOKENS
-from icmem.cli.options import add_pipeline_options, namespace, open_pipeline, stats_dict
+from icmem.cli.options import (
+    add_decoding_options,
+    add_pipeline_options,
+    apply_decoding_options,
+    namespace,
+    open_pipeline,
+    stats_dict,
+)
 from icmem.errors import ConversationError, IcmemError
 from icmem.ingest import DEFAULT_GLOB, DEFAULT_TEXT_FIELD, FORMATS
 from icmem.memory_forms import MEMORY_FORMS
@@ -211,10 +218,12 @@ def ask_options(parser: argparse.ArgumentParser) -> None:
     add_pipeline_options(parser)
     parser.add_argument("-k", type=int, default=DEFAULT_K, help="spans to recall")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    add_decoding_options(parser)
 
 
 def ask(args: argparse.Namespace) -> int:
     with open_pipeline(args) as pipeline:
+        apply_decoding_options(pipeline, args)
         answer = pipeline.ask(
             args.question, namespace=args.namespace, k=args.k, max_new_tokens=args.max_new_tokens
         )
@@ -260,6 +269,7 @@ def chat_options(parser: argparse.ArgumentParser) -> None:
         "repetition penalty and loop stopping",
     )
     parser.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    add_decoding_options(parser)
 
 
 CHAT_HELP = (
@@ -279,6 +289,7 @@ def chat(args: argparse.Namespace) -> int:
     sampling = GREEDY if args.greedy else CHAT_SAMPLING.with_overrides(seed=args.seed)
     interactive = sys.stdin.isatty()
     with open_pipeline(args) as pipeline:
+        apply_decoding_options(pipeline, args)
         session = ChatSession(
             pipeline,
             args.namespace,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from icmem.icae.errors import ICAEConfigError
+from icmem.icae.int8_linear import quantize_linears
 from icmem.icae.text import decode_text
 
 if TYPE_CHECKING:
@@ -315,12 +316,10 @@ class Decoder:
         another device or dtype, or (the merged one) when the decoder adapter's weights change.
         A copy in another dtype than the model's holds weights of its own.
 
-        With ``int8_weights`` (opt-in) the copies' Linear layers hold int8 weights, quantized
-        per tensor and multiplied by dynamically quantized inputs: a decode step reads a
-        quarter of fp32's bytes (1.5x faster on one thread, 1.7x on two, of a 2-core AVX2 machine,
-        ``benchmarks/results/decode_step_options.json``) and answers differ slightly from the
-        float decoder's. It uses ``torch.ao`` dynamic quantization, which PyTorch deprecates
-        in favour of torchao, so it stays off by default and out of the exactness tests."""
+        With ``int8_weights`` (opt-in) the copies' Linear layers, the output head included,
+        hold weight-only int8 (``icmem.icae.int8_linear``): a decode step reads about a quarter
+        of fp32's bytes, and answers differ slightly from the float decoder's, so it stays off
+        by default and out of the exactness tests."""
         merged = self.uses_adapter(memory)
         if merged and not self.merge_adapter:
             return self.icae.model
@@ -338,7 +337,7 @@ class Decoder:
                 else:
                     module = self.icae.adapter_free_copy(dtype)
                 if int8:
-                    module = _int8_linears(module)
+                    module = quantize_linears(module)
                 held = self._copies[(merged, dtype, int8)] = (key, module)
             return held[1]
 
@@ -530,18 +529,6 @@ class _Sequence:
             )
         self.cache = out.cache
         return out.logits[0, -1]
-
-
-def _int8_linears(module: nn.Module) -> nn.Module:
-    """``module`` (a copy the decoder owns) with its Linear layers swapped, in place, for
-    dynamically quantized int8 ones; shared weights are read, never changed."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices (see Decoder.model)
-        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def input_dtype(module: nn.Module) -> torch.dtype:
