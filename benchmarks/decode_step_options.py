@@ -1,14 +1,16 @@
 """What a faster SmolLM2-135M decode step could come from: one-token forwards after a 556-entry
 prefix (4 spans of slots plus a question), each option timed in one run, 1 and 2 threads.
 
-Options: the step as the Decoder runs it today (a plain Llama module, which is what the merged
-decoder copy and the adapter-free copy are, fp32, stock ``DynamicCache``); the same in bf16
-(what ``Decoder.decode_dtype = "bfloat16"`` decodes in); a preallocated
-``StaticCache`` instead of the growing one; weight-only int8 (what ``Decoder.int8_weights``
-decodes with: every Linear and the head in int8, a quarter of fp32's bytes, not exact); with
-``--compile``, the fp32 and int8 steps through ``torch.compile`` (their compile time recorded);
-and the bare matrix-vector products of the step's weights, the floor any option in eager
-PyTorch can reach. Ratios are against today's step in the same run and thread count.
+Options: the step as the Decoder ran it before this benchmark's last change (a plain Llama
+module, which is what the merged decoder copy and the adapter-free copy are, fp32, stock
+``DynamicCache``, which copies the whole cache every step); the stock cache growing in place
+(``icmem.icae.kv_cache``: what the Decoder decodes with now, exact); the step in bf16 (what
+``Decoder.decode_dtype = "bfloat16"`` decodes in); a preallocated ``StaticCache``; weight-only
+int8 (what ``Decoder.int8_weights`` decodes with: every Linear and the head in int8, a quarter
+of fp32's bytes, not exact); with ``--compile``, the fp32 and int8 steps through
+``torch.compile`` (their compile time recorded); and the bare matrix-vector products of the
+step's weights, the floor any option in eager PyTorch can reach. Ratios are against the
+stock-cache fp32 step in the same run and thread count.
 
     python benchmarks/decode_step_options.py --steps 16 --threads 2 --compile --save
 """
@@ -30,6 +32,7 @@ from icae_common import emit
 
 from icmem import hardware
 from icmem.icae.int8_linear import quantize_linears
+from icmem.icae.kv_cache import growing_cache
 from icmem.models import load_model
 
 PREFIX = 556
@@ -73,16 +76,14 @@ def matvec_floor_ms(model: torch.nn.Module, repeats: int) -> float:
 def compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
     """A copy of ``model`` whose forward is compiled, and the seconds its first two calls (a
     prefill and a step: the graphs a decode needs) took beyond eager ones."""
-    from transformers import DynamicCache
-
     model = copy.deepcopy(model)
     first_calls = 3  # a prefill and three steps (step_ms times the third)
     eager = time.perf_counter()
-    step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
+    step_ms(model, lambda: growing_cache(model.config), first_calls)
     eager = time.perf_counter() - eager
     model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
     start = time.perf_counter()
-    step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
+    step_ms(model, lambda: growing_cache(model.config), first_calls)
     return model, time.perf_counter() - start - eager
 
 
@@ -120,21 +121,25 @@ def main() -> None:
     def dynamic(model: torch.nn.Module) -> Callable[[], Any]:
         return lambda: DynamicCache(config=model.config)
 
+    def growing(model: torch.nn.Module) -> Callable[[], Any]:
+        return lambda: growing_cache(model.config)
+
     def static(model: torch.nn.Module) -> Callable[[], Any]:
         return lambda: StaticCache(config=model.config, max_cache_len=length)
 
     arms = {
         "today_fp32_dynamic_cache": (fp32, dynamic(fp32)),
+        "fp32_growing_cache": (fp32, growing(fp32)),
         "bf16_dynamic_cache": (bf16, dynamic(bf16)),
         "fp32_static_cache": (fp32, static(fp32)),
-        "int8_weight_only": (int8, dynamic(fp32)),
+        "int8_weight_only_growing_cache": (int8, growing(fp32)),
     }
     compile_seconds: dict[str, float] = {}
     if args.compile:
         for name, model in (("fp32_compiled", fp32), ("int8_weight_only_compiled", int8)):
             torch.set_num_threads(max(args.threads))
             module, seconds = compiled(model)
-            arms[name] = (module, dynamic(fp32))
+            arms[name] = (module, growing(fp32))
             compile_seconds[name] = round(seconds, 1)
     results: dict[str, Any] = {}
     load_start = os.getloadavg()

@@ -54,12 +54,13 @@ def decode_batch(
     keep_logits: bool = False,
 ) -> list[Decoded]:
     """Answers to the rows of ``input_ids`` ``(B, L)``, left-padded where ``attention_mask``
-    has zeros. ``cache`` (a fresh one; a ``DynamicCache`` by default) holds the keys, e.g. an
-    LM-Infinite cache; ``prefill_chunk`` reads the prompt that many tokens at a time."""
-    from transformers import DynamicCache
+    has zeros. ``cache`` (a fresh one; by default the stock cache, growing in place,
+    ``icmem.icae.kv_cache``) holds the keys, e.g. an LM-Infinite cache; ``prefill_chunk`` reads
+    the prompt that many tokens at a time."""
+    from icmem.icae.kv_cache import growing_cache
 
     if cache is None:
-        cache = DynamicCache(config=getattr(model, "config", None))
+        cache = growing_cache(getattr(model, "config", None))
     batch = _Lockstep(model, input_ids, attention_mask, cache, pad_id)
     first = batch.prefill(prefill_chunk)
     rows = [Decoded() for _ in range(input_ids.shape[0])]

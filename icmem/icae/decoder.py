@@ -500,6 +500,10 @@ class _Sequence:
         with self._state(per_call) as model:
             if self.long_context:
                 self.cache = _lm_infinite().make_cache(model)
+            else:
+                from icmem.icae.kv_cache import growing_cache  # imports transformers
+
+                self.cache = growing_cache(model.config)
             out = model(
                 inputs_embeds=prefix[None].to(input_dtype(model)),
                 cache=self.cache,
