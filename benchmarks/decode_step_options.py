@@ -76,14 +76,16 @@ def matvec_floor_ms(model: torch.nn.Module, repeats: int) -> float:
 def compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
     """A copy of ``model`` whose forward is compiled, and the seconds its first two calls (a
     prefill and a step: the graphs a decode needs) took beyond eager ones."""
+    from transformers import DynamicCache
+
     model = copy.deepcopy(model)
     first_calls = 3  # a prefill and three steps (step_ms times the third)
     eager = time.perf_counter()
-    step_ms(model, lambda: growing_cache(model.config), first_calls)
+    step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
     eager = time.perf_counter() - eager
     model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
     start = time.perf_counter()
-    step_ms(model, lambda: growing_cache(model.config), first_calls)
+    step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
     return model, time.perf_counter() - start - eager
 
 
@@ -92,14 +94,14 @@ def base_ms(times: dict[str, float]) -> float:
 
 
 NOTE = (
-    "Where a step goes: the fp32 weights are 540 MB, and reading them once (matvec_floor_fp32) "
-    "takes most of today's step on 1 and 2 threads alike, so this machine's memory bandwidth, "
-    "not its cores, sets the pace; the rest is beyond_weight_reads_ms. What removes it: fewer "
-    "bytes per step (bf16 halves them and wins on 2 threads, though a bf16 copy's prefill is ~6x "
-    "slower on this CPU, so Decoder.decode_dtype picks it only when asked; int8 quarters the "
-    "Linear weights, Decoder.int8_weights, opt-in and not exact; a Q4 "
-    "format as llama.cpp's would read an eighth) and, for the part beyond the reads, one "
-    "compiled step instead of ~6,000 eager ops (torch.compile, not tried here). A preallocated "
+    "Where a step goes: reading the fp32 weights once (matvec_floor_fp32, 540 MB) takes most of "
+    "the step, so this machine's memory bandwidth, not its cores, sets the pace; the rest is "
+    "beyond_weight_reads_ms (attention over the cache, norms, rotary, the stock cache's copy, "
+    "Python). The growing cache removes the stock cache's whole-cache copy per token, exactly. "
+    "Fewer bytes per step: bf16 halves them (though a bf16 copy's prefill is ~6x slower on an "
+    "AVX2-only CPU, so Decoder.decode_dtype picks it only when asked); weight-only int8 "
+    "(Decoder.int8_weights, opt-in, not exact) quarters them. torch.compile fuses the eager "
+    "ops; its compile_seconds are paid once per process and shape family. A preallocated "
     "StaticCache gains nothing in eager mode: its masked attention reads the whole buffer."
 )
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd arms")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
@@ -139,15 +142,23 @@ def main() -> None:
         for name, model in (("fp32_compiled", fp32), ("int8_weight_only_compiled", int8)):
             torch.set_num_threads(max(args.threads))
             module, seconds = compiled(model)
-            arms[name] = (module, growing(fp32))
+            # the stock cache: the growing one's Python checks would split the compiled graph
+            arms[name] = (module, dynamic(fp32))
             compile_seconds[name] = round(seconds, 1)
     results: dict[str, Any] = {}
     load_start = os.getloadavg()
     for threads in args.threads:
         torch.set_num_threads(threads)
-        times = {name: step_ms(model, cache, args.steps) for name, (model, cache) in arms.items()}
-        times["matvec_floor_fp32"] = matvec_floor_ms(fp32, args.steps)
-        times["matvec_floor_bf16"] = matvec_floor_ms(bf16, args.steps)
+        # Arms interleaved round by round, the median of their rounds: memory bandwidth, which
+        # paces a step, drifts by tens of percent within minutes on a shared machine.
+        rounds: dict[str, list[float]] = {name: [] for name in arms}
+        rounds.update(matvec_floor_fp32=[], matvec_floor_bf16=[])
+        for _ in range(args.rounds):
+            for name, (model, cache) in arms.items():
+                rounds[name].append(step_ms(model, cache, args.steps))
+            rounds["matvec_floor_fp32"].append(matvec_floor_ms(fp32, args.steps))
+            rounds["matvec_floor_bf16"].append(matvec_floor_ms(bf16, args.steps))
+        times = {name: statistics.median(values) for name, values in rounds.items()}
         base = base_ms(times)
         results[f"threads_{threads}"] = {
             "median_step_ms": {k: round(v, 2) for k, v in times.items()},
@@ -168,6 +179,7 @@ def main() -> None:
             "torch": torch.__version__,
             "prefix_entries": PREFIX,
             "steps": args.steps,
+            "rounds": args.rounds,
             "command": "python " + " ".join(sys.argv),
             "load_average_at_start": [round(v, 2) for v in load_start],
             "note": NOTE,

@@ -287,6 +287,9 @@ class Decoder:
         self.decode_dtype: str | None = None
         # Opt-in, not exact: the decoding copies' Linear weights in int8 (see ``model``).
         self.int8_weights = False
+        # Opt-in: answers below the window run compiled copies (see ``step_module``).
+        self.compile_steps = False
+        self._compiled: dict[tuple[Any, ...], nn.Module] = {}
         self._tuner_layer_cache: list[BaseTunerLayer] | None = None
         self._adapter_parameter_cache: list[torch.Tensor] | None = None
 
@@ -341,6 +344,40 @@ class Decoder:
                 held = self._copies[(merged, dtype, int8)] = (key, module)
             return held[1]
 
+    def step_module(
+        self, memory: bool, long_context: bool, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """The module a decode calls: ``model``'s copy, or with ``compile_steps`` (opt-in) that
+        copy through ``torch.compile``. A compiled step ran 1.1x the eager one in fp32 and 2.4x
+        with int8 weights (``benchmarks/results/decode_step_options.json``), but the first
+        answer pays the compilation (1-4 minutes on two cores; PyTorch caches it on disk for
+        later processes), so it serves a long-running server. LM-Infinite's attention
+        (past the window) and the PEFT model itself stay eager."""
+        module = self.model(memory, dtype)
+        if not self.compile_steps or long_context or module is self.icae.model:
+            return module
+        kind = (self.uses_adapter(memory), input_dtype(module), self.int8_weights)
+        with self.lock:
+            held = self._compiled.get(kind)
+            if held is None or cast(Any, held)._orig_mod is not module:
+                held = self._compiled[kind] = cast(nn.Module, torch.compile(module, dynamic=True))
+            return held
+
+    def new_cache(self, module: nn.Module, long_context: bool) -> Any:
+        """A fresh key/value cache for ``module`` (from ``step_module``): LM-Infinite's past
+        the window, else the stock cache growing in place, or for a compiled module the stock
+        cache itself (the growing cache's Python checks would split the compiled graph)."""
+        if long_context:
+            return _lm_infinite().make_cache(module)
+        from transformers import DynamicCache
+
+        from icmem.icae.kv_cache import growing_cache  # imports transformers
+
+        config = cast(Any, module).config
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            return DynamicCache(config=config)
+        return growing_cache(config)
+
     def _adapter_parameters(self) -> list[torch.Tensor]:
         if self._adapter_parameter_cache is None:
             marker = f".{DECODER_ADAPTER}."
@@ -375,7 +412,7 @@ class Decoder:
         """No gradients, eval mode, the decoder's weights (in ``dtype``, see ``model``) and, if
         asked, LM-Infinite attention (``window``: its local window, by default the model's
         pretraining length); yields the module to call."""
-        decoder = self.model(memory, dtype)
+        decoder = self.step_module(memory, long_context, dtype)
         # The adapter-free decoder has no adapter to switch; the lock still keeps one thread's
         # LM-Infinite switch out of another's forward call.
         weights = self.weights(memory) if decoder is self.icae.model else self.lock
@@ -484,7 +521,7 @@ class _Sequence:
     def _state(self, per_call: bool) -> Any:
         if per_call:
             return self.decoder.state(self.long_context, self.memory)
-        return nullcontext(self.decoder.model(self.memory))
+        return nullcontext(self.decoder.step_module(self.memory, self.long_context))
 
     def read_prefix(
         self, prefix: torch.Tensor, positions: list[int] | None, per_call: bool
@@ -498,12 +535,7 @@ class _Sequence:
             )
             self.next_position = positions[-1] + 1
         with self._state(per_call) as model:
-            if self.long_context:
-                self.cache = _lm_infinite().make_cache(model)
-            else:
-                from icmem.icae.kv_cache import growing_cache  # imports transformers
-
-                self.cache = growing_cache(model.config)
+            self.cache = self.decoder.new_cache(model, self.long_context)
             out = model(
                 inputs_embeds=prefix[None].to(input_dtype(model)),
                 cache=self.cache,

@@ -354,3 +354,23 @@ def test_int8_weights_are_opt_in_and_close_to_the_float_decoder(make_icae):
     assert (exact - approximate).abs().max() <= 0.1 * exact.abs().max()
     assert isinstance(icae.generate(memory, "Where?", max_new_tokens=4), str)
     assert isinstance(icae.generate([], "Where?", max_new_tokens=4), str)
+
+
+def test_compiled_steps_are_opt_in_and_answer_as_the_eager_decoder(make_icae):
+    """``compile_steps`` runs answers below the window through compiled copies with the stock
+    cache, giving the eager decoder's greedy tokens; past the window (LM-Infinite) the eager
+    copy decodes; switching it off returns the eager copy."""
+    icae = make_icae(trained=True, slot_positions="spread", decoder_lora_rank=4)
+    decoder = icae.decoder
+    assert not decoder.compile_steps
+    memory = icae.compress([list(range(3, 40))])
+    eager = icae.generate(memory, "Where?", max_new_tokens=6)
+    decoder.compile_steps = True
+    compiled_module = decoder.step_module(memory=True, long_context=False)
+    assert isinstance(compiled_module, torch._dynamo.eval_frame.OptimizedModule)
+    assert type(decoder.new_cache(compiled_module, long_context=False)).__name__ == "DynamicCache"
+    assert decoder.step_module(memory=True, long_context=True) is decoder.model(True)
+    assert icae.generate(memory, "Where?", max_new_tokens=6) == eager
+    assert decoder.step_module(memory=True, long_context=False) is compiled_module  # kept
+    decoder.compile_steps = False
+    assert decoder.step_module(memory=True, long_context=False) is decoder.model(True)
