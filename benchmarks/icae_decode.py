@@ -13,7 +13,8 @@ Arms, interleaved round by round (medians reported):
 - ``generate_text``: ``ICAE.generate`` with no memory and the raw text in the prompt (the base
   model alone, through the same loop).
 - ``generate_slots_int8`` / ``generate_text_int8``: the same two through the decoder's
-  weight-only int8 copies (``Decoder.int8_weights``, opt-in, not exact).
+  weight-only int8 copies (``Decoder.int8_weights``, opt-in, not exact); ``..._int8_compiled``
+  also with ``Decoder.compile_steps`` (its compilation happens in the warm-up round).
 - ``hf_generate_text``: stock ``transformers`` ``generate`` on the same prompt ids (its own loop
   and its stock cache): what our loop costs against the reference one.
 - ``slots_stock_cache`` / ``slots_lm_infinite_cache``: the same greedy loop over the slots'
@@ -183,6 +184,8 @@ def main() -> None:
     peft_icae.decoder.merge_adapter = False
     int8_icae = ICAE.from_pretrained(dtype=dtype)
     int8_icae.decoder.int8_weights = True
+    compiled_icae = ICAE.from_pretrained(dtype=dtype)
+    compiled_icae.decoder.int8_weights = compiled_icae.decoder.compile_steps = True
     plain, _ = load_model("smollm2-135m-instruct", dtype=getattr(torch, dtype))
     context = icae.tokenize(play_text())[: args.spans * icae.config.span_tokens]
     memory = icae.compress([context], batch_size=args.spans)
@@ -220,6 +223,18 @@ def main() -> None:
                 [], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n
             ),
             int8_icae,
+        ),
+        "generate_slots_int8_compiled": lambda: timed_stream(
+            lambda: compiled_icae.generate(
+                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
+            ),
+            compiled_icae,
+        ),
+        "generate_text_int8_compiled": lambda: timed_stream(
+            lambda: compiled_icae.generate(
+                [], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n
+            ),
+            compiled_icae,
         ),
         "hf_generate_text": lambda: hf_generate(plain, raw_ids, n),
         "slots_stock_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=False),
@@ -284,6 +299,8 @@ def main() -> None:
                 "generate_text",
                 "generate_slots_int8",
                 "generate_text_int8",
+                "generate_slots_int8_compiled",
+                "generate_text_int8_compiled",
             ):
                 ratios[f"{arm}_tokens_per_s_over_llama_cpp_{label}"] = round(
                     result[arm]["decode_tokens_per_s"] / anchor["decode_tokens_per_s"], 2
