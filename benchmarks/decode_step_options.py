@@ -1,5 +1,6 @@
 """What a faster SmolLM2-135M decode step could come from: one-token forwards after a 556-entry
-prefix (4 spans of slots plus a question), each option timed in one run, 1 and 2 threads.
+prefix (4 spans of slots plus a question), each option timed in one run, 1 and 2 threads; and
+the stock cache against the growing one after a 4096-token prefix.
 
 Options: the step as the Decoder ran it before this benchmark's last change (a plain Llama
 module, which is what the merged decoder copy and the adapter-free copy are, fp32, stock
@@ -36,17 +37,20 @@ from icmem.icae.kv_cache import growing_cache
 from icmem.models import load_model
 
 PREFIX = 556
+LONG_PREFIX = 4096  # a long answer or chat below the window: where the stock cache's copy shows
 
 
-def step_ms(model: torch.nn.Module, make_cache: Callable[[], Any], steps: int) -> float:
-    """Median wall ms of a one-token step after the prefix."""
-    ids = torch.randint(100, 40_000, (1, PREFIX), generator=torch.Generator().manual_seed(0))
+def step_ms(
+    model: torch.nn.Module, make_cache: Callable[[], Any], steps: int, prefix: int = PREFIX
+) -> float:
+    """Median wall ms of a one-token step after a prefix of ``prefix`` tokens."""
+    ids = torch.randint(100, 40_000, (1, prefix), generator=torch.Generator().manual_seed(0))
     cache = make_cache()
     with torch.inference_mode():
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         token = int(out.logits[0, -1].argmax())
         times = []
-        for position in range(PREFIX, PREFIX + steps):
+        for position in range(prefix, prefix + steps):
             start = time.perf_counter()
             out = model(
                 input_ids=torch.tensor([[token]]),
@@ -137,6 +141,10 @@ def main() -> None:
         "fp32_static_cache": (fp32, static(fp32)),
         "int8_weight_only_growing_cache": (int8, growing(fp32)),
     }
+    long_arms = {  # the two caches after a long prefix
+        f"fp32_dynamic_cache_after_{LONG_PREFIX}": (fp32, dynamic(fp32)),
+        f"fp32_growing_cache_after_{LONG_PREFIX}": (fp32, growing(fp32)),
+    }
     compile_seconds: dict[str, float] = {}
     if args.compile:
         for name, model in (("fp32_compiled", fp32), ("int8_weight_only_compiled", int8)):
@@ -151,11 +159,13 @@ def main() -> None:
         torch.set_num_threads(threads)
         # Arms interleaved round by round, the median of their rounds: memory bandwidth, which
         # paces a step, drifts by tens of percent within minutes on a shared machine.
-        rounds: dict[str, list[float]] = {name: [] for name in arms}
+        rounds: dict[str, list[float]] = {name: [] for name in [*arms, *long_arms]}
         rounds.update(matvec_floor_fp32=[], matvec_floor_bf16=[])
         for _ in range(args.rounds):
             for name, (model, cache) in arms.items():
                 rounds[name].append(step_ms(model, cache, args.steps))
+            for name, (model, cache) in long_arms.items():
+                rounds[name].append(step_ms(model, cache, args.steps, LONG_PREFIX))
             rounds["matvec_floor_fp32"].append(matvec_floor_ms(fp32, args.steps))
             rounds["matvec_floor_bf16"].append(matvec_floor_ms(bf16, args.steps))
         times = {name: statistics.median(values) for name, values in rounds.items()}
@@ -167,6 +177,11 @@ def main() -> None:
             "beyond_weight_reads_ms": round(base_ms(times) - times["matvec_floor_fp32"], 2),
             "tokens_per_s": {k: round(1000 / v, 1) for k, v in times.items()},
             "speedup_vs_today": {k: round(base / v, 2) for k, v in times.items()},
+            f"growing_over_dynamic_cache_speedup_after_{LONG_PREFIX}": round(
+                times[f"fp32_dynamic_cache_after_{LONG_PREFIX}"]
+                / times[f"fp32_growing_cache_after_{LONG_PREFIX}"],
+                2,
+            ),
         }
     emit(
         "decode_step_options",
