@@ -348,7 +348,7 @@ class Decoder:
         self, memory: bool, long_context: bool, dtype: torch.dtype | None = None
     ) -> nn.Module:
         """The module a decode calls: ``model``'s copy, or with ``compile_steps`` (opt-in) that
-        copy through ``torch.compile``. A compiled step ran 1.15x the eager one in fp32 and 2.3x
+        copy through ``torch.compile``. A compiled step ran 1.23x the eager one in fp32 and 2.6x
         with int8 weights (``benchmarks/results/decode_step_options.json``), but the first
         answer pays the compilation (1-4 minutes on two cores; PyTorch caches it on disk for
         later processes), so it serves a long-running server. LM-Infinite's attention
