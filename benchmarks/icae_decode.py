@@ -195,47 +195,22 @@ def main() -> None:
         slots_prefix = icae.decoder_inputs(memory, "ft", icae.prompt_ids(QUESTION))
     n = args.new_tokens
 
+    def answer(model: ICAE, slots: bool) -> Callable[[], Timing]:
+        """A streamed ``generate`` of exactly ``n`` tokens, from the slots or from the text."""
+        given, prompt = (memory, QUESTION) if slots else ([], raw_prompt)
+        return lambda: timed_stream(
+            lambda: model.generate(given, prompt, max_new_tokens=n, stream=True, min_new_tokens=n),
+            model,
+        )
+
     arms: dict[str, Callable[[], Timing]] = {
-        "generate_slots": lambda: timed_stream(
-            lambda: icae.generate(
-                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
-            ),
-            icae,
-        ),
-        "generate_slots_peft": lambda: timed_stream(
-            lambda: peft_icae.generate(
-                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
-            ),
-            peft_icae,
-        ),
-        "generate_text": lambda: timed_stream(
-            lambda: icae.generate([], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n),
-            icae,
-        ),
-        "generate_slots_int8": lambda: timed_stream(
-            lambda: int8_icae.generate(
-                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
-            ),
-            int8_icae,
-        ),
-        "generate_text_int8": lambda: timed_stream(
-            lambda: int8_icae.generate(
-                [], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n
-            ),
-            int8_icae,
-        ),
-        "generate_slots_int8_compiled": lambda: timed_stream(
-            lambda: compiled_icae.generate(
-                memory, QUESTION, max_new_tokens=n, stream=True, min_new_tokens=n
-            ),
-            compiled_icae,
-        ),
-        "generate_text_int8_compiled": lambda: timed_stream(
-            lambda: compiled_icae.generate(
-                [], raw_prompt, max_new_tokens=n, stream=True, min_new_tokens=n
-            ),
-            compiled_icae,
-        ),
+        "generate_slots": answer(icae, slots=True),
+        "generate_slots_peft": answer(peft_icae, slots=True),
+        "generate_text": answer(icae, slots=False),
+        "generate_slots_int8": answer(int8_icae, slots=True),
+        "generate_text_int8": answer(int8_icae, slots=False),
+        "generate_slots_int8_compiled": answer(compiled_icae, slots=True),
+        "generate_text_int8_compiled": answer(compiled_icae, slots=False),
         "hf_generate_text": lambda: hf_generate(plain, raw_ids, n),
         "slots_stock_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=False),
         "slots_lm_infinite_cache": lambda: greedy_loop(icae, slots_prefix, n, lm_inf=True),
