@@ -4,9 +4,9 @@ transformers' ``DynamicLayer`` appends a token's keys with ``torch.cat``, which 
 whole cache on every decode step: reading and writing every key and value the sequence holds
 again, on top of attention's own read. On a CPU, whose memory bandwidth paces a small model's
 decode step, a SmolLM2-135M step after 4,096 tokens took 108 ms with that copy and 86 ms
-without it (``benchmarks/results/decode_step_options.json``). A :class:`GrowingLayer` writes new keys into
-a buffer that doubles when full and hands attention a view of its filled part: the same
-values in the same order, so attention's output is bit for bit the stock cache's.
+without it (``benchmarks/results/decode_step_options.json``). A :class:`GrowingLayer` writes
+new keys into a buffer that doubles when full and hands attention a view of its filled part:
+the same values in the same order, so attention's output is bit for bit the stock cache's.
 """
 
 from __future__ import annotations
