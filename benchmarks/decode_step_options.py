@@ -78,12 +78,12 @@ def matvec_floor_ms(model: torch.nn.Module, repeats: int) -> float:
 
 
 def compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
-    """A copy of ``model`` whose forward is compiled, and the seconds its first two calls (a
-    prefill and a step: the graphs a decode needs) took beyond eager ones."""
+    """A copy of ``model`` whose forward is compiled, and the seconds its first calls (a prefill
+    and a few steps: the graphs a decode needs) took beyond the same calls run eagerly."""
     from transformers import DynamicCache
 
     model = copy.deepcopy(model)
-    first_calls = 3  # a prefill and three steps (step_ms times the third)
+    first_calls = 3  # steps after the prefill (step_ms times the third)
     eager = time.perf_counter()
     step_ms(model, lambda: DynamicCache(config=model.config), first_calls)
     eager = time.perf_counter() - eager

@@ -45,8 +45,8 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8-decoder",
         action="store_true",
-        help="decode with weight-only int8 copies of the decoder (about 1.6x the tokens/s on a "
-        "CPU; answers differ slightly from the exact float decoder's)",
+        help="decode with weight-only int8 copies of the decoder (1.4-1.5x the tokens/s on a "
+        "2-core CPU; answers differ slightly from the exact float decoder's)",
     )
 
 

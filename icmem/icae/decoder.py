@@ -350,8 +350,8 @@ class Decoder:
         """The module a decode calls: ``model``'s copy, or with ``compile_steps`` (opt-in) that
         copy through ``torch.compile``. A compiled step ran 1.23x the eager one in fp32 and 2.6x
         with int8 weights (``benchmarks/results/decode_step_options.json``), but the first
-        answer pays the compilation (1-4 minutes on two cores; PyTorch caches it on disk for
-        later processes), so it serves a long-running server. LM-Infinite's attention
+        answer pays the compilation (3.5 minutes cold on two cores, about 40 s once PyTorch's disk
+        cache holds it), so it serves a long-running server. LM-Infinite's attention
         (past the window) and the PEFT model itself stay eager."""
         module = self.model(memory, dtype)
         if not self.compile_steps or long_context or module is self.icae.model:
